@@ -1,0 +1,83 @@
+"""The `dsv3-conformance` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tabulate import tabulate
+
+from reference.checkpoint import CheckpointError
+from reference.config import ConfigError
+from reference.model import InputError
+from reference.safetensors_io import SafetensorsError
+
+from .backends import BACKENDS, BackendError
+from .golden import CaseResult, GoldenCase, GoldenError, check_case
+
+# Errors that are the user's input, reported in one line with exit status 2.
+USER_ERRORS = (ConfigError, CheckpointError, GoldenError, SafetensorsError, InputError, BackendError)
+
+
+def results_table(result: CaseResult) -> str:
+    rows = [(r.name, f"{r.rel_err:.3e}", f"{r.max_abs:.3e}", f"{r.tolerance:.1e}", "pass" if r.passed else "FAIL")
+            for r in result.results]
+    return tabulate(rows, headers=["tensor", "rel_err", "max_abs", "tolerance", "status"], disable_numparse=True)
+
+
+def _check_golden(args: argparse.Namespace) -> int:
+    case = GoldenCase.load(args.case_dir)
+    result = check_case(case, args.backend, args.dtype)
+    print(f"case {result.case} on backend {result.backend}")
+    print(results_table(result))
+    if result.not_compared:
+        print(f"not compared (unknown to this harness): {', '.join(result.not_compared)}", file=sys.stderr)
+    failed = [r for r in result.results if not r.passed]
+    print(f"{'PASSED' if result.passed else 'FAILED'}: {len(result.results) - len(failed)}/{len(result.results)} "
+          "tensors within tolerance")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=2))
+    return 0 if result.passed else 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    report = build_report(Path(args.golden_dir), args.backend.split(","), Path(args.out))
+    print(report.summary())
+    return 0 if report.passed else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsv3-conformance", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    golden = commands.add_parser("check-golden", help="check a backend against one golden case folder")
+    golden.add_argument("case_dir")
+    golden.add_argument("--backend", choices=BACKENDS, default="reference")
+    golden.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default=None,
+                        help="compute dtype (default: float64 for reference, float32 for tf)")
+    golden.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
+    golden.set_defaults(run=_check_golden)
+
+    report = commands.add_parser("report", help="check every golden case on each backend and write a report")
+    report.add_argument("golden_dir", nargs="?", default="golden")
+    report.add_argument("--backend", default=",".join(BACKENDS), help="comma-separated backends")
+    report.add_argument("--out", default="report", help="folder for report.md and report.json")
+    report.set_defaults(run=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as error:
+        print(f"dsv3-conformance: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

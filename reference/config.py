@@ -1,0 +1,416 @@
+"""Model configuration shared by every backend.
+
+One frozen `ModelConfig` holds the official semantics (DeepSeek-V3 `inference/model.py` ModelArgs names).
+It is read from a Hugging Face `config.json` or from the official `inference/configs/*.json` form, and
+validated so that a config the model cannot run is rejected with the offending fields named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+ScoreFunc = Literal["sigmoid", "softmax"]
+
+# The only weight block size the official fp8 kernels support.
+FP8_BLOCK = 128
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a runnable DeepSeek-V3 model."""
+
+
+@dataclass(frozen=True)
+class YarnScaling:
+    """YaRN rope extension (report section 4.3; HF `rope_scaling` with type yarn)."""
+
+    factor: float
+    original_seq_len: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    # HF-only field; the official code scales attention by `mscale` alone (SPEC section 2).
+    mscale_all_dim: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A DeepSeek-V3-family model. Field names follow the official `ModelArgs`."""
+
+    vocab_size: int
+    dim: int
+    inter_dim: int
+    moe_inter_dim: int
+    n_layers: int
+    n_dense_layers: int
+    n_heads: int
+    n_routed_experts: int
+    n_shared_experts: int
+    n_activated_experts: int
+    n_expert_groups: int
+    n_limited_groups: int
+    score_func: ScoreFunc
+    route_scale: float
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    max_seq_len: int
+    gate_bias: bool = True
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    rope_scaling: YarnScaling | None = None
+    n_mtp_layers: int = 0
+    fp8_weights: bool = False
+    scale_fmt: Literal["ue8m0"] | None = None
+    name: str = ""
+    extra_fields: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.n_routed_experts // self.n_expert_groups
+
+    @property
+    def yarn_active(self) -> bool:
+        """The official code extends rope only when the run is longer than the trained context."""
+        return self.rope_scaling is not None and self.max_seq_len > self.rope_scaling.original_seq_len
+
+    @property
+    def normalizes_topk(self) -> bool:
+        """Sigmoid gates renormalize the chosen weights; softmax gates do not."""
+        return self.score_func == "sigmoid"
+
+    @property
+    def unknown_fields(self) -> tuple[str, ...]:
+        return tuple(sorted(self.extra_fields))
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.n_dense_layers
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: ModelConfig) -> None:
+    """Raise ConfigError naming the fields when `config` cannot be run."""
+    for name in ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads",
+                 "n_routed_experts", "n_activated_experts", "n_expert_groups", "n_limited_groups",
+                 "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_seq_len"):
+        value = getattr(config, name)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 f"{name} must be a positive integer, got {value!r}")
+    for name in ("q_lora_rank", "n_shared_experts", "n_dense_layers", "n_mtp_layers"):
+        value = getattr(config, name)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                 f"{name} must be a non-negative integer, got {value!r}")
+    _require(config.n_dense_layers <= config.n_layers,
+             f"n_dense_layers={config.n_dense_layers} exceeds n_layers={config.n_layers}")
+    _require(config.score_func in ("sigmoid", "softmax"),
+             f"unknown scoring function {config.score_func!r}: expected 'sigmoid' or 'softmax'")
+    _require(config.qk_rope_head_dim % 2 == 0,
+             f"qk_rope_head_dim={config.qk_rope_head_dim} must be even: rope rotates pairs of elements")
+    _require(config.n_routed_experts % config.n_expert_groups == 0,
+             f"n_routed_experts={config.n_routed_experts} is not divisible by "
+             f"n_expert_groups={config.n_expert_groups}")
+    _require(config.n_limited_groups <= config.n_expert_groups,
+             f"n_limited_groups={config.n_limited_groups} exceeds n_expert_groups={config.n_expert_groups}")
+    reachable = config.n_limited_groups * config.experts_per_group
+    _require(config.n_activated_experts <= reachable,
+             f"n_activated_experts={config.n_activated_experts} is larger than the {reachable} experts "
+             f"reachable in n_limited_groups={config.n_limited_groups} groups of {config.experts_per_group}")
+    if config.gate_bias and config.n_expert_groups > 1:
+        _require(config.experts_per_group >= 2,
+                 f"groups of {config.experts_per_group} expert cannot be scored by their top-2 sum "
+                 f"(n_routed_experts={config.n_routed_experts}, n_expert_groups={config.n_expert_groups})")
+    _require(math.isfinite(config.route_scale) and config.route_scale > 0,
+             f"route_scale must be positive and finite, got {config.route_scale!r}")
+    _require(config.rms_norm_eps > 0, f"rms_norm_eps must be positive, got {config.rms_norm_eps!r}")
+    _require(config.rope_theta > 1, f"rope_theta must be greater than 1, got {config.rope_theta!r}")
+    _require(config.scale_fmt in (None, "ue8m0"), f"unknown scale_fmt {config.scale_fmt!r}: expected 'ue8m0' or none")
+    yarn = config.rope_scaling
+    if yarn is not None:
+        _require(yarn.factor >= 1, f"rope_scaling.factor must be >= 1, got {yarn.factor!r}")
+        _require(isinstance(yarn.original_seq_len, int) and yarn.original_seq_len > 0,
+                 f"rope_scaling.original_max_position_embeddings must be a positive integer, "
+                 f"got {yarn.original_seq_len!r}")
+        _require(yarn.beta_fast > yarn.beta_slow > 0,
+                 f"rope_scaling needs beta_fast > beta_slow > 0, got {yarn.beta_fast!r} and {yarn.beta_slow!r}")
+
+
+# --- Hugging Face config.json ----------------------------------------------------------------------
+
+# HF field -> ModelConfig field, for fields that map one to one.
+_HF_FIELDS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "dim",
+    "intermediate_size": "inter_dim",
+    "moe_intermediate_size": "moe_inter_dim",
+    "num_hidden_layers": "n_layers",
+    "first_k_dense_replace": "n_dense_layers",
+    "num_attention_heads": "n_heads",
+    "n_routed_experts": "n_routed_experts",
+    "n_shared_experts": "n_shared_experts",
+    "num_experts_per_tok": "n_activated_experts",
+    "n_group": "n_expert_groups",
+    "topk_group": "n_limited_groups",
+    "scoring_func": "score_func",
+    "routed_scaling_factor": "route_scale",
+    "kv_lora_rank": "kv_lora_rank",
+    "qk_nope_head_dim": "qk_nope_head_dim",
+    "qk_rope_head_dim": "qk_rope_head_dim",
+    "v_head_dim": "v_head_dim",
+    "rms_norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "max_position_embeddings": "max_seq_len",
+    "num_nextn_predict_layers": "n_mtp_layers",
+}
+# Fields read by hand below (they need checks or conversion).
+_HF_SPECIAL = {"q_lora_rank", "rope_scaling", "topk_method", "norm_topk_prob", "quantization_config",
+               "moe_layer_freq", "hidden_act", "num_key_value_heads", "tie_word_embeddings", "head_dim",
+               "qk_head_dim", "scale_fmt", "attention_bias"}
+# Fields of released configs that do not change the forward pass.
+_HF_IGNORED = {"architectures", "model_type", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id",
+               "initializer_range", "attention_dropout", "pretraining_tp", "use_cache",
+               "transformers_version", "torch_dtype", "dtype", "aux_loss_alpha", "seq_aux", "ep_size",
+               "rope_interleave", "_name_or_path"}
+_HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "n_routed_experts", "num_experts_per_tok", "kv_lora_rank",
+                "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings")
+_TOPK_METHODS = {"noaux_tc": True, "greedy": False, "group_limited_greedy": False}
+
+
+def _yarn_from_hf(rope_scaling: Mapping[str, Any] | None) -> YarnScaling | None:
+    if not rope_scaling:
+        return None
+    kind = rope_scaling.get("type", rope_scaling.get("rope_type"))
+    if kind in ("default", None):
+        return None
+    _require(kind == "yarn", f"rope_scaling type {kind!r} is not supported: DeepSeek-V3 uses 'yarn' or none")
+    _require("factor" in rope_scaling and "original_max_position_embeddings" in rope_scaling,
+             "rope_scaling of type yarn needs 'factor' and 'original_max_position_embeddings'")
+    return YarnScaling(factor=float(rope_scaling["factor"]),
+                       original_seq_len=rope_scaling["original_max_position_embeddings"],
+                       beta_fast=float(rope_scaling.get("beta_fast", 32)),
+                       beta_slow=float(rope_scaling.get("beta_slow", 1)),
+                       mscale=float(rope_scaling.get("mscale", 1.0)),
+                       mscale_all_dim=float(rope_scaling.get("mscale_all_dim", 1.0)))
+
+
+def _fp8_from_hf(quantization: Mapping[str, Any] | None) -> tuple[bool, str | None]:
+    if not quantization:
+        return False, None
+    method = quantization.get("quant_method")
+    _require(method == "fp8", f"quantization_config.quant_method {method!r} is not supported: expected 'fp8'")
+    _require(quantization.get("fmt", "e4m3") == "e4m3",
+             f"quantization_config.fmt {quantization.get('fmt')!r} is not supported: expected 'e4m3'")
+    block = list(quantization.get("weight_block_size", [FP8_BLOCK, FP8_BLOCK]))
+    _require(block == [FP8_BLOCK, FP8_BLOCK],
+             f"quantization_config.weight_block_size {block} is not supported: expected [128, 128]")
+    scheme = quantization.get("activation_scheme", "dynamic")
+    _require(scheme == "dynamic", f"quantization_config.activation_scheme {scheme!r} is not supported: "
+                                  "expected 'dynamic'")
+    return True, quantization.get("scale_fmt")
+
+
+def from_hf_dict(raw: Mapping[str, Any], name: str = "") -> ModelConfig:
+    """Build a config from the fields of a Hugging Face DeepSeek-V3 `config.json`."""
+    missing = [key for key in _HF_REQUIRED if key not in raw]
+    _require(not missing, f"config.json lacks required field(s): {', '.join(missing)}")
+    values: dict[str, Any] = {ours: raw[theirs] for theirs, ours in _HF_FIELDS.items() if theirs in raw}
+    values.setdefault("n_dense_layers", 0)
+    values.setdefault("n_shared_experts", 0)
+    values.setdefault("n_expert_groups", 1)
+    values.setdefault("n_limited_groups", 1)
+    values.setdefault("score_func", "softmax")
+    values.setdefault("route_scale", 1.0)
+    values["route_scale"] = float(values["route_scale"])
+    values["q_lora_rank"] = raw.get("q_lora_rank") or 0
+
+    topk_method = raw.get("topk_method", "greedy")
+    _require(topk_method in _TOPK_METHODS,
+             f"unknown topk_method {topk_method!r}: expected one of {sorted(_TOPK_METHODS)}")
+    _require(not (topk_method == "greedy" and values["n_expert_groups"] > 1),
+             f"topk_method 'greedy' with n_group={values['n_expert_groups']} is ambiguous: HF ignores the "
+             "groups, the official code limits them; use 'group_limited_greedy' or n_group 1")
+    values["gate_bias"] = _TOPK_METHODS[topk_method]
+    if "norm_topk_prob" in raw:
+        _require(bool(raw["norm_topk_prob"]) == (values["score_func"] == "sigmoid"),
+                 f"norm_topk_prob={raw['norm_topk_prob']} with scoring_func {values['score_func']!r}: the "
+                 "official code renormalizes exactly when scoring is sigmoid")
+    _require(raw.get("moe_layer_freq", 1) == 1,
+             f"moe_layer_freq={raw.get('moe_layer_freq')} is not supported: every layer after "
+             "first_k_dense_replace is MoE")
+    _require(raw.get("hidden_act", "silu") == "silu",
+             f"hidden_act {raw.get('hidden_act')!r} is not supported: DeepSeek-V3 uses 'silu'")
+    _require(not raw.get("tie_word_embeddings", False), "tie_word_embeddings=true is not supported: "
+                                                        "DeepSeek-V3 has a separate lm_head")
+    _require(not raw.get("attention_bias", False), "attention_bias=true is not supported: MLA has no biases")
+    heads = raw["num_attention_heads"]
+    _require(raw.get("num_key_value_heads", heads) == heads,
+             f"num_key_value_heads={raw.get('num_key_value_heads')} differs from num_attention_heads={heads}: "
+             "MLA has no grouped keys")
+    rope_dim, nope_dim = raw["qk_rope_head_dim"], raw["qk_nope_head_dim"]
+    _require(raw.get("head_dim", rope_dim) == rope_dim,
+             f"head_dim={raw.get('head_dim')} must equal qk_rope_head_dim={rope_dim} (HF uses it as the rope width)")
+    _require(raw.get("qk_head_dim", nope_dim + rope_dim) == nope_dim + rope_dim,
+             f"qk_head_dim={raw.get('qk_head_dim')} is not qk_nope_head_dim + qk_rope_head_dim = "
+             f"{nope_dim} + {rope_dim}")
+    values["rope_scaling"] = _yarn_from_hf(raw.get("rope_scaling"))
+    values["fp8_weights"], quant_scale_fmt = _fp8_from_hf(raw.get("quantization_config"))
+    values["scale_fmt"] = raw.get("scale_fmt", quant_scale_fmt)
+    if "rope_theta" in values:
+        values["rope_theta"] = float(values["rope_theta"])
+    extra = {key: value for key, value in raw.items()
+             if key not in _HF_FIELDS and key not in _HF_SPECIAL and key not in _HF_IGNORED}
+    return ModelConfig(**values, name=name, extra_fields=extra)
+
+
+# --- the official inference/configs/*.json form ----------------------------------------------------
+
+_OFFICIAL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {
+    "gate_bias", "rope_scaling", "fp8_weights", "name", "extra_fields", "rms_norm_eps", "n_mtp_layers"}
+_OFFICIAL_YARN = {"original_seq_len", "rope_factor", "beta_fast", "beta_slow", "mscale"}
+_OFFICIAL_IGNORED = {"max_batch_size"}
+# ModelArgs defaults, for fields the official json files leave out.
+_OFFICIAL_DEFAULTS = {"max_seq_len": 16384, "n_dense_layers": 1, "n_shared_experts": 2, "n_expert_groups": 1,
+                      "n_limited_groups": 1, "score_func": "softmax", "route_scale": 1.0, "q_lora_rank": 0,
+                      "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+                      "rope_theta": 10000.0}
+
+
+def from_official_dict(raw: Mapping[str, Any], name: str = "") -> ModelConfig:
+    """Build a config from the official `ModelArgs` json form (`dim`, `n_routed_experts`, ...)."""
+    required = ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "n_routed_experts",
+                "n_activated_experts")
+    missing = [key for key in required if key not in raw]
+    _require(not missing, f"official config lacks required field(s): {', '.join(missing)}")
+    values = {**_OFFICIAL_DEFAULTS, **{key: raw[key] for key in _OFFICIAL_FIELDS if key in raw}}
+    values["route_scale"] = float(values["route_scale"])
+    dtype = raw.get("dtype", "bf16")
+    _require(dtype in ("bf16", "fp8"), f"official dtype {dtype!r} is not supported: expected 'bf16' or 'fp8'")
+    values["fp8_weights"] = dtype == "fp8"
+    # The official Gate owns a correction bias only for the V3 width; sigmoid scoring marks V3 configs.
+    values["gate_bias"] = values["score_func"] == "sigmoid"
+    values["rope_scaling"] = YarnScaling(factor=float(raw.get("rope_factor", 40)),
+                                         original_seq_len=raw.get("original_seq_len", 4096),
+                                         beta_fast=float(raw.get("beta_fast", 32)),
+                                         beta_slow=float(raw.get("beta_slow", 1)),
+                                         mscale=float(raw.get("mscale", 1.0)),
+                                         mscale_all_dim=float(raw.get("mscale", 1.0)))
+    extra = {key: value for key, value in raw.items()
+             if key not in _OFFICIAL_FIELDS and key not in _OFFICIAL_YARN and key not in _OFFICIAL_IGNORED
+             and key != "dtype"}
+    return ModelConfig(**values, name=name, extra_fields=extra)
+
+
+def is_official_form(raw: Mapping[str, Any]) -> bool:
+    return "dim" in raw and "hidden_size" not in raw
+
+
+def from_dict(raw: Mapping[str, Any], name: str = "") -> ModelConfig:
+    """Build a config from either json form, telling them apart by their field names."""
+    return from_official_dict(raw, name) if is_official_form(raw) else from_hf_dict(raw, name)
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read a config file, or the `config.json` inside a folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    _require(isinstance(raw, dict), f"{path}: a config must be a JSON object, got {type(raw).__name__}")
+    try:
+        return from_dict(raw, name=path.parent.name if path.name == "config.json" else path.stem)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    except TypeError as error:
+        raise ConfigError(f"{path}: malformed field ({error})") from None
+
+
+def to_hf_dict(config: ModelConfig) -> dict[str, Any]:
+    """The Hugging Face `config.json` fields of `config` (the inverse of `from_hf_dict`)."""
+    raw: dict[str, Any] = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
+    for theirs, ours in _HF_FIELDS.items():
+        raw[theirs] = getattr(config, ours)
+    raw.update(q_lora_rank=config.q_lora_rank or None, num_key_value_heads=config.n_heads,
+               topk_method=("noaux_tc" if config.gate_bias else
+                            "group_limited_greedy" if config.n_expert_groups > 1 else "greedy"),
+               norm_topk_prob=config.normalizes_topk, moe_layer_freq=1, hidden_act="silu",
+               tie_word_embeddings=False)
+    if config.rope_scaling is not None:
+        yarn = config.rope_scaling
+        raw["rope_scaling"] = {"type": "yarn", "factor": yarn.factor, "beta_fast": yarn.beta_fast,
+                               "beta_slow": yarn.beta_slow, "mscale": yarn.mscale,
+                               "mscale_all_dim": yarn.mscale_all_dim,
+                               "original_max_position_embeddings": yarn.original_seq_len}
+    if config.fp8_weights:
+        raw["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                      "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+        if config.scale_fmt:
+            raw["quantization_config"]["scale_fmt"] = config.scale_fmt
+    raw.update(config.extra_fields)
+    return raw
+
+
+# --- presets -----------------------------------------------------------------------------------------
+
+_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def deepseek_v3_671b() -> ModelConfig:
+    """The released DeepSeek-V3 (its Hugging Face config.json, shipped with the harness)."""
+    return load_config(_CONFIG_DIR / "deepseek-v3-671b.json")
+
+
+def tiny(**changes: Any) -> ModelConfig:
+    """A small V3-shaped model (grouped sigmoid routing with bias, q_lora, YaRN on) for tests."""
+    base = ModelConfig(vocab_size=256, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=2, n_dense_layers=1,
+                       n_heads=4, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
+                       n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", route_scale=2.5,
+                       q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                       max_seq_len=64, rope_scaling=YarnScaling(factor=40.0, original_seq_len=32), name="tiny")
+    return base.replace(**changes)
+
+
+def tiny_v2(**changes: Any) -> ModelConfig:
+    """A small V2-style model: softmax scoring, no correction bias, no query compression, no YaRN."""
+    return tiny(score_func="softmax", gate_bias=False, route_scale=1.0, q_lora_rank=0, rope_scaling=None,
+                name="tiny-v2").replace(**changes)
+
+
+def tiny_fp8(**changes: Any) -> ModelConfig:
+    """A small model whose every width is a multiple of 128, as the fp8 activation path requires."""
+    return tiny(dim=256, inter_dim=384, moe_inter_dim=128, q_lora_rank=128, kv_lora_rank=128,
+                qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32, fp8_weights=True,
+                name="tiny-fp8").replace(**changes)
+
+
+PRESETS = {"deepseek-v3-671b": deepseek_v3_671b, "tiny": tiny, "tiny-v2": tiny_v2, "tiny-fp8": tiny_fp8}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,110 @@
+"""FP8 (e4m3fn) numerics: weight blocks, online activation quantization, the blockwise GEMM.
+
+Report section 3.3 and SPEC section 5. Weights: 128x128 blocks with a float32 `scale_inv` = block amax / 448.
+Activations: per token per 128 channels, s = max(amax, 1e-4) / 448, optionally rounded up to a power of two
+(ue8m0). GEMM: an exact fp8 x fp8 product per 128-wide slice of K, scaled by both scales and summed.
+
+Cast rule of this harness (frameworks differ: torch saturates, TensorFlow and ml_dtypes give NaN): values
+beyond +-448 saturate to +-448, NaN stays NaN, everything else rounds to nearest even.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+E4M3_MAX = 448.0
+BLOCK = 128
+# Smallest activation amax used for a scale (official act_quant); avoids a zero scale for zero rows.
+ACT_AMAX_FLOOR = 1e-4
+
+
+class FP8Error(ValueError):
+    """Shapes or values the fp8 path cannot handle."""
+
+
+def to_e4m3(x: np.ndarray) -> np.ndarray:
+    """Cast to e4m3fn under the harness rule: saturate to +-448, keep NaN, round to nearest even."""
+    x = np.asarray(x)
+    return np.clip(x, -E4M3_MAX, E4M3_MAX).astype(E4M3)
+
+
+def scale_shape(shape: tuple[int, int], block: int = BLOCK) -> tuple[int, int]:
+    """Shape of the block-scale grid of a [out, in] weight: partial blocks count as whole ones."""
+    return (-(-shape[0] // block), -(-shape[1] // block))
+
+
+def _blocked(x: np.ndarray, block: int) -> np.ndarray:
+    """[out, in] zero-padded to whole blocks and viewed as [out_blocks, block, in_blocks, block]."""
+    rows, cols = scale_shape(x.shape, block)
+    padded = np.zeros((rows * block, cols * block), dtype=x.dtype)
+    padded[: x.shape[0], : x.shape[1]] = x
+    return padded.reshape(rows, block, cols, block)
+
+
+def quantize_weight(weight: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize a [out, in] weight into e4m3 blocks and their float32 `scale_inv` (README_WEIGHTS.md)."""
+    weight = np.asarray(weight, dtype=np.float32)
+    blocks = _blocked(weight, block)
+    # Padding is zero, so it never raises a block's amax (the padding rule).
+    scale_inv = (np.abs(blocks).max(axis=(1, 3)) / np.float32(E4M3_MAX)).astype(np.float32)
+    safe = np.where(scale_inv > 0, scale_inv, np.float32(1))[:, None, :, None]
+    quantized = to_e4m3(blocks / safe).reshape(blocks.shape[0] * block, blocks.shape[2] * block)
+    return quantized[: weight.shape[0], : weight.shape[1]], scale_inv
+
+
+def dequantize_weight(quantized: np.ndarray, scale_inv: np.ndarray, dtype=np.float64,
+                      block: int = BLOCK) -> np.ndarray:
+    """The dense weight q * scale_inv, each scale broadcast over its block."""
+    expected = scale_shape(quantized.shape, block)
+    if tuple(scale_inv.shape) != expected:
+        raise FP8Error(f"scale of shape {list(scale_inv.shape)} does not match a weight of shape "
+                       f"{list(quantized.shape)}: expected {list(expected)} for {block}x{block} blocks")
+    scale = np.repeat(np.repeat(scale_inv.astype(dtype), block, axis=0), block, axis=1)
+    return quantized.astype(dtype) * scale[: quantized.shape[0], : quantized.shape[1]]
+
+
+def activation_scales(x: np.ndarray, scale_fmt: str | None = None, block: int = BLOCK) -> np.ndarray:
+    """Float32 scales per token per `block` channels: max(amax, 1e-4)/448, ue8m0 rounds up to 2^k."""
+    if x.shape[-1] % block:
+        raise FP8Error(f"activation width {x.shape[-1]} is not a multiple of {block}, as the fp8 path needs")
+    grouped = np.abs(x.reshape(*x.shape[:-1], x.shape[-1] // block, block)).astype(np.float32)
+    scales = np.maximum(grouped.max(axis=-1), np.float32(ACT_AMAX_FLOOR)) / np.float32(E4M3_MAX)
+    if scale_fmt == "ue8m0":
+        scales = np.exp2(np.ceil(np.log2(scales)))
+    elif scale_fmt is not None:
+        raise FP8Error(f"unknown scale_fmt {scale_fmt!r}: expected 'ue8m0' or none")
+    return scales.astype(np.float32)
+
+
+def quantize_activation(x: np.ndarray, scale_fmt: str | None = None,
+                        block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize activations [..., K] to e4m3 with per-token per-`block` scales [..., K/block]."""
+    scales = activation_scales(x, scale_fmt, block)
+    grouped = x.reshape(*x.shape[:-1], -1, block) / scales[..., None].astype(x.dtype)
+    return to_e4m3(grouped).reshape(x.shape), scales
+
+
+def fp8_gemm(x_q: np.ndarray, x_scale: np.ndarray, w_q: np.ndarray, w_scale: np.ndarray,
+             dtype=np.float64, block: int = BLOCK) -> np.ndarray:
+    """y = x @ w.T from e4m3 operands, promoted to `dtype` after every `block`-wide slice of K.
+
+    Each slice's fp8 product is exact in float64 (at most 42 significant bits), then scaled by the
+    token's activation scale and the weight block's scale and accumulated.
+    """
+    out_features, k = w_q.shape
+    if x_q.shape[-1] != k:
+        raise FP8Error(f"activation width {x_q.shape[-1]} does not match weight input width {k}")
+    if k % block:
+        raise FP8Error(f"the fp8 GEMM needs K % {block} == 0, got K = {k}")
+    rows = x_q.reshape(-1, k).astype(np.float64)
+    row_scales = x_scale.reshape(-1, k // block).astype(dtype)
+    weight = w_q.astype(np.float64)
+    column_block = np.arange(out_features) // block
+    out = np.zeros((rows.shape[0], out_features), dtype=dtype)
+    for kb in range(k // block):
+        cols = slice(kb * block, (kb + 1) * block)
+        partial = (rows[:, cols] @ weight[:, cols].T).astype(dtype)
+        out += partial * row_scales[:, kb, None] * w_scale[column_block, kb].astype(dtype)[None, :]
+    return out.reshape(*x_q.shape[:-1], out_features)

@@ -1,0 +1,100 @@
+"""The whole model: embedding, blocks, final norm and output head; prefill and incremental decode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .attention import AttentionForm, LatentCache, mla
+from .config import ModelConfig
+from .ffn import swiglu_ffn
+from .linear import Numerics
+from .moe import moe
+from .norm import rms_norm
+from .weights import FFNWeights, LayerWeights, ModelWeights, map_arrays
+
+
+class InputError(ValueError):
+    """Tokens or positions the model cannot take."""
+
+
+def check_tokens(tokens: np.ndarray, config: ModelConfig, start_pos: int = 0) -> np.ndarray:
+    """Token ids [B, S] as int64, after checking their range and that they fit in max_seq_len."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] == 0:
+        raise InputError(f"tokens must have shape [batch, seq] with seq >= 1, got {list(tokens.shape)}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise InputError(f"token ids must be integers, got dtype {tokens.dtype}")
+    bad = (tokens < 0) | (tokens >= config.vocab_size)
+    if bad.any():
+        position = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InputError(f"token id {int(tokens[position])} at {list(position)} is outside "
+                         f"[0, vocab_size={config.vocab_size})")
+    if start_pos + tokens.shape[1] > config.max_seq_len:
+        raise InputError(f"positions up to {start_pos + tokens.shape[1] - 1} exceed max_seq_len={config.max_seq_len}")
+    return tokens.astype(np.int64)
+
+
+def block(x: np.ndarray, weights: LayerWeights, config: ModelConfig, numerics: Numerics, cache: LatentCache,
+          start_pos: int, form: AttentionForm) -> tuple[np.ndarray, LatentCache]:
+    """h = x + attn(attn_norm(x)); out = h + ffn(ffn_norm(h))."""
+    attended, cache = mla(rms_norm(x, weights.attn_norm, config.rms_norm_eps), weights.attn, config, numerics,
+                          cache, start_pos, form)
+    h = x + attended
+    normed = rms_norm(h, weights.ffn_norm, config.rms_norm_eps)
+    if isinstance(weights.ffn, FFNWeights):
+        return h + swiglu_ffn(normed, weights.ffn, numerics), cache
+    flat = normed.reshape(-1, config.dim)
+    return h + moe(flat, weights.ffn, config, numerics).reshape(h.shape), cache
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """Logits for every fed position [B,S,V], each block's output [B,S,dim], and the extended caches."""
+
+    logits: np.ndarray
+    hidden: tuple[np.ndarray, ...]
+    caches: tuple[LatentCache, ...]
+
+    @property
+    def logits_last(self) -> np.ndarray:
+        return self.logits[:, -1]
+
+
+class Transformer:
+    """The NumPy reference model: float64 by default, float32 selectable."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics = Numerics(),
+                 dtype: np.dtype = np.float64, attention: AttentionForm = "absorbed"):
+        self.config = config
+        self.numerics = numerics
+        self.dtype = np.dtype(dtype)
+        self.attention = attention
+        # fp8 weights stay as stored; everything else (scales included, losslessly) takes the compute dtype.
+        self.weights = map_arrays(weights, lambda a: a if a.dtype.itemsize == 1 else a.astype(self.dtype))
+
+    def empty_caches(self, batch: int) -> tuple[LatentCache, ...]:
+        return tuple(LatentCache.empty(self.config, batch, self.dtype) for _ in self.weights.layers)
+
+    def forward(self, tokens: np.ndarray, start_pos: int = 0,
+                caches: tuple[LatentCache, ...] | None = None) -> ForwardResult:
+        """Feed tokens [B, S] at positions start_pos.. on top of `caches` (empty for a prefill)."""
+        tokens = check_tokens(tokens, self.config, start_pos)
+        caches = self.empty_caches(tokens.shape[0]) if caches is None else caches
+        h = self.weights.embed[tokens]
+        hidden, new_caches = [], []
+        for layer, cache in zip(self.weights.layers, caches):
+            h, cache = block(h, layer, self.config, self.numerics, cache, start_pos, self.attention)
+            hidden.append(h)
+            new_caches.append(cache)
+        logits = rms_norm(h, self.weights.norm, self.config.rms_norm_eps) @ self.weights.head.T
+        return ForwardResult(logits, tuple(hidden), tuple(new_caches))
+
+    def prefill(self, tokens: np.ndarray) -> ForwardResult:
+        return self.forward(tokens)
+
+    def decode(self, token: np.ndarray, caches: tuple[LatentCache, ...]) -> ForwardResult:
+        """Feed one token per sequence [B] after the cached ones."""
+        token = np.asarray(token)
+        return self.forward(token.reshape(-1, 1), caches[0].length, caches)

@@ -1,0 +1,73 @@
+"""DeepSeekMoE with auxiliary-loss-free routing (report section 2.1.2, equations 12-16).
+
+Affinities s = sigmoid(x W_g^T) (softmax for V2-style gates). The correction bias b is added only to
+choose experts (eq. 16): group-limited choice keeps the topk_group groups with the best score (sum of
+the two best biased affinities when a bias exists, the best one otherwise), masks the other groups
+with -inf, and takes the top-k biased affinities. The gating weights are the unbiased affinities of
+the chosen experts, normalized for sigmoid gates (eq. 13), times route_scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ModelConfig
+from .ffn import swiglu_ffn
+from .linear import Numerics
+from .weights import GateWeights, MoEWeights
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest scores per row, best first; ties go to the lower index."""
+    return np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+
+
+def affinities(x: np.ndarray, gate: GateWeights, config: ModelConfig) -> np.ndarray:
+    """Token-to-expert affinities s [T, E] (eq. 15; softmax for V2-style gates)."""
+    logits = x @ gate.weight.astype(x.dtype).T
+    if config.score_func == "sigmoid":
+        return 1 / (1 + np.exp(-logits))
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def group_scores(choice: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """Score of each expert group [T, G]: sum of its two best choice scores with a bias, else its best."""
+    grouped = choice.reshape(choice.shape[0], config.n_expert_groups, config.experts_per_group)
+    if config.gate_bias:
+        return np.sort(grouped, axis=-1)[..., -2:].sum(axis=-1)
+    return grouped.max(axis=-1)
+
+
+def limit_to_groups(choice: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """Choice scores with every expert outside the topk_group best groups set to -inf."""
+    if config.n_expert_groups == 1:
+        return choice
+    kept = top_k(group_scores(choice, config), config.n_limited_groups)
+    allowed = np.zeros((choice.shape[0], config.n_expert_groups), dtype=bool)
+    np.put_along_axis(allowed, kept, True, axis=-1)
+    # -inf, not 0: with negative biases every kept score may be below 0 and a 0 would win.
+    return np.where(np.repeat(allowed, config.experts_per_group, axis=-1), choice, -np.inf)
+
+
+def route(x: np.ndarray, gate: GateWeights, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Gating weights [T, k] and chosen expert indices [T, k] for tokens x [T, dim]."""
+    scores = affinities(x, gate, config)
+    choice = scores if gate.bias is None else scores + gate.bias.astype(x.dtype)
+    experts = top_k(limit_to_groups(choice, config), config.n_activated_experts)
+    weights = np.take_along_axis(scores, experts, axis=-1)
+    if config.normalizes_topk:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return weights * config.route_scale, experts
+
+
+def moe(x: np.ndarray, weights: MoEWeights, config: ModelConfig, numerics: Numerics) -> np.ndarray:
+    """sum_i g_i * expert_i(x) over the chosen experts, plus the shared experts (eq. 12), for x [T, dim]."""
+    gate_weights, experts = route(x, weights.gate, config)
+    out = np.zeros_like(x)
+    for expert in np.unique(experts):
+        tokens, slot = np.nonzero(experts == expert)
+        out[tokens] += gate_weights[tokens, slot, None] * swiglu_ffn(x[tokens], weights.experts[expert], numerics)
+    if weights.shared is not None:
+        out += swiglu_ffn(x, weights.shared, numerics)
+    return out

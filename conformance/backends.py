@@ -7,8 +7,10 @@ seconds to import).
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable
 
 import numpy as np
@@ -19,7 +21,7 @@ from reference.linear import Numerics
 from reference.model import Transformer
 from reference.weights import ModelWeights
 
-BACKENDS = ("reference", "tf")
+BACKENDS = ("reference",)
 DEFAULT_DTYPE = {"reference": "float64", "tf": "float32"}
 
 
@@ -99,3 +101,14 @@ def make_runner(backend: str, config: ModelConfig, weights: ModelWeights, numeri
     if backend not in _FACTORIES:
         raise BackendError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     return _FACTORIES[backend](config, weights, numerics, dtype or DEFAULT_DTYPE[backend], attention)
+
+
+
+_COMPONENTS = {"reference": "reference.components", "tf": "impl.numpy_api"}
+
+
+def components(backend: str) -> ModuleType:
+    """The backend's component functions, NumPy in and out, under the names of `reference.components`."""
+    if backend not in _COMPONENTS:
+        raise BackendError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    return importlib.import_module(_COMPONENTS[backend])

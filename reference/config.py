@@ -250,7 +250,7 @@ def from_hf_dict(raw: Mapping[str, Any], name: str = "") -> ModelConfig:
              f"topk_method 'greedy' with n_group={values['n_expert_groups']} is ambiguous: HF ignores the "
              "groups, the official code limits them; use 'group_limited_greedy' or n_group 1")
     values["gate_bias"] = _TOPK_METHODS[topk_method]
-    if "norm_topk_prob" in raw:
+    if "norm_topk_prob" in raw and values["score_func"] in ("sigmoid", "softmax"):
         _require(bool(raw["norm_topk_prob"]) == (values["score_func"] == "sigmoid"),
                  f"norm_topk_prob={raw['norm_topk_prob']} with scoring_func {values['score_func']!r}: the "
                  "official code renormalizes exactly when scoring is sigmoid")

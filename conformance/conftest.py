@@ -1,0 +1,52 @@
+"""Options of the conformance suite: which backends to check, and at which scale."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conformance.backends import BACKENDS
+
+GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("dsv3-conformance")
+    group.addoption("--backend", default=",".join(BACKENDS),
+                    help=f"comma-separated backends to check (default: {','.join(BACKENDS)})")
+    group.addoption("--scale", choices=("fast", "small", "full"), default="fast",
+                    help="fast: the CI tier; small and full add checks on larger models")
+
+
+def selected_backends(config: pytest.Config) -> list[str]:
+    chosen = [name.strip() for name in config.getoption("--backend").split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in BACKENDS]
+    if unknown:
+        raise pytest.UsageError(f"unknown backend(s) {unknown}: expected some of {list(BACKENDS)}")
+    return chosen
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", selected_backends(metafunc.config))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    order = ["fast", "small", "full"]
+    chosen = order.index(config.getoption("--scale"))
+    for item in items:
+        for scale in order[1:]:
+            if item.get_closest_marker(scale) and order.index(scale) > chosen:
+                item.add_marker(pytest.mark.skip(reason=f"needs --scale {scale}"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "small: runs with --scale small or full")
+    config.addinivalue_line("markers", "full: runs with --scale full")
+    config.addinivalue_line("markers", "oracle: needs torch and transformers (the oracle extra)")
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return GOLDEN_DIR

@@ -1,0 +1,138 @@
+"""Config reading and validation. Expected values come from SPEC section 1 (the released config)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from reference.config import (ConfigError, deepseek_v3_671b, from_dict, from_hf_dict, from_official_dict, load_config,
+                              preset, tiny, to_hf_dict)
+
+# inference/configs/config_671B.json of the official repository (SPEC section 1, official column).
+OFFICIAL_671B = {"vocab_size": 129280, "dim": 7168, "inter_dim": 18432, "moe_inter_dim": 2048, "n_layers": 61,
+                 "n_dense_layers": 3, "n_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+                 "n_activated_experts": 8, "n_expert_groups": 8, "n_limited_groups": 4, "route_scale": 2.5,
+                 "score_func": "sigmoid", "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                 "qk_rope_head_dim": 64, "v_head_dim": 128, "dtype": "fp8"}
+
+
+def test_released_671b_config_matches_spec_table():
+    config = deepseek_v3_671b()
+    expected = dict(vocab_size=129280, dim=7168, inter_dim=18432, moe_inter_dim=2048, n_layers=61, n_dense_layers=3,
+                    n_heads=128, n_routed_experts=256, n_shared_experts=1, n_activated_experts=8, n_expert_groups=8,
+                    n_limited_groups=4, route_scale=2.5, score_func="sigmoid", q_lora_rank=1536, kv_lora_rank=512,
+                    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, rms_norm_eps=1e-6, rope_theta=10000.0,
+                    n_mtp_layers=1, fp8_weights=True, gate_bias=True)
+    assert {key: getattr(config, key) for key in expected} == expected
+    yarn = config.rope_scaling
+    assert (yarn.factor, yarn.beta_fast, yarn.beta_slow, yarn.mscale, yarn.mscale_all_dim, yarn.original_seq_len) == (
+        40, 32, 1, 1.0, 1.0, 4096)
+    assert config.yarn_active and config.normalizes_topk
+    assert config.unknown_fields == ()
+
+
+def test_official_form_describes_the_same_model():
+    official = from_official_dict(OFFICIAL_671B)
+    hf = deepseek_v3_671b()
+    same = ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers", "n_heads",
+            "n_routed_experts", "n_activated_experts", "n_expert_groups", "n_limited_groups", "route_scale",
+            "score_func", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "v_head_dim", "fp8_weights", "gate_bias",
+            "rope_scaling")
+    assert {k: getattr(official, k) for k in same} == {k: getattr(hf, k) for k in same}
+    assert from_dict(OFFICIAL_671B) == official
+
+
+def test_hf_round_trip():
+    for config in (deepseek_v3_671b(), tiny(), preset("tiny-v2"), preset("tiny-fp8")):
+        again = from_hf_dict(to_hf_dict(config), name=config.name)
+        assert again == config
+
+
+def test_null_q_lora_softmax_without_bias_and_yarn_off():
+    raw = to_hf_dict(tiny())
+    raw.update(q_lora_rank=None, scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False,
+               rope_scaling=None)
+    config = from_hf_dict(raw)
+    assert config.q_lora_rank == 0 and not config.gate_bias and not config.normalizes_topk
+    assert config.rope_scaling is None and not config.yarn_active
+
+
+def test_yarn_only_when_run_is_longer_than_trained_context():
+    config = tiny()
+    assert config.yarn_active
+    assert not config.replace(max_seq_len=config.rope_scaling.original_seq_len).yarn_active
+
+
+def test_unknown_fields_are_kept_and_reported():
+    raw = to_hf_dict(tiny())
+    raw.update(my_flag=True, zeta=3)
+    config = from_hf_dict(raw)
+    assert config.unknown_fields == ("my_flag", "zeta")
+    assert to_hf_dict(config)["zeta"] == 3
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(n_routed_experts=10, n_group=4), "n_routed_experts=10 is not divisible by n_expert_groups=4"),
+    (dict(num_experts_per_tok=7, topk_group=1), "n_activated_experts=7 is larger than the 2 experts reachable"),
+    (dict(qk_head_dim=99), "qk_head_dim=99 is not qk_nope_head_dim + qk_rope_head_dim"),
+    (dict(head_dim=16), "head_dim=16 must equal qk_rope_head_dim=8"),
+    (dict(qk_rope_head_dim=7), "qk_rope_head_dim=7 must be even"),
+    (dict(scoring_func="relu"), "unknown scoring function 'relu'"),
+    (dict(hidden_size=0), "dim must be a positive integer, got 0"),
+    (dict(num_attention_heads=-4, num_key_value_heads=-4), "n_heads must be a positive integer, got -4"),
+    (dict(kv_lora_rank=2.5), "kv_lora_rank must be a positive integer, got 2.5"),
+    (dict(topk_group=5), "n_limited_groups=5 exceeds n_expert_groups=4"),
+    (dict(first_k_dense_replace=9), "n_dense_layers=9 exceeds n_layers=2"),
+    (dict(num_key_value_heads=1), "num_key_value_heads=1 differs from num_attention_heads=4"),
+    (dict(topk_method="magic"), "unknown topk_method 'magic'"),
+    (dict(topk_method="greedy"), "topk_method 'greedy' with n_group=4 is ambiguous"),
+    (dict(norm_topk_prob=False), "norm_topk_prob=False with scoring_func 'sigmoid'"),
+    (dict(moe_layer_freq=2), "moe_layer_freq=2 is not supported"),
+    (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+    (dict(rope_scaling={"type": "linear", "factor": 2}), "rope_scaling type 'linear' is not supported"),
+    (dict(routed_scaling_factor=-1), "route_scale must be positive"),
+    (dict(quantization_config={"quant_method": "fp8", "weight_block_size": [64, 64]}),
+     "weight_block_size [64, 64] is not supported"),
+])
+def test_invalid_configs_are_rejected_with_the_field_named(change, message):
+    raw = to_hf_dict(tiny())
+    raw.update(change)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_hf_dict(raw)
+
+
+def test_missing_required_fields_are_listed():
+    raw = to_hf_dict(tiny())
+    del raw["hidden_size"], raw["kv_lora_rank"]
+    with pytest.raises(ConfigError, match="lacks required field\\(s\\): hidden_size, kv_lora_rank"):
+        from_hf_dict(raw)
+
+
+def test_group_of_one_expert_cannot_take_a_top2_score():
+    raw = to_hf_dict(tiny())
+    raw.update(n_routed_experts=4, n_group=4, num_experts_per_tok=2)
+    with pytest.raises(ConfigError, match="groups of 1 expert cannot be scored by their top-2 sum"):
+        from_hf_dict(raw)
+
+
+def test_bad_files_name_the_path(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=f"{tmp_path}/config.json: not valid JSON"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "absent.json")
+    (tmp_path / "list.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        load_config(tmp_path / "list.json")
+    raw = to_hf_dict(tiny())
+    raw["n_group"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=f"{tmp_path}/config.json: n_routed_experts=8 is not divisible"):
+        load_config(tmp_path)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        preset("huge")

@@ -1,0 +1,84 @@
+"""The command line: check-golden's JSON contract and exit statuses, and golden integrity checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conformance.cli import main
+from conformance.manifest import verify
+from reference.safetensors_io import read_all, write_safetensors
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+TINY = GOLDEN / "official" / "v3-tiny"
+
+
+def test_check_golden_json_has_exactly_the_contract_fields(tmp_path, capsys):
+    out = tmp_path / "result.json"
+    assert main(["check-golden", str(TINY), "--backend", "reference", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result) == ["case", "backend", "passed", "results"]
+    assert result["case"] == "v3-tiny" and result["backend"] == "reference" and result["passed"] is True
+    expected = read_all(TINY / "expected.safetensors")
+    compared = {"prefill.logits_last", "prefill.logits_last.naive", "tokens.decoded"} | {
+        n for n in expected if n.startswith(("prefill.layer.", "decode."))}
+    assert {r["name"] for r in result["results"]} == compared
+    for row in result["results"]:
+        assert list(row) == ["name", "rel_err", "max_abs", "tolerance", "passed"]
+    assert "PASSED: 18/18" in capsys.readouterr().out
+
+
+def test_a_wrong_expected_tensor_fails_with_status_1(tmp_path):
+    case = tmp_path / "case"
+    shutil.copytree(TINY, case)
+    expected = read_all(case / "expected.safetensors")
+    expected["decode.4.logits"] = expected["decode.4.logits"] * np.float32(1.001)
+    write_safetensors(case / "expected.safetensors", expected)
+    out = tmp_path / "r.json"
+    assert main(["check-golden", str(case), "--json", str(out)]) == 1
+    failed = [r["name"] for r in json.loads(out.read_text())["results"] if not r["passed"]]
+    assert failed == ["decode.4.logits"]
+
+
+def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
+    assert main(["check-golden", str(tmp_path)]) == 2
+    assert f"{tmp_path}: not a golden case, no expected.safetensors" in capsys.readouterr().err
+    case = tmp_path / "case"
+    shutil.copytree(TINY, case)
+    (case / "model.safetensors").write_bytes((TINY / "model.safetensors").read_bytes()[:50000])
+    assert main(["check-golden", str(case)]) == 2
+    assert "model.safetensors: truncated: tensor" in capsys.readouterr().err
+
+
+def test_unknown_expected_tensors_are_reported(tmp_path, capsys):
+    case = tmp_path / "case"
+    shutil.copytree(TINY, case)
+    expected = read_all(case / "expected.safetensors")
+    expected["mtp.0.logits"] = np.zeros((2, 512), np.float32)
+    write_safetensors(case / "expected.safetensors", expected)
+    assert main(["check-golden", str(case)]) == 0
+    assert "not compared (unknown to this harness): mtp.0.logits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "add"])
+def test_tampered_golden_files_are_named(tmp_path, damage):
+    golden = tmp_path / "golden"
+    shutil.copytree(GOLDEN, golden)
+    target = golden / "official" / "v3-tiny-fp8" / "expected-h100-fp8-gemm.safetensors"
+    data = bytearray(target.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(bytes(data[:-4]))
+    elif damage == "delete":
+        target.unlink()
+    else:
+        target = target.with_name("expected-extra.safetensors")
+        target.write_bytes(b"")
+    problems = verify(golden)
+    assert [p.path for p in problems] == [str(target)], problems

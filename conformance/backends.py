@@ -11,7 +11,7 @@ import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -30,13 +30,19 @@ class BackendError(ValueError):
 
 
 @dataclass(frozen=True)
-class PrefillOutput:
+class StepOutput:
+    """What a prefill or decode step produced."""
+
     logits: np.ndarray  # [B, S, V]
     hidden: tuple[np.ndarray, ...]  # each block's output [B, S, dim]
+    experts: tuple[np.ndarray, ...]  # each MoE block's chosen experts [B*S, k]
 
     @property
     def logits_last(self) -> np.ndarray:
         return self.logits[:, -1]
+
+
+Routing = Sequence[np.ndarray] | None
 
 
 class Runner(ABC):
@@ -46,12 +52,12 @@ class Runner(ABC):
     config: ModelConfig
 
     @abstractmethod
-    def prefill(self, tokens: np.ndarray) -> PrefillOutput:
+    def prefill(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
         """Start a new batch with prompt tokens [B, S]."""
 
     @abstractmethod
-    def decode(self, tokens: np.ndarray) -> np.ndarray:
-        """Feed one token per sequence [B]; return the logits [B, V] after it."""
+    def decode(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
+        """Feed one token per sequence [B] after the cached ones."""
 
     def generate(self, prompt: np.ndarray, steps: int) -> np.ndarray:
         """Greedy continuation [B, steps]."""
@@ -61,7 +67,7 @@ class Runner(ABC):
             token = np.argmax(logits, axis=-1)
             generated.append(token)
             if step + 1 < steps:
-                logits = self.decode(token)
+                logits = self.decode(token).logits_last
         return np.stack(generated, axis=1) if generated else np.zeros((len(prompt), 0), np.int64)
 
 
@@ -74,17 +80,17 @@ class ReferenceRunner(Runner):
         self.model = Transformer(config, weights, numerics, np.dtype(dtype), attention)
         self.caches = None
 
-    def prefill(self, tokens: np.ndarray) -> PrefillOutput:
-        result = self.model.prefill(tokens)
+    def _step(self, result) -> StepOutput:
         self.caches = result.caches
-        return PrefillOutput(result.logits, result.hidden)
+        return StepOutput(result.logits, result.hidden, result.experts)
 
-    def decode(self, tokens: np.ndarray) -> np.ndarray:
+    def prefill(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
+        return self._step(self.model.prefill(tokens, forced_experts))
+
+    def decode(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
         if self.caches is None:
             raise BackendError("decode called before prefill")
-        result = self.model.decode(tokens, self.caches)
-        self.caches = result.caches
-        return result.logits_last
+        return self._step(self.model.decode(tokens, self.caches, forced_experts))
 
 
 def _tf_runner(config, weights, numerics, dtype, attention) -> Runner:

@@ -139,7 +139,7 @@ def _decode_checks(runner: Runner, file: ExpectedFile, decoded: np.ndarray, limi
     steps = sorted(int(m[1]) for m in map(_DECODE.match, file.tensors) if m)
     results = []
     for step in range(steps[-1] + 1 if steps else 0):
-        logits = runner.decode(decoded[:, step])
+        logits = runner.decode(decoded[:, step]).logits_last
         name = f"decode.{step}.logits"
         if name in file.tensors:
             results.append(Comparison.of(file.result_name(name), logits, file.tensors[name], limit))

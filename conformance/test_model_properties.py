@@ -29,7 +29,7 @@ def _prefill_vs_decode(backend, config, weights, tokens, numerics):
     split = tokens.shape[1] // 2 or 1
     runner = make_runner(backend, config, weights, numerics)
     stepped = [runner.prefill(tokens[:, :split]).logits]
-    stepped += [runner.decode(tokens[:, t])[:, None] for t in range(split, tokens.shape[1])]
+    stepped += [runner.decode(tokens[:, t]).logits for t in range(split, tokens.shape[1])]
     expect_close(f"prefill of {tokens.shape[1]} tokens vs prefill of {split} then one-token decodes, all logits",
                  np.concatenate(stepped, axis=1), full, self_consistency_key(DEFAULT_DTYPE[backend]))
 

@@ -50,24 +50,38 @@ def limit_to_groups(choice: np.ndarray, config: ModelConfig) -> np.ndarray:
     return np.where(np.repeat(allowed, config.experts_per_group, axis=-1), choice, -np.inf)
 
 
+def gate_weights(scores: np.ndarray, experts: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """Unbiased affinities of the chosen experts, normalized for sigmoid gates (eq. 13), times route_scale."""
+    weights = np.take_along_axis(scores, experts, axis=-1)
+    if config.normalizes_topk:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return weights * config.route_scale
+
+
 def route(x: np.ndarray, gate: GateWeights, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """Gating weights [T, k] and chosen expert indices [T, k] for tokens x [T, dim]."""
     scores = affinities(x, gate, config)
     choice = scores if gate.bias is None else scores + gate.bias.astype(x.dtype)
     experts = top_k(limit_to_groups(choice, config), config.n_activated_experts)
-    weights = np.take_along_axis(scores, experts, axis=-1)
-    if config.normalizes_topk:
-        weights = weights / weights.sum(axis=-1, keepdims=True)
-    return weights * config.route_scale, experts
+    return gate_weights(scores, experts, config), experts
 
 
-def moe(x: np.ndarray, weights: MoEWeights, config: ModelConfig, numerics: Numerics) -> np.ndarray:
-    """sum_i g_i * expert_i(x) over the chosen experts, plus the shared experts (eq. 12), for x [T, dim]."""
-    gate_weights, experts = route(x, weights.gate, config)
+def moe(x: np.ndarray, weights: MoEWeights, config: ModelConfig, numerics: Numerics,
+        forced_experts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """sum_i g_i * expert_i(x) over the chosen experts plus the shared experts (eq. 12), for x [T, dim].
+
+    Returns the output and the chosen experts [T, k]. `forced_experts` replaces the choice (the gating
+    weights still come from this model's own affinities): it lets two backends be compared on equal routing.
+    """
+    if forced_experts is None:
+        gating, experts = route(x, weights.gate, config)
+    else:
+        experts = np.asarray(forced_experts)
+        gating = gate_weights(affinities(x, weights.gate, config), experts, config)
     out = np.zeros_like(x)
     for expert in np.unique(experts):
         tokens, slot = np.nonzero(experts == expert)
-        out[tokens] += gate_weights[tokens, slot, None] * swiglu_ffn(x[tokens], weights.experts[expert], numerics)
+        out[tokens] += gating[tokens, slot, None] * swiglu_ffn(x[tokens], weights.experts[expert], numerics)
     if weights.shared is not None:
         out += swiglu_ffn(x, weights.shared, numerics)
-    return out
+    return out, experts

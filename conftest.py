@@ -6,10 +6,12 @@
 
 import os
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("ci", derandomize=True, max_examples=20, print_blob=True, **_COMMON)
+# No shrinking in CI: every example of a model test compiles models, and the first failure is reported as is.
+settings.register_profile("ci", derandomize=True, max_examples=20, print_blob=True,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate], **_COMMON)
 settings.register_profile("dev", max_examples=20, **_COMMON)
 settings.register_profile("thorough", max_examples=400, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

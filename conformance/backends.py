@@ -21,7 +21,7 @@ from reference.linear import Numerics
 from reference.model import Transformer
 from reference.weights import ModelWeights
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "tf")
 DEFAULT_DTYPE = {"reference": "float64", "tf": "float32"}
 
 
@@ -93,13 +93,32 @@ class ReferenceRunner(Runner):
         return self._step(self.model.decode(tokens, self.caches, forced_experts))
 
 
-def _tf_runner(config, weights, numerics, dtype, attention) -> Runner:
-    from impl.runner import TFRunner
+class TFRunner(Runner):
+    """The TensorFlow implementation (impl/), imported on first use."""
 
-    return TFRunner(config, weights, numerics, dtype, attention)
+    backend = "tf"
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics, dtype: str,
+                 attention: AttentionForm):
+        from impl.model import TFTransformer
+
+        self.config = config
+        self.model = TFTransformer(config, weights, numerics, dtype, attention)
+
+    @staticmethod
+    def _step(result, forced_experts: Routing) -> StepOutput:
+        if forced_experts is not None:
+            raise BackendError("the tf backend routes by itself: forced routing is a reference-only input")
+        return StepOutput(*result)
+
+    def prefill(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
+        return self._step(self.model.prefill(tokens), forced_experts)
+
+    def decode(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
+        return self._step(self.model.decode(tokens), forced_experts)
 
 
-_FACTORIES: dict[str, Callable[..., Runner]] = {"reference": ReferenceRunner, "tf": _tf_runner}
+_FACTORIES: dict[str, Callable[..., Runner]] = {"reference": ReferenceRunner, "tf": TFRunner}
 
 
 def make_runner(backend: str, config: ModelConfig, weights: ModelWeights, numerics: Numerics = Numerics(),

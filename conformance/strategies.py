@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import strategies as st
+from hypothesis import settings, strategies as st
 
 from reference.config import ModelConfig, YarnScaling
 from reference.synthetic import random_tensors
 from reference.weights import ModelWeights, assemble
+
+
+def model_examples() -> int:
+    """Examples for a test that builds and compiles whole models: a quarter of the profile's, at least 3."""
+    return max(3, settings.default.max_examples // 4)
 
 
 @st.composite
@@ -69,8 +74,9 @@ def models(draw, **config_kwargs) -> tuple[ModelConfig, ModelWeights]:
 
 
 @st.composite
-def token_batches(draw, config: ModelConfig, max_batch: int = 3, max_len: int | None = None) -> np.ndarray:
+def token_batches(draw, config: ModelConfig, max_batch: int = 3, max_len: int | None = None,
+                  min_len: int = 1) -> np.ndarray:
     batch = draw(st.integers(1, max_batch))
-    length = draw(st.integers(1, max_len or config.max_seq_len))
+    length = draw(st.integers(min_len, max_len or config.max_seq_len))
     seed = draw(st.integers(0, 2**31 - 1))
     return np.random.default_rng(seed).integers(0, config.vocab_size, (batch, length))

@@ -6,14 +6,15 @@ naive == absorbed attention; prefill logits == step-by-step decode logits; batch
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from conformance.backends import DEFAULT_DTYPE, make_runner
 from conformance.checks import expect_close, self_consistency_key
-from conformance.strategies import models, token_batches
+from conformance.strategies import model_examples, models, token_batches
 from reference.linear import Numerics
 
 
+@settings(max_examples=model_examples())
 @given(model=models(), data=st.data())
 def test_naive_attention_equals_absorbed(backend, model, data):
     config, weights = model
@@ -31,15 +32,17 @@ def _prefill_vs_decode(backend, config, weights, tokens, numerics):
     stepped = [runner.prefill(tokens[:, :split]).logits]
     stepped += [runner.decode(tokens[:, t]).logits for t in range(split, tokens.shape[1])]
     expect_close(f"prefill of {tokens.shape[1]} tokens vs prefill of {split} then one-token decodes, all logits",
-                 np.concatenate(stepped, axis=1), full, self_consistency_key(DEFAULT_DTYPE[backend]))
+                 np.concatenate(stepped, axis=1), full, self_consistency_key(DEFAULT_DTYPE[backend], numerics.gemm_impl))
 
 
+@settings(max_examples=model_examples())
 @given(model=models(), data=st.data())
 def test_prefill_equals_stepwise_decode(backend, model, data):
     config, weights = model
     _prefill_vs_decode(backend, config, weights, data.draw(token_batches(config)), Numerics())
 
 
+@settings(max_examples=model_examples())
 @given(model=models(fp8_weights=True, fp8_aligned=True), data=st.data())
 def test_prefill_equals_stepwise_decode_fp8_activations(backend, model, data):
     """Activation quantization is per token, so caching must not change it either."""
@@ -48,6 +51,7 @@ def test_prefill_equals_stepwise_decode_fp8_activations(backend, model, data):
     _prefill_vs_decode(backend, config, weights, tokens, Numerics("fp8", data.draw(st.sampled_from([None, "ue8m0"]))))
 
 
+@settings(max_examples=model_examples())
 @given(model=models(), data=st.data())
 def test_batch_rows_are_independent(backend, model, data):
     config, weights = model

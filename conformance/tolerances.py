@@ -11,22 +11,44 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Tolerance:
+    """A bound on rel_err, except for `routing.margin.*` entries, which bound an absolute score difference."""
+
     key: str
-    rel_err: float
+    value: float
     basis: str
 
 
 _ENTRIES = [
     Tolerance("golden.float32-path", 1e-5,
-              "official float32 CPU run vs a float32/float64 backend: measured <= 1.0e-6 (TOLERANCES.md section 1)"),
+              "official float32 CPU run vs a float32/float64 backend: measured <= 1.2e-6 (TOLERANCES.md section 1)"),
     Tolerance("golden.fp8-path", 1e-1,
               "fp8 activation path end to end, two layers: H100 vs exact emulation measured 4-7e-2 "
               "(SPEC section 5; TOLERANCES.md section 2)"),
     Tolerance("tokens.exact", 0.0, "greedy tokens are discrete: any difference is a failure"),
     Tolerance("self.float64", 1e-12,
-              "two float64 evaluations differing only in rounding order: measured <= 1.3e-15 (TOLERANCES.md section 3)"),
-    Tolerance("fp8.gemm.float64", 1e-12, "blockwise fp8 GEMM vs float64 product of the same fp8 operands (section 4)"),
+              "two float64 evaluations differing only in rounding order: measured <= 1.3e-15 (section 3)"),
+    Tolerance("self.float32", 1e-5,
+              "two float32 evaluations differing only in rounding order: measured <= 4.2e-7 (section 3)"),
+    Tolerance("self.fp8-path.float64", 1e-12,
+              "fp8 activation path evaluated twice in float64: a rounding flip needs a value within 1e-16 of a "
+              "boundary (section 3)"),
+    Tolerance("self.fp8-path.float32", 1e-1,
+              "fp8 activation path evaluated twice in float32: rounding flips amplify as on the H100 (SPEC section "
+              "5: 4-7e-2 after two layers); measured <= 2.3e-2 (section 6)"),
+    Tolerance("cross.float32", 1e-5, "float32 backend vs float64 reference, same routing: measured <= 4.1e-7 (section 5)"),
+    Tolerance("cross.bfloat16", 5e-2,
+              "bfloat16 backend vs float64 reference, same routing: measured <= 1.4e-2 (section 5)"),
+    Tolerance("cross.fp8-path.float32", 1e-1,
+              "fp8 activation path, float32 backend vs float64 reference: rounding flips, measured <= 7.3e-3 (section 6)"),
+    Tolerance("cross.fp8-path.bfloat16", 2e-1,
+              "fp8 activation path, bfloat16 backend vs float64 reference: measured <= 7.1e-2 (section 6)"),
     Tolerance("routing.float64", 1e-12, "gate weights in float64 vs the definition: rounding only (section 3)"),
+    Tolerance("routing.float32", 1e-5, "gate weights in float32 vs the float64 definition (section 3)"),
+    Tolerance("routing.margin.float64", 1e-12, "absolute slack when ranking float64 choice scores (section 3)"),
+    Tolerance("routing.margin.float32", 1e-5, "absolute slack when ranking float32 choice scores (section 3)"),
+    Tolerance("fp8.gemm.float64", 1e-12, "blockwise fp8 GEMM vs float64 product of the same fp8 operands (section 4)"),
+    Tolerance("fp8.gemm.float32", 1e-5,
+              "float32 blockwise fp8 GEMM: 128-term float32 sums, bound 128 u = 7.6e-6; measured 7.4e-8 (section 4)"),
 ]
 POLICY = {entry.key: entry for entry in _ENTRIES}
 

@@ -65,6 +65,16 @@ def dequantize_weight(quantized: np.ndarray, scale_inv: np.ndarray, dtype=np.flo
     return quantized.astype(dtype) * scale[: quantized.shape[0], : quantized.shape[1]]
 
 
+def round_up_to_power_of_two(scales: np.ndarray) -> np.ndarray:
+    """The smallest power of two >= each positive scale (ue8m0), exactly.
+
+    Computed from the binary exponent, not as 2^ceil(log2(s)) in float32 (the official kernel's form), which
+    rounds down for s within an ulp above a power of two and lets |x/s| exceed 448.
+    """
+    mantissa, exponent = np.frexp(scales)
+    return np.where(mantissa == 0.5, scales, np.ldexp(np.ones_like(scales), exponent)).astype(scales.dtype)
+
+
 def activation_scales(x: np.ndarray, scale_fmt: str | None = None, block: int = BLOCK) -> np.ndarray:
     """Float32 scales per token per `block` channels: max(amax, 1e-4)/448, ue8m0 rounds up to 2^k."""
     if x.shape[-1] % block:
@@ -72,7 +82,7 @@ def activation_scales(x: np.ndarray, scale_fmt: str | None = None, block: int = 
     grouped = np.abs(x.reshape(*x.shape[:-1], x.shape[-1] // block, block)).astype(np.float32)
     scales = np.maximum(grouped.max(axis=-1), np.float32(ACT_AMAX_FLOOR)) / np.float32(E4M3_MAX)
     if scale_fmt == "ue8m0":
-        scales = np.exp2(np.ceil(np.log2(scales)))
+        scales = round_up_to_power_of_two(scales)
     elif scale_fmt is not None:
         raise FP8Error(f"unknown scale_fmt {scale_fmt!r}: expected 'ue8m0' or none")
     return scales.astype(np.float32)

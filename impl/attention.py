@@ -1,0 +1,87 @@
+"""MLA in TensorFlow: projections, and attention over a latent cache in naive or absorbed form.
+
+Prefill attends over its own keys; decode writes one token's latent and rope key into a preallocated
+per-layer cache (`LatentCache`: kv latent [B, T, kv_lora_rank], rope key [B, T, rope_dim]) and attends
+over all T slots with a mask, so its shapes never depend on the position.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+from reference.attention import AttentionForm
+from reference.config import ModelConfig
+from reference.linear import Numerics
+from reference.weights import AttentionWeights
+
+from .layers import apply_rope, dense_weight, linear, rms_norm
+
+
+class LatentCache(NamedTuple):
+    """One layer's preallocated cache: normalized kv latents and rotated rope keys, nothing else.
+
+    A named tuple, so that compiled functions take it as a structure of variables.
+    """
+
+    kv_latent: tf.Variable  # [B, max_seq_len, kv_lora_rank]
+    rope_key: tf.Variable  # [B, max_seq_len, qk_rope_head_dim]
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, batch: int, dtype: tf.DType) -> "LatentCache":
+        return cls(tf.Variable(tf.zeros([batch, config.max_seq_len, config.kv_lora_rank], dtype), trainable=False),
+                   tf.Variable(tf.zeros([batch, config.max_seq_len, config.qk_rope_head_dim], dtype), trainable=False))
+
+    def bytes_per_token(self) -> int:
+        """Bytes this cache spends on one token, measured from its tensors."""
+        slots = self.kv_latent.shape[0] * self.kv_latent.shape[1]
+        total = sum(v.shape.num_elements() * v.dtype.size for v in (self.kv_latent, self.rope_key))
+        return total // slots
+
+
+def project(x: tf.Tensor, weights: AttentionWeights, config: ModelConfig, numerics: Numerics, cos: tf.Tensor,
+            sin: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """q_nope [B,S,H,n], rotated q_rope [B,S,H,r], normalized kv latent [B,S,c], rotated rope key [B,S,r]."""
+    if config.q_lora_rank:
+        query_latent = rms_norm(linear(x, weights.q_a_proj, numerics), weights.q_a_norm, config.rms_norm_eps)
+        q = linear(query_latent, weights.q_b_proj, numerics)
+    else:
+        q = linear(x, weights.q_proj, numerics)
+    q = tf.reshape(q, tf.concat([tf.shape(x)[:2], [config.n_heads, config.qk_head_dim]], 0))
+    q_nope, q_rope = q[..., : config.qk_nope_head_dim], q[..., config.qk_nope_head_dim:]
+    compressed = linear(x, weights.kv_a_proj, numerics)
+    kv_latent = rms_norm(compressed[..., : config.kv_lora_rank], weights.kv_a_norm, config.rms_norm_eps)
+    rope_key = apply_rope(compressed[..., config.kv_lora_rank:], cos[None], sin[None])
+    return q_nope, apply_rope(q_rope, cos[None, :, None], sin[None, :, None]), kv_latent, rope_key
+
+
+def _softmax(scores: tf.Tensor, mask: tf.Tensor, scale: float, dtype: tf.DType) -> tf.Tensor:
+    """Masked softmax of scores [B,S,H,T] in float32; mask [S,T] (True = visible)."""
+    scores = tf.cast(scores, tf.float32) * scale
+    scores = tf.where(mask[None, :, None, :], scores, tf.constant(float("-inf"), tf.float32))
+    return tf.cast(tf.nn.softmax(scores, axis=-1), dtype)
+
+
+def attend(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, rope_key: tf.Tensor,
+           weights: AttentionWeights, config: ModelConfig, numerics: Numerics, mask: tf.Tensor, scale: float,
+           form: AttentionForm) -> tf.Tensor:
+    """Per-head attention outputs [B,S,H,v] over keys given by latents [B,T,c] and rope keys [B,T,r]."""
+    dtype = q_nope.dtype
+    if form == "absorbed":
+        up = tf.reshape(dense_weight(weights.kv_b_proj, dtype), [config.n_heads, -1, config.kv_lora_rank])
+        key_up, value_up = up[:, : config.qk_nope_head_dim], up[:, config.qk_nope_head_dim:]
+        q_latent = tf.einsum("bshd,hdc->bshc", q_nope, key_up)
+        scores = tf.einsum("bshc,btc->bsht", q_latent, kv_latent) + tf.einsum("bshr,btr->bsht", q_rope, rope_key)
+        latent_out = tf.einsum("bsht,btc->bshc", _softmax(scores, mask, scale, dtype), kv_latent)
+        return tf.einsum("bshc,hdc->bshd", latent_out, value_up)
+    expanded = linear(kv_latent, weights.kv_b_proj, numerics)
+    expanded = tf.reshape(expanded, tf.concat([tf.shape(kv_latent)[:2], [config.n_heads, -1]], 0))
+    k_nope, values = expanded[..., : config.qk_nope_head_dim], expanded[..., config.qk_nope_head_dim:]
+    scores = tf.einsum("bshd,bthd->bsht", q_nope, k_nope) + tf.einsum("bshr,btr->bsht", q_rope, rope_key)
+    return tf.einsum("bsht,bthd->bshd", _softmax(scores, mask, scale, dtype), values)
+
+
+def output(heads: tf.Tensor, weights: AttentionWeights, numerics: Numerics) -> tf.Tensor:
+    merged = tf.reshape(heads, tf.concat([tf.shape(heads)[:2], [heads.shape[2] * heads.shape[3]]], 0))
+    return linear(merged, weights.o_proj, numerics)

@@ -1,0 +1,49 @@
+"""TensorFlow building blocks: RMSNorm, interleaved RoPE, linear layers in both numerics paths, SwiGLU."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from reference.linear import Numerics
+from reference.weights import FFNWeights, LinearWeight
+
+from .fp8 import dequantize, fp8_matmul, quantize_activation
+
+
+def rms_norm(x: tf.Tensor, weight: tf.Tensor, eps: float) -> tf.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight, the statistics in float32."""
+    wide = tf.cast(x, tf.float32)
+    normed = wide * tf.math.rsqrt(tf.reduce_mean(tf.square(wide), axis=-1, keepdims=True) + eps)
+    return tf.cast(normed, x.dtype) * weight
+
+
+def apply_rope(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor) -> tf.Tensor:
+    """Rotate interleaved pairs of x[..., d] in float32; cos and sin broadcast to x[..., d/2]."""
+    wide = tf.cast(x, tf.float32)
+    pairs = tf.reshape(wide, tf.concat([tf.shape(x)[:-1], [x.shape[-1] // 2, 2]], 0))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = tf.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
+    return tf.cast(tf.reshape(rotated, tf.shape(x)), x.dtype)
+
+
+def dense_weight(weight: LinearWeight, dtype: tf.DType) -> tf.Tensor:
+    """The weight in `dtype`; fp8 weights are dequantized here, inside the compiled step."""
+    if weight.scale_inv is None:
+        return tf.convert_to_tensor(weight.weight)
+    return dequantize(weight.weight, weight.scale_inv, dtype)
+
+
+def linear(x: tf.Tensor, weight: LinearWeight, numerics: Numerics) -> tf.Tensor:
+    """x W^T for x [..., in] in x's dtype, through the numerics path for fp8 weights."""
+    if weight.scale_inv is not None and numerics.gemm_impl == "fp8":
+        rows = tf.reshape(x, [-1, x.shape[-1]])
+        x_q, x_scale = quantize_activation(rows, numerics.scale_fmt)
+        out = fp8_matmul(x_q, x_scale, weight.weight, weight.scale_inv)
+        return tf.cast(tf.reshape(out, tf.concat([tf.shape(x)[:-1], [weight.weight.shape[0]]], 0)), x.dtype)
+    return tf.einsum("...k,nk->...n", x, dense_weight(weight, x.dtype))
+
+
+def swiglu_ffn(x: tf.Tensor, weights: FFNWeights, numerics: Numerics) -> tf.Tensor:
+    """down(silu(gate(x)) * up(x))."""
+    hidden = tf.nn.silu(linear(x, weights.gate_proj, numerics)) * linear(x, weights.up_proj, numerics)
+    return linear(hidden, weights.down_proj, numerics)

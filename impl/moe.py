@@ -1,0 +1,119 @@
+"""DeepSeekMoE in TensorFlow: the router, and routed experts run batched over tiles of sorted token copies.
+
+The T*k routed token copies are sorted by expert and packed into tiles of m rows, each tile holding rows
+of one expert only (an expert's last tile is zero-padded). The expert weights are gathered per tile and
+every tile runs as one batched matmul, so the work grows with tokens x k (plus at most one partial tile
+per used expert), never with tokens x experts. The copies are then weighted and summed back per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+from reference.config import ModelConfig
+from reference.linear import Numerics
+from reference.weights import FFNWeights, GateWeights, LinearWeight
+
+from .fp8 import dequantize, fp8_matmul, quantize_activation
+from .layers import swiglu_ffn
+
+MAX_TILE_ROWS = 64
+
+
+@dataclass(frozen=True)
+class StackedMoE:
+    """A MoE block with its routed experts stacked: gate/up weights [E, inter, dim], down [E, dim, inter]."""
+
+    gate: GateWeights
+    experts: FFNWeights
+    shared: FFNWeights | None
+
+
+def route(x: tf.Tensor, gate: GateWeights, config: ModelConfig) -> tuple[tf.Tensor, tf.Tensor]:
+    """Gating weights [T, k] (float32) and chosen experts [T, k] (int32), computed in float32."""
+    logits = tf.matmul(tf.cast(x, tf.float32), gate.weight, transpose_b=True)
+    scores = tf.sigmoid(logits) if config.score_func == "sigmoid" else tf.nn.softmax(logits, axis=-1)
+    choice = scores if gate.bias is None else scores + gate.bias
+    if config.n_expert_groups > 1:
+        grouped = tf.reshape(choice, [-1, config.n_expert_groups, config.experts_per_group])
+        if config.gate_bias:
+            group_scores = tf.reduce_sum(tf.math.top_k(grouped, 2).values, axis=-1)
+        else:
+            group_scores = tf.reduce_max(grouped, axis=-1)
+        kept = tf.math.top_k(group_scores, config.n_limited_groups).indices
+        allowed = tf.reduce_any(tf.one_hot(kept, config.n_expert_groups, on_value=True, off_value=False), axis=1)
+        # -inf, not 0: with negative biases every kept score may be below 0 and a 0 would win.
+        choice = tf.where(tf.repeat(allowed, config.experts_per_group, axis=-1), choice, float("-inf"))
+    experts = tf.math.top_k(choice, config.n_activated_experts).indices
+    weights = tf.gather(scores, experts, batch_dims=1)
+    if config.normalizes_topk:
+        weights = weights / tf.reduce_sum(weights, axis=-1, keepdims=True)
+    return weights * config.route_scale, experts
+
+
+def tile_rows(copies: int, n_experts: int) -> int:
+    """Rows per tile: a power of two near the mean copies per expert, at most MAX_TILE_ROWS."""
+    rows = 1
+    while rows * 2 <= min(copies // n_experts, MAX_TILE_ROWS):
+        rows *= 2
+    return rows
+
+
+def tile_count(copies: int, n_experts: int, rows: int) -> int:
+    """Tiles enough for any routing: copies/rows full tiles plus one partial tile per used expert."""
+    return (copies + min(n_experts, copies) * (rows - 1)) // rows
+
+
+def _tile_linear(tiles: tf.Tensor, weight: LinearWeight, tile_expert: tf.Tensor, numerics: Numerics) -> tf.Tensor:
+    """tiles [G, m, in] times each tile's expert weight [G, out, in]^T -> [G, m, out]."""
+    gathered = tf.gather(weight.weight, tile_expert)
+    if weight.scale_inv is None:
+        return tf.einsum("gmk,gnk->gmn", tiles, gathered)
+    scales = tf.gather(weight.scale_inv, tile_expert)
+    if numerics.gemm_impl == "fp8":
+        tiles_q, tiles_scale = quantize_activation(tiles, numerics.scale_fmt)
+        return tf.cast(fp8_matmul(tiles_q, tiles_scale, gathered, scales), tiles.dtype)
+    return tf.einsum("gmk,gnk->gmn", tiles, dequantize(gathered, scales, tiles.dtype))
+
+
+def routed_experts(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked: FFNWeights, config: ModelConfig,
+                   numerics: Numerics) -> tf.Tensor:
+    """sum over each token's k chosen experts of gating * expert(x), for x [T, dim]."""
+    tokens, k = x.shape[0], config.n_activated_experts
+    copies, n_experts = tokens * k, config.n_routed_experts
+    rows = tile_rows(copies, n_experts)
+    tiles = tile_count(copies, n_experts, rows)
+
+    flat_expert = tf.reshape(experts, [copies])
+    order = tf.argsort(flat_expert, stable=True)
+    sorted_expert = tf.gather(flat_expert, order)
+    sorted_token = tf.gather(tf.repeat(tf.range(tokens), k), order)
+    sorted_gating = tf.gather(tf.reshape(tf.cast(gating, x.dtype), [copies]), order)
+
+    counts = tf.math.unsorted_segment_sum(tf.ones([copies], tf.int32), flat_expert, n_experts)
+    tiles_per_expert = (counts + rows - 1) // rows
+    first_tile = tf.cumsum(tiles_per_expert, exclusive=True)
+    rank = tf.range(copies) - tf.gather(tf.cumsum(counts, exclusive=True), sorted_expert)
+    slot = (tf.gather(first_tile, sorted_expert) + rank // rows) * rows + rank % rows
+    tile_end = tf.cumsum(tiles_per_expert)
+    tile_expert = tf.minimum(tf.reduce_sum(tf.cast(tile_end[None, :] <= tf.range(tiles)[:, None], tf.int32), axis=1),
+                             n_experts - 1)
+
+    packed = tf.scatter_nd(slot[:, None], tf.gather(x, sorted_token), [tiles * rows, config.dim])
+    packed = tf.reshape(packed, [tiles, rows, config.dim])
+    hidden = (tf.nn.silu(_tile_linear(packed, stacked.gate_proj, tile_expert, numerics))
+              * _tile_linear(packed, stacked.up_proj, tile_expert, numerics))
+    out = tf.reshape(_tile_linear(hidden, stacked.down_proj, tile_expert, numerics), [tiles * rows, config.dim])
+    weighted = tf.gather(out, slot) * sorted_gating[:, None]
+    return tf.math.unsorted_segment_sum(weighted, sorted_token, tokens)
+
+
+def moe(x: tf.Tensor, weights: StackedMoE, config: ModelConfig, numerics: Numerics) -> tuple[tf.Tensor, tf.Tensor]:
+    """Routed experts plus shared experts for x [T, dim]; also the chosen experts [T, k]."""
+    gating, experts = route(x, weights.gate, config)
+    out = routed_experts(x, gating, experts, weights.experts, config, numerics)
+    if weights.shared is not None:
+        out += swiglu_ffn(x, weights.shared, numerics)
+    return out, experts

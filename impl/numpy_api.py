@@ -1,0 +1,31 @@
+"""The TensorFlow backend's component functions, NumPy in and out (the interface of `reference.components`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from reference.config import ModelConfig
+from reference.weights import GateWeights
+
+from . import fp8, moe
+
+
+def route(x: np.ndarray, gate: GateWeights, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    weights = GateWeights(tf.constant(gate.weight, tf.float32),
+                          None if gate.bias is None else tf.constant(gate.bias, tf.float32))
+    gating, experts = moe.route(tf.constant(x, tf.float32), weights, config)
+    return gating.numpy(), experts.numpy()
+
+
+def to_e4m3(x: np.ndarray) -> np.ndarray:
+    return fp8.to_e4m3(tf.constant(x)).numpy()
+
+
+def quantize_activation(x: np.ndarray, scale_fmt: str | None) -> tuple[np.ndarray, np.ndarray]:
+    quantized, scales = fp8.quantize_activation(tf.constant(x, tf.float32), scale_fmt)
+    return quantized.numpy(), scales.numpy()
+
+
+def fp8_gemm(x_q: np.ndarray, x_scale: np.ndarray, w_q: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
+    return fp8.fp8_matmul(tf.constant(x_q), tf.constant(x_scale), tf.constant(w_q), tf.constant(w_scale)).numpy()

@@ -7,14 +7,16 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 from tabulate import tabulate
 
-from reference.checkpoint import CheckpointError
-from reference.config import ConfigError
+from reference.checkpoint import CheckpointError, load_weights, open_checkpoint
+from reference.config import ConfigError, load_config
+from reference.linear import Numerics
 from reference.model import InputError
 from reference.safetensors_io import SafetensorsError
 
-from .backends import BACKENDS, BackendError
+from .backends import BACKENDS, BackendError, make_runner
 from .golden import CaseResult, GoldenCase, GoldenError, check_case
 
 # Errors that are the user's input, reported in one line with exit status 2.
@@ -42,6 +44,32 @@ def _check_golden(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def _parse_prompts(prompts: list[str]) -> np.ndarray:
+    try:
+        rows = [[int(token) for token in prompt.replace(",", " ").split()] for prompt in prompts]
+    except ValueError as error:
+        raise InputError(f"--prompt takes comma-separated integer token ids ({error})") from None
+    if len({len(row) for row in rows}) != 1 or not rows[0]:
+        raise InputError(f"prompts of a batch must be non-empty and of equal length, got lengths "
+                         f"{[len(row) for row in rows]}")
+    return np.array(rows, dtype=np.int64)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    config = load_config(args.config or args.model_dir)
+    prompt = _parse_prompts(args.prompt)
+    with open_checkpoint(args.model_dir) as checkpoint:
+        weights = load_weights(checkpoint, config, progress=True)
+        runner = make_runner(args.backend, config, weights, Numerics(args.gemm_impl, config.scale_fmt), args.dtype)
+        generated = runner.generate(prompt, args.steps)
+    if args.json:
+        print(json.dumps({"prompt": prompt.tolist(), "generated": generated.tolist()}))
+    else:
+        for row in generated:
+            print(" ".join(str(int(token)) for token in row))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import build_report
 
@@ -61,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compute dtype (default: float64 for reference, float32 for tf)")
     golden.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     golden.set_defaults(run=_check_golden)
+
+    generate = commands.add_parser("generate", help="greedy generation from prompt token ids")
+    generate.add_argument("model_dir", help="checkpoint folder (HF or official layout)")
+    generate.add_argument("--prompt", action="append", required=True,
+                          help="comma-separated token ids; repeat for a batch of equal-length prompts")
+    generate.add_argument("--steps", type=int, default=16, help="tokens to generate")
+    generate.add_argument("--config", help="config file (default: MODEL_DIR/config.json)")
+    generate.add_argument("--backend", choices=BACKENDS, default="tf")
+    generate.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default=None)
+    generate.add_argument("--gemm-impl", choices=("bf16", "fp8"), default="bf16",
+                          help="numerics path for fp8 weights: dequantized (bf16) or fp8 activations")
+    generate.add_argument("--json", action="store_true", help="print JSON instead of one line per sequence")
+    generate.set_defaults(run=_generate)
 
     report = commands.add_parser("report", help="check every golden case on each backend and write a report")
     report.add_argument("golden_dir", nargs="?", default="golden")

@@ -82,3 +82,21 @@ def test_tampered_golden_files_are_named(tmp_path, damage):
         target.write_bytes(b"")
     problems = verify(golden)
     assert [p.path for p in problems] == [str(target)], problems
+
+
+@pytest.mark.parametrize("backend", ["reference", "tf"])
+def test_generate_returns_the_official_greedy_tokens(backend, capsys):
+    expected = read_all(TINY / "expected.safetensors")
+    prompts = [",".join(map(str, row)) for row in expected["tokens.prompt"]]
+    steps = expected["tokens.decoded"].shape[1]
+    args = ["generate", str(TINY), "--steps", str(steps), "--backend", backend, "--json"]
+    for prompt in prompts:
+        args += ["--prompt", prompt]
+    assert main(args) == 0
+    generated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["generated"]
+    assert generated == expected["tokens.decoded"].tolist()
+
+
+def test_generate_rejects_ragged_prompts(capsys):
+    assert main(["generate", str(TINY), "--prompt", "1,2", "--prompt", "3", "--backend", "reference"]) == 2
+    assert "equal length" in capsys.readouterr().err

@@ -1,0 +1,109 @@
+"""Design requirements of the TensorFlow implementation (issue: impl/): compiled steps that never retrace
+per position, a cache of latents and rope keys only, fp8 weights kept in fp8, the stated cast rule,
+and MoE work that grows with tokens x k."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conformance.conftest import selected_backends
+from conformance.strategies import build_weights
+from reference.config import deepseek_v3_671b, tiny, tiny_fp8
+from reference.fp8 import E4M3_MAX
+
+
+@pytest.fixture(autouse=True)
+def _tf_selected(request):
+    if "tf" not in selected_backends(request.config):
+        pytest.skip("the tf backend is not selected")
+
+
+def _model(config, dtype="float32"):
+    from impl.model import TFTransformer
+
+    return TFTransformer(config, build_weights(config, seed=5), dtype=dtype)
+
+
+def test_decode_never_retraces_over_a_generation():
+    model = _model(tiny())
+    prompt = np.arange(10).reshape(2, 5)
+    model.prefill(prompt)
+    for step in range(20):
+        model.decode(np.array([step, step + 1]))
+    model.prefill(prompt + 1)
+    assert model.decode_step.experimental_get_tracing_count() == 1
+    assert model.prefill_step.experimental_get_tracing_count() == 1
+
+
+def test_steps_are_xla_compiled():
+    """Only jit_compile functions can be lowered to HLO by experimental_get_compiler_ir."""
+    import tensorflow as tf
+
+    model = _model(tiny())
+    model.prefill(np.zeros((1, 3), np.int64))
+    hlo = model.decode_step.experimental_get_compiler_ir(tf.constant([1], tf.int32), tf.constant(3, tf.int32),
+                                                          model.caches)(stage="hlo")
+    assert "HloModule" in hlo
+
+
+@pytest.mark.parametrize("dtype, size", [("float32", 4), ("bfloat16", 2)])
+def test_cache_holds_only_the_latent_and_the_rope_key(dtype, size):
+    config = tiny()
+    model = _model(config, dtype)
+    model.prefill(np.zeros((3, 4), np.int64))
+    assert len(model.caches) == config.n_layers
+    for cache in model.caches:
+        assert [v.shape.as_list() for v in cache] == [[3, config.max_seq_len, config.kv_lora_rank],
+                                                    [3, config.max_seq_len, config.qk_rope_head_dim]]
+    assert model.cache_bytes_per_token_per_layer() == (config.kv_lora_rank + config.qk_rope_head_dim) * size
+
+
+def test_671b_cache_against_mha_matches_spec_section_6():
+    """576 values per token per layer vs 2 x 128 x 128 for MHA: 1.76%; 61 layers in BF16: 70.3 KB vs 4.0 MB."""
+    import tensorflow as tf
+
+    from impl.attention import LatentCache
+
+    config = deepseek_v3_671b().replace(max_seq_len=4)
+    per_layer = LatentCache.allocate(config, 1, tf.bfloat16).bytes_per_token()
+    mha = 2 * config.n_heads * config.v_head_dim * 2  # keys and values of every head, bf16
+    assert per_layer == 576 * 2 and mha == 32768 * 2
+    assert round(100 * per_layer / mha, 2) == 1.76
+    assert round(config.n_layers * per_layer / 1000, 1) == 70.3 and round(config.n_layers * mha / 1e6, 1) == 4.0
+
+
+def test_fp8_weights_stay_fp8_in_memory():
+    from impl.model import TFTransformer
+
+    config = tiny_fp8()
+    model = TFTransformer(config, build_weights(config, seed=1))
+    moe = model.weights.layers[1].ffn
+    for linear in (model.weights.layers[0].attn.q_b_proj, model.weights.layers[0].ffn.down_proj,
+                   moe.experts.gate_proj, moe.shared.up_proj):
+        assert linear.weight.dtype.name == "float8_e4m3fn" and linear.scale_inv.dtype.name == "float32"
+    assert moe.experts.gate_proj.weight.shape[0] == config.n_routed_experts
+
+
+def test_cast_rule_is_needed_in_tensorflow():
+    """TensorFlow's own cast gives NaN beyond 448 where torch saturates; impl.fp8.to_e4m3 saturates."""
+    import tensorflow as tf
+
+    from impl.fp8 import E4M3, to_e4m3
+
+    raw = tf.cast(tf.cast(tf.constant([500.0, -500.0]), E4M3), tf.float32).numpy()
+    assert np.isnan(raw).all()
+    np.testing.assert_array_equal(tf.cast(to_e4m3(tf.constant([500.0, -500.0])), tf.float32).numpy(),
+                                  [E4M3_MAX, -E4M3_MAX])
+
+
+@pytest.mark.parametrize("tokens, k, experts", [(1, 8, 256), (4, 8, 256), (64, 8, 256), (4096, 8, 256), (80, 4, 16)])
+def test_moe_rows_grow_with_tokens_times_k(tokens, k, experts):
+    """Expert rows computed = tiles x rows <= tokens*k + one partial tile per used expert, never tokens*experts."""
+    from impl.moe import tile_count, tile_rows
+
+    copies = tokens * k
+    rows = tile_rows(copies, experts)
+    computed = tile_count(copies, experts, rows) * rows
+    assert copies <= computed <= copies + min(experts, copies) * (rows - 1)
+    assert computed < tokens * experts

@@ -1,0 +1,1 @@
+"""Performance comparisons, measured side by side in one run and reported as ratios (JSON + markdown)."""

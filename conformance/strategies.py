@@ -27,12 +27,15 @@ def routing_shapes(draw, max_groups: int = 8) -> dict:
 
 
 @st.composite
-def configs(draw, fp8_weights: bool | None = None, fp8_aligned: bool = False, max_groups: int = 8) -> ModelConfig:
+def configs(draw, fp8_weights: bool | None = None, fp8_aligned: bool = False, max_groups: int = 8,
+            oracle_compatible: bool = False) -> ModelConfig:
     """A small config: q_lora 0 or not, sigmoid+bias or softmax, 1 to 8 groups, YaRN on or off.
 
     `fp8_aligned` makes every width a multiple of 128, as the fp8 activation path needs.
+    `oracle_compatible` keeps to what the transformers class implements as the official code does
+    (sigmoid with a bias; YaRN either active or absent; mscale equal to mscale_all_dim).
     """
-    sigmoid = draw(st.booleans())
+    sigmoid = True if oracle_compatible else draw(st.booleans())
     fp8 = draw(st.booleans()) if fp8_weights is None else fp8_weights
     if fp8_aligned:
         heads = draw(st.sampled_from([1, 2, 4]))
@@ -46,11 +49,12 @@ def configs(draw, fp8_weights: bool | None = None, fp8_aligned: bool = False, ma
                       qk_nope_head_dim=draw(st.sampled_from([4, 8])), qk_rope_head_dim=draw(st.sampled_from([2, 4, 8])),
                       v_head_dim=draw(st.sampled_from([4, 8])), q_lora_rank=draw(st.sampled_from([0, 8, 12])))
     max_seq_len = draw(st.sampled_from([24, 48]))
-    yarn = draw(st.sampled_from([None, "on", "off"]))
+    yarn = draw(st.sampled_from([None, "on"] if oracle_compatible else [None, "on", "off"]))
+    mscale = draw(st.sampled_from([0.707, 1.0]))
     rope_scaling = None if yarn is None else YarnScaling(
         factor=draw(st.sampled_from([4.0, 40.0])),
         original_seq_len=max_seq_len // 2 if yarn == "on" else max_seq_len,
-        beta_fast=32.0, beta_slow=1.0, mscale=draw(st.sampled_from([0.707, 1.0])))
+        beta_fast=32.0, beta_slow=1.0, mscale=mscale, mscale_all_dim=mscale if oracle_compatible else 1.0)
     layers = draw(st.integers(1, 3))
     return ModelConfig(vocab_size=draw(st.sampled_from([32, 61])), n_layers=layers,
                        n_dense_layers=draw(st.integers(0, layers)), n_heads=heads,

@@ -31,26 +31,48 @@ class StackedMoE:
     shared: FFNWeights | None
 
 
-def route(x: tf.Tensor, gate: GateWeights, config: ModelConfig) -> tuple[tf.Tensor, tf.Tensor]:
-    """Gating weights [T, k] (float32) and chosen experts [T, k] (int32), computed in float32."""
+# What an expert outside the kept groups scores: -inf, not 0, since with negative biases every kept
+# score may be below 0 and a 0 would win.
+MASKED_CHOICE = float("-inf")
+
+
+def affinities(x: tf.Tensor, gate: GateWeights, config: ModelConfig) -> tf.Tensor:
+    """Token-to-expert affinities [T, E] in float32 (sigmoid, or softmax for V2-style gates)."""
     logits = tf.matmul(tf.cast(x, tf.float32), gate.weight, transpose_b=True)
-    scores = tf.sigmoid(logits) if config.score_func == "sigmoid" else tf.nn.softmax(logits, axis=-1)
-    choice = scores if gate.bias is None else scores + gate.bias
-    if config.n_expert_groups > 1:
-        grouped = tf.reshape(choice, [-1, config.n_expert_groups, config.experts_per_group])
-        if config.gate_bias:
-            group_scores = tf.reduce_sum(tf.math.top_k(grouped, 2).values, axis=-1)
-        else:
-            group_scores = tf.reduce_max(grouped, axis=-1)
-        kept = tf.math.top_k(group_scores, config.n_limited_groups).indices
-        allowed = tf.reduce_any(tf.one_hot(kept, config.n_expert_groups, on_value=True, off_value=False), axis=1)
-        # -inf, not 0: with negative biases every kept score may be below 0 and a 0 would win.
-        choice = tf.where(tf.repeat(allowed, config.experts_per_group, axis=-1), choice, float("-inf"))
-    experts = tf.math.top_k(choice, config.n_activated_experts).indices
+    return tf.sigmoid(logits) if config.score_func == "sigmoid" else tf.nn.softmax(logits, axis=-1)
+
+
+def group_scores(choice: tf.Tensor, config: ModelConfig) -> tf.Tensor:
+    """Score of each expert group [T, G]: sum of its two best choice scores with a bias, else its best."""
+    grouped = tf.reshape(choice, [-1, config.n_expert_groups, config.experts_per_group])
+    if config.gate_bias:
+        return tf.reduce_sum(tf.math.top_k(grouped, 2).values, axis=-1)
+    return tf.reduce_max(grouped, axis=-1)
+
+
+def limit_to_groups(choice: tf.Tensor, config: ModelConfig) -> tf.Tensor:
+    """Choice scores with every expert outside the topk_group best groups set to MASKED_CHOICE."""
+    if config.n_expert_groups == 1:
+        return choice
+    kept = tf.math.top_k(group_scores(choice, config), config.n_limited_groups).indices
+    allowed = tf.reduce_any(tf.one_hot(kept, config.n_expert_groups, on_value=True, off_value=False), axis=1)
+    return tf.where(tf.repeat(allowed, config.experts_per_group, axis=-1), choice, MASKED_CHOICE)
+
+
+def gate_weights(scores: tf.Tensor, experts: tf.Tensor, config: ModelConfig) -> tf.Tensor:
+    """Unbiased affinities of the chosen experts, normalized for sigmoid gates, times route_scale."""
     weights = tf.gather(scores, experts, batch_dims=1)
     if config.normalizes_topk:
         weights = weights / tf.reduce_sum(weights, axis=-1, keepdims=True)
-    return weights * config.route_scale, experts
+    return weights * config.route_scale
+
+
+def route(x: tf.Tensor, gate: GateWeights, config: ModelConfig) -> tuple[tf.Tensor, tf.Tensor]:
+    """Gating weights [T, k] (float32) and chosen experts [T, k] (int32)."""
+    scores = affinities(x, gate, config)
+    choice = scores if gate.bias is None else scores + gate.bias
+    experts = tf.math.top_k(limit_to_groups(choice, config), config.n_activated_experts).indices
+    return gate_weights(scores, experts, config), experts
 
 
 def tile_rows(copies: int, n_experts: int) -> int:

@@ -39,15 +39,19 @@ def group_scores(choice: np.ndarray, config: ModelConfig) -> np.ndarray:
     return grouped.max(axis=-1)
 
 
+# What an expert outside the kept groups scores: -inf, not 0, since with negative biases every kept
+# score may be below 0 and a 0 would win.
+MASKED_CHOICE = -np.inf
+
+
 def limit_to_groups(choice: np.ndarray, config: ModelConfig) -> np.ndarray:
-    """Choice scores with every expert outside the topk_group best groups set to -inf."""
+    """Choice scores with every expert outside the topk_group best groups set to MASKED_CHOICE."""
     if config.n_expert_groups == 1:
         return choice
     kept = top_k(group_scores(choice, config), config.n_limited_groups)
     allowed = np.zeros((choice.shape[0], config.n_expert_groups), dtype=bool)
     np.put_along_axis(allowed, kept, True, axis=-1)
-    # -inf, not 0: with negative biases every kept score may be below 0 and a 0 would win.
-    return np.where(np.repeat(allowed, config.experts_per_group, axis=-1), choice, -np.inf)
+    return np.where(np.repeat(allowed, config.experts_per_group, axis=-1), choice, MASKED_CHOICE)
 
 
 def gate_weights(scores: np.ndarray, experts: np.ndarray, config: ModelConfig) -> np.ndarray:

@@ -18,9 +18,10 @@ from reference.safetensors_io import SafetensorsError
 
 from .backends import BACKENDS, BackendError, make_runner
 from .golden import CaseResult, GoldenCase, GoldenError, check_case
+from .manifest import ManifestError, verify
 
 # Errors that are the user's input, reported in one line with exit status 2.
-USER_ERRORS = (ConfigError, CheckpointError, GoldenError, SafetensorsError, InputError, BackendError)
+USER_ERRORS = (ConfigError, CheckpointError, GoldenError, SafetensorsError, InputError, BackendError, ManifestError)
 
 
 def results_table(result: CaseResult) -> str:
@@ -70,6 +71,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _golden_generate(args: argparse.Namespace) -> int:
+    from .golden_generate import generate_all
+
+    for path in generate_all(Path(args.golden_dir), args.case or None):
+        print(f"wrote {path}")
+    return 0
+
+
+def _golden_verify(args: argparse.Namespace) -> int:
+    problems = verify(Path(args.golden_dir))
+    for problem in problems:
+        print(problem)
+    print("golden files match the manifest" if not problems else f"{len(problems)} golden file problem(s)")
+    return 1 if problems else 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import build_report
 
@@ -102,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="numerics path for fp8 weights: dequantized (bf16) or fp8 activations")
     generate.add_argument("--json", action="store_true", help="print JSON instead of one line per sequence")
     generate.set_defaults(run=_generate)
+
+    golden_cmd = commands.add_parser("golden", help="golden cases: regenerate the oracle ones, verify hashes")
+    golden_commands = golden_cmd.add_subparsers(dest="golden_command", required=True)
+    regenerate = golden_commands.add_parser("generate", help="regenerate the oracle-produced cases (needs the "
+                                                             "oracle extra)")
+    regenerate.add_argument("--golden-dir", default="golden")
+    regenerate.add_argument("--case", action="append", help="only this case (repeatable)")
+    regenerate.set_defaults(run=_golden_generate)
+    check = golden_commands.add_parser("verify", help="check every golden file against the manifest's sha256")
+    check.add_argument("--golden-dir", default="golden")
+    check.set_defaults(run=_golden_verify)
 
     report = commands.add_parser("report", help="check every golden case on each backend and write a report")
     report.add_argument("golden_dir", nargs="?", default="golden")

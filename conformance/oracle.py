@@ -118,24 +118,26 @@ class OracleRunner(Runner):
         raw["num_nextn_predict_layers"] = 0
         hf_config = DeepseekV3Config(**raw, attn_implementation="eager")
         model = DeepseekV3ForCausalLM(hf_config)
-        state = {name: torch.from_numpy(array) for name, array in _state_dict(weights, config).items()}
+        state = {name: torch.tensor(array) for name, array in _state_dict(weights, config).items()}
         model.load_state_dict(state, strict=True)
         self.model = model.float().eval()
         self.routers = [layer.mlp.gate for layer in self.model.model.layers if hasattr(layer.mlp, "gate")]
         self.forced: list = []
         for router in self.routers:
             _force_routing(router, self.forced)
+        self.block_outputs: list = []
+        for layer in self.model.model.layers:
+            layer.register_forward_hook(lambda module, args, output: self.block_outputs.append(output))
         self.cache = None
 
     def _run(self, tokens: np.ndarray, forced_experts: Routing) -> StepOutput:
         self.forced[:] = list(forced_experts or [])
+        self.block_outputs.clear()
         with self.torch.no_grad():
             out = self.model(input_ids=self.torch.as_tensor(tokens, dtype=self.torch.long), cache=self.cache,
-                             use_cache=True, output_hidden_states=True)
+                             use_cache=True)
         self.cache = out.cache
-        # hidden_states = (embeddings, block 0 output, ..., block L-2 output, normed final output): the last
-        # block's own output is not exposed, so only the first L-1 are returned.
-        hidden = tuple(h.numpy() for h in out.hidden_states[1:-1])
+        hidden = tuple(h.numpy() for h in self.block_outputs)
         experts = tuple(router.chosen.numpy() for router in self.routers)
         return StepOutput(out.logits.numpy(), hidden, experts)
 

@@ -1,17 +1,32 @@
-"""Assertions of the suite: each says what it compares, the metric, the tolerance and what it observed."""
+"""Assertions of the suite: each says what it compares, the metric, the tolerance and what it observed.
+
+Every comparison is also published to the registered listeners (the report plugin records them), so a
+passing check still reports how close it came.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
 from .metrics import Comparison
 from .tolerances import tolerance
 
+Listener = Callable[[Comparison, str], None]
+LISTENERS: list[Listener] = []
+
+
+def record(comparison: Comparison, policy_key: str) -> Comparison:
+    for listener in LISTENERS:
+        listener(comparison, policy_key)
+    return comparison
+
 
 def expect_close(what: str, out: np.ndarray, expected: np.ndarray, policy_key: str) -> Comparison:
     """Fail unless rel_err(out, expected) is within the policy entry `policy_key`."""
     entry = tolerance(policy_key)
-    comparison = Comparison.of(what, out, expected, entry.value)
+    comparison = record(Comparison.of(what, out, expected, entry.value), policy_key)
     assert comparison.passed, f"{comparison.describe()} [policy {entry.key}: {entry.basis}]"
     return comparison
 

@@ -87,6 +87,28 @@ def _golden_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def mutation_table(results) -> str:
+    rows = [(r.mutant, r.backend, "killed" if r.killed else "SURVIVED",
+             "\n".join(k.split(": ")[0] for k in r.killed_by) or "-") for r in results]
+    return tabulate(rows, headers=["mutant", "backend", "verdict", "killed by"], disable_numparse=True)
+
+
+def _mutants(args: argparse.Namespace) -> int:
+    from .mutants import CATALOGUE, run_catalogue
+
+    if args.list:
+        print(tabulate([(m.key, m.origin, m.bug) for m in CATALOGUE], headers=["mutant", "origin", "bug"]))
+        return 0
+    results = run_catalogue(args.backend.split(","), args.mutant, args.first_kill, args.jobs)
+    print(mutation_table(results))
+    survivors = [f"{r.mutant} on {r.backend}" for r in results if not r.killed]
+    print(f"{len(results) - len(survivors)}/{len(results)} mutants killed"
+          + (f"; SURVIVED: {', '.join(survivors)}" if survivors else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_json() for r in results], indent=2))
+    return 1 if survivors else 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import build_report
 
@@ -130,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     check = golden_commands.add_parser("verify", help="check every golden file against the manifest's sha256")
     check.add_argument("--golden-dir", default="golden")
     check.set_defaults(run=_golden_verify)
+
+    mutants = commands.add_parser("mutants", help="plant known bugs in each backend; every one must be caught")
+    mutants.add_argument("--backend", default=",".join(BACKENDS), help="comma-separated backends")
+    mutants.add_argument("--mutant", action="append", help="only this mutant (repeatable)")
+    mutants.add_argument("--first-kill", action="store_true", help="stop each mutant at the first check that kills it")
+    mutants.add_argument("--jobs", type=int, default=1, help="processes to run mutants in")
+    mutants.add_argument("--list", action="store_true", help="list the catalogue and exit")
+    mutants.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
+    mutants.set_defaults(run=_mutants)
 
     report = commands.add_parser("report", help="check every golden case on each backend and write a report")
     report.add_argument("golden_dir", nargs="?", default="golden")

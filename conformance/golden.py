@@ -111,6 +111,7 @@ class CaseResult:
     backend: str
     results: list[Comparison]
     not_compared: list[str]
+    policy: dict[str, str] = field(default_factory=dict)  # result name -> tolerance policy key
 
     @property
     def passed(self) -> bool:
@@ -157,9 +158,11 @@ def check_case(case: GoldenCase, backend: str, dtype: str | None = None,
     weights = weights if weights is not None else case.weights()
     results: list[Comparison] = []
     not_compared: list[str] = []
+    policy: dict[str, str] = {}
     for file in case.files:
         numerics = Numerics(file.gemm_impl, case.config.scale_fmt)
-        limit = case.tolerance_for(file).value
+        entry = case.tolerance_for(file)
+        limit = entry.value
         prompt = case.tokens(file, "tokens.prompt")
         decoded = case.tokens(file, "tokens.decoded")
         runner = make_runner(backend, case.config, weights, numerics, dtype)
@@ -177,6 +180,8 @@ def check_case(case: GoldenCase, backend: str, dtype: str | None = None,
             results.append(Comparison.of(file.result_name("tokens.decoded"), generated, expected_tokens,
                                          tolerance("tokens.exact").value))
         compared = {result.name for result in results}
+        policy.update({name: entry.key for name in compared if name not in policy})
+        policy[file.result_name("tokens.decoded")] = "tokens.exact"
         not_compared += [file.result_name(name) for name in file.tensors
                          if not _known(name) or (file.result_name(name) not in compared and name not in _INPUTS)]
-    return CaseResult(case.name, backend, results, not_compared)
+    return CaseResult(case.name, backend, results, not_compared, policy)

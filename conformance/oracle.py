@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from reference.config import ModelConfig, to_hf_dict
-from reference.linear import dense
+from reference.config import FP8_BLOCK, ModelConfig, to_hf_dict
 from reference.weights import LinearWeight, ModelWeights, MoEWeights
 
 from .backends import Routing, Runner, StepOutput
@@ -30,6 +29,19 @@ def oracle_versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def _dense(weight: LinearWeight) -> np.ndarray:
+    """The float32 weight; fp8 blocks are decoded by torch and scaled here, sharing no code with the backends."""
+    import torch
+
+    if not weight.quantized:
+        return np.asarray(weight.weight, np.float32)
+    decoded = torch.from_numpy(np.ascontiguousarray(weight.weight).view(np.uint8)).view(torch.float8_e4m3fn).float()
+    rows, cols = decoded.shape
+    scale = torch.from_numpy(np.array(weight.scale_inv, np.float32))
+    scale = scale.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:rows, :cols]
+    return (decoded * scale).numpy()
+
+
 def _state_dict(weights: ModelWeights, config: ModelConfig) -> dict[str, np.ndarray]:
     """The weights under the module names of transformers 5 (routed experts fused per layer), in float32."""
     state: dict[str, np.ndarray] = {"model.embed_tokens.weight": weights.embed, "model.norm.weight": weights.norm,
@@ -37,7 +49,7 @@ def _state_dict(weights: ModelWeights, config: ModelConfig) -> dict[str, np.ndar
 
     def put(prefix: str, value) -> None:
         if isinstance(value, LinearWeight):
-            state[f"{prefix}.weight"] = dense(value, np.float32)
+            state[f"{prefix}.weight"] = _dense(value)
         elif isinstance(value, np.ndarray):
             state[f"{prefix}.weight"] = value
         elif value is not None:
@@ -61,8 +73,8 @@ def _state_dict(weights: ModelWeights, config: ModelConfig) -> dict[str, np.ndar
             state[f"{prefix}.mlp.gate.e_score_correction_bias"] = (
                 np.zeros(config.n_routed_experts) if moe.gate.bias is None else moe.gate.bias)
             state[f"{prefix}.mlp.experts.gate_up_proj"] = np.stack([
-                np.concatenate([dense(e.gate_proj, np.float32), dense(e.up_proj, np.float32)]) for e in moe.experts])
-            state[f"{prefix}.mlp.experts.down_proj"] = np.stack([dense(e.down_proj, np.float32) for e in moe.experts])
+                np.concatenate([_dense(e.gate_proj), _dense(e.up_proj)]) for e in moe.experts])
+            state[f"{prefix}.mlp.experts.down_proj"] = np.stack([_dense(e.down_proj) for e in moe.experts])
             if moe.shared is None:  # the class always builds shared experts; width 0 adds nothing
                 for name, shape in (("gate_proj", (0, config.dim)), ("up_proj", (0, config.dim)),
                                     ("down_proj", (config.dim, 0))):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from conformance.checks import record
 from conformance.golden import GoldenCase, check_case
 from conformance.manifest import case_dirs, verify
 from conformance.conftest import GOLDEN_DIR
@@ -20,7 +21,12 @@ def test_golden_files_match_manifest(golden_dir):
 @pytest.mark.parametrize("case_dir", CASES, ids=[path.name for path in CASES])
 def test_golden_case(case_dir, backend):
     """Backend output vs every expected tensor of the case (rel_err within the policy's tolerance)."""
-    result = check_case(GoldenCase.load(case_dir), backend)
+    case = GoldenCase.load(case_dir)
+    result = check_case(case, backend)
+    for comparison in result.results:
+        record(comparison, result.policy[comparison.name])
     failures = [r.describe() for r in result.results if not r.passed]
-    assert result.results and not failures, f"{result.case} on {backend}:\n" + "\n".join(failures)
+    assert result.results, f"{result.case}: no expected tensor was compared"
+    assert not failures, (f"{result.case} on {backend}: {len(failures)} tensor(s) out of tolerance, first "
+                          + "\n".join(failures))
     assert not result.not_compared, f"expected tensors this harness did not compare: {result.not_compared}"

@@ -40,20 +40,35 @@ class LatentCache(NamedTuple):
         return total // slots
 
 
-def project(x: tf.Tensor, weights: AttentionWeights, config: ModelConfig, numerics: Numerics, cos: tf.Tensor,
-            sin: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-    """q_nope [B,S,H,n], rotated q_rope [B,S,H,r], normalized kv latent [B,S,c], rotated rope key [B,S,r]."""
+def project_queries(x: tf.Tensor, weights: AttentionWeights, config: ModelConfig, numerics: Numerics, cos: tf.Tensor,
+                    sin: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-head q_nope [B,S,H,n] and rotated q_rope [B,S,H,r]."""
     if config.q_lora_rank:
         query_latent = rms_norm(linear(x, weights.q_a_proj, numerics), weights.q_a_norm, config.rms_norm_eps)
         q = linear(query_latent, weights.q_b_proj, numerics)
     else:
         q = linear(x, weights.q_proj, numerics)
     q = tf.reshape(q, tf.concat([tf.shape(x)[:2], [config.n_heads, config.qk_head_dim]], 0))
-    q_nope, q_rope = q[..., : config.qk_nope_head_dim], q[..., config.qk_nope_head_dim:]
+    q_rope = apply_rope(q[..., config.qk_nope_head_dim:], cos[None, :, None], sin[None, :, None])
+    return q[..., : config.qk_nope_head_dim], q_rope
+
+
+def project_latent(x: tf.Tensor, weights: AttentionWeights, config: ModelConfig, numerics: Numerics, cos: tf.Tensor,
+                   sin: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """The normalized kv latent [B,S,c] and the rotated shared rope key [B,S,r]."""
     compressed = linear(x, weights.kv_a_proj, numerics)
     kv_latent = rms_norm(compressed[..., : config.kv_lora_rank], weights.kv_a_norm, config.rms_norm_eps)
-    rope_key = apply_rope(compressed[..., config.kv_lora_rank:], cos[None], sin[None])
-    return q_nope, apply_rope(q_rope, cos[None, :, None], sin[None, :, None]), kv_latent, rope_key
+    return kv_latent, apply_rope(compressed[..., config.kv_lora_rank:], cos[None], sin[None])
+
+
+def causal_mask(length: int) -> tf.Tensor:
+    """[S, S] True where query i may see key j (j <= i)."""
+    return tf.range(length)[None, :] <= tf.range(length)[:, None]
+
+
+def visible_slots(position: tf.Tensor, slots: int) -> tf.Tensor:
+    """[1, slots] True for the cache slots a decode step at `position` may see: all written so far, itself included."""
+    return (tf.range(slots) <= position)[None, :]
 
 
 def _softmax(scores: tf.Tensor, mask: tf.Tensor, scale: float, dtype: tf.DType) -> tf.Tensor:

@@ -93,7 +93,8 @@ class TFTransformer:
         hidden, experts = [], []
         for index, (layer, cache) in enumerate(zip(self.weights.layers, caches)):
             x = rms_norm(h, layer.attn_norm, config.rms_norm_eps)
-            q_nope, q_rope, kv_latent, rope_key = attention.project(x, layer.attn, config, numerics, cos, sin)
+            q_nope, q_rope = attention.project_queries(x, layer.attn, config, numerics, cos, sin)
+            kv_latent, rope_key = attention.project_latent(x, layer.attn, config, numerics, cos, sin)
             keys_latent, keys_rope = store(cache, kv_latent, rope_key)
             heads = attention.attend(q_nope, q_rope, keys_latent, keys_rope, layer.attn, config, numerics, mask,
                                      self.scale, self.attention_form)
@@ -109,9 +110,12 @@ class TFTransformer:
         logits = tf.einsum("bsd,vd->bsv", rms_norm(h, self.weights.norm, config.rms_norm_eps), self.weights.head)
         return tf.cast(logits, tf.float32), tf.stack(hidden), experts
 
+    def rope_at(self, positions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """cos and sin of the rotation angles at `positions` [S] -> [S, rope_dim/2] each."""
+        return tf.gather(self.cos, positions), tf.gather(self.sin, positions)
+
     def _prefill(self, tokens: tf.Tensor, caches: tuple[LatentCache, ...]):
         length = tokens.shape[1]
-        causal = tf.range(length)[None, :] <= tf.range(length)[:, None]
         padding = [[0, 0], [0, self.config.max_seq_len - length], [0, 0]]
 
         def store(cache: LatentCache, kv_latent: tf.Tensor, rope_key: tf.Tensor):
@@ -119,19 +123,20 @@ class TFTransformer:
             cache.rope_key.assign(tf.pad(rope_key, padding))
             return kv_latent, rope_key
 
-        return self._forward(tokens, self.cos[:length], self.sin[:length], causal, caches, store)
+        cos, sin = self.rope_at(tf.range(length))
+        return self._forward(tokens, cos, sin, attention.causal_mask(length), caches, store)
 
     def _decode(self, tokens: tf.Tensor, position: tf.Tensor, caches: tuple[LatentCache, ...]):
         batch = tokens.shape[0]
         slots = tf.stack([tf.range(batch), tf.fill([batch], position)], axis=1)
-        visible = (tf.range(self.config.max_seq_len) <= position)[None, :]
 
         def store(cache: LatentCache, kv_latent: tf.Tensor, rope_key: tf.Tensor):
             cache.kv_latent.scatter_nd_update(slots, kv_latent[:, 0])
             cache.rope_key.scatter_nd_update(slots, rope_key[:, 0])
             return cache.kv_latent.read_value(), cache.rope_key.read_value()
 
-        cos, sin = tf.gather(self.cos, position[None]), tf.gather(self.sin, position[None])
+        cos, sin = self.rope_at(position[None])
+        visible = attention.visible_slots(position, self.config.max_seq_len)
         return self._forward(tokens[:, None], cos, sin, visible, caches, store)
 
     @staticmethod

@@ -136,6 +136,9 @@ def moe(x: tf.Tensor, weights: StackedMoE, config: ModelConfig, numerics: Numeri
     """Routed experts plus shared experts for x [T, dim]; also the chosen experts [T, k]."""
     gating, experts = route(x, weights.gate, config)
     out = routed_experts(x, gating, experts, weights.experts, config, numerics)
-    if weights.shared is not None:
-        out += swiglu_ffn(x, weights.shared, numerics)
-    return out, experts
+    return out + shared_experts(x, weights.shared, numerics), experts
+
+
+def shared_experts(x: tf.Tensor, shared: FFNWeights | None, numerics: Numerics) -> tf.Tensor:
+    """The shared experts' output, zero when there are none."""
+    return tf.zeros_like(x) if shared is None else swiglu_ffn(x, shared, numerics)

@@ -14,7 +14,7 @@ import numpy as np
 from .config import ModelConfig
 from .ffn import swiglu_ffn
 from .linear import Numerics
-from .weights import GateWeights, MoEWeights
+from .weights import FFNWeights, GateWeights, MoEWeights
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -86,6 +86,9 @@ def moe(x: np.ndarray, weights: MoEWeights, config: ModelConfig, numerics: Numer
     for expert in np.unique(experts):
         tokens, slot = np.nonzero(experts == expert)
         out[tokens] += gating[tokens, slot, None] * swiglu_ffn(x[tokens], weights.experts[expert], numerics)
-    if weights.shared is not None:
-        out += swiglu_ffn(x, weights.shared, numerics)
-    return out, experts
+    return out + shared_experts(x, weights.shared, numerics), experts
+
+
+def shared_experts(x: np.ndarray, shared: FFNWeights | None, numerics: Numerics) -> np.ndarray:
+    """The shared experts' output (one FFN of width n_shared * moe_inter), zero when there are none."""
+    return np.zeros_like(x) if shared is None else swiglu_ffn(x, shared, numerics)

@@ -34,3 +34,21 @@ def expect_close(what: str, out: np.ndarray, expected: np.ndarray, policy_key: s
 def self_consistency_key(dtype: str, gemm_impl: str = "bf16") -> str:
     """Policy entry for two evaluations of the same function in `dtype` that differ only in rounding."""
     return f"self.fp8-path.{dtype}" if gemm_impl == "fp8" else f"self.{dtype}"
+
+
+def expect_same_run(what: str, candidate, expected, prompt: np.ndarray, following: np.ndarray,
+                    policy_key: str) -> Comparison:
+    """Prefill `prompt` then decode each column of `following` on both runners; compare all logits.
+
+    `expected` (the reference or the oracle) is forced to the candidate's expert choices at every step, so
+    that a near tie routed differently in another precision neither fails nor hides a numerics difference.
+    """
+    step = candidate.prefill(prompt)
+    got, wanted = [step.logits], [expected.prefill(prompt, step.experts).logits]
+    for column in following.T:
+        step = candidate.decode(column)
+        got.append(step.logits)
+        wanted.append(expected.decode(column, step.experts).logits)
+    return expect_close(f"{what}: logits of {prompt.shape[1]} prompt positions and {following.shape[1]} decode steps "
+                        f"(batch {len(prompt)})", np.concatenate(got, axis=1), np.concatenate(wanted, axis=1),
+                        policy_key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -112,7 +113,9 @@ def _mutants(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import build_report
 
-    report = build_report(Path(args.golden_dir), args.backend.split(","), Path(args.out))
+    report = build_report(Path(args.golden_dir), args.backend.split(","), Path(args.out), suite=not args.no_suite,
+                          mutants=args.mutants, jobs=args.jobs)
+    print(f"wrote {Path(args.out) / 'report.html'}, report.md and report.json")
     print(report.summary())
     return 0 if report.passed else 1
 
@@ -165,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="check every golden case on each backend and write a report")
     report.add_argument("golden_dir", nargs="?", default="golden")
     report.add_argument("--backend", default=",".join(BACKENDS), help="comma-separated backends")
-    report.add_argument("--out", default="report", help="folder for report.md and report.json")
+    report.add_argument("--out", default="report", help="folder for report.md, report.json and report.html")
+    report.add_argument("--no-suite", action="store_true", help="leave out the pytest suite (golden checks only)")
+    report.add_argument("--mutants", choices=("first-kill", "all", "none"), default="first-kill",
+                        help="mutation table: stop each mutant at its first kill, run all its checks, or skip")
+    report.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes for the mutants")
     report.set_defaults(run=_report)
     return parser
 

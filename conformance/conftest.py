@@ -17,6 +17,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"comma-separated backends to check (default: {','.join(BACKENDS)})")
     group.addoption("--scale", choices=("fast", "small", "full"), default="fast",
                     help="fast: the CI tier; small and full add checks on larger models")
+    group.addoption("--checkpoint", default=None, help="a real checkpoint folder for the full tier's layer check")
+    group.addoption("--layer", type=int, default=None, help="which layer of --checkpoint (default: the first MoE)")
 
 
 def selected_backends(config: pytest.Config) -> list[str]:

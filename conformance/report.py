@@ -1,17 +1,38 @@
-"""The conformance report over the shipped golden cases: report.md and report.json."""
+"""`dsv3-conformance report`: the conformance report over the shipped golden cases.
+
+It verifies the golden files, checks every case on every backend, runs the suite (pytest with the
+report plugin, so that every comparison is recorded), plants the mutation catalogue, measures expert
+load on the golden prompts, and writes report.md, report.json and report.html (figures embedded).
+"""
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+import os
 import platform
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
+from . import plots
+from .backends import make_runner
+from .divergences import DIVERGENCES
 from .golden import CaseResult, GoldenCase, check_case
 from .manifest import case_dirs, verify
+from .mutants import MutantResult, run_catalogue
+from .tolerances import POLICY
+
+COMPONENTS = {"test_golden": "golden cases", "test_routing": "MoE routing", "test_fp8": "FP8 numerics",
+              "test_model_properties": "attention and cache", "test_cross_backend": "cross-backend",
+              "test_oracle": "PyTorch oracle", "test_tf_impl": "TF implementation design"}
+LOAD_CASES = ("official/v3-tiny", "oracle/moe-groups")
 
 
 def versions() -> dict[str, str]:
@@ -19,7 +40,7 @@ def versions() -> dict[str, str]:
     from importlib import metadata
 
     found = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in ("dsv3-conformance", "numpy", "ml_dtypes", "tensorflow", "torch", "transformers"):
+    for package in ("dsv3-conformance", "numpy", "ml_dtypes", "tensorflow", "torch", "transformers", "hypothesis"):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -27,54 +48,219 @@ def versions() -> dict[str, str]:
     return found
 
 
+def run_suite(backends: list[str], results_dir: Path) -> tuple[int, list[dict]]:
+    """Run `pytest conformance/` with the report plugin; returns its exit status and one row per test."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for stale in results_dir.glob("results-*.jsonl"):
+        stale.unlink()
+    suite = Path(__file__).parent
+    command = [sys.executable, "-m", "pytest", str(suite), "-n", "auto", "-q", "-p", "conformance.report_plugin",
+               "--results-dir", str(results_dir), "--backend", ",".join(backends), "-p", "no:cacheprovider"]
+    status = subprocess.call(command, cwd=suite.parent, env={**os.environ, "PYTHONPATH": str(suite.parent)})
+    rows = []
+    for path in sorted(results_dir.glob("results-*.jsonl")):
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for row in rows:
+        module = row["nodeid"].split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        row["component"] = COMPONENTS.get(module, module)
+        row["check"] = row["nodeid"].split("::")[-1].split("[")[0]
+    return status, sorted(rows, key=lambda r: (r["component"], r["check"], r["backend"] or ""))
+
+
+def expert_loads(golden_dir: Path) -> dict[str, np.ndarray]:
+    """Tokens per expert per MoE layer when the reference runs each load case's prompt and decoded tokens."""
+    loads = {}
+    for case_path in LOAD_CASES:
+        case = GoldenCase.load(golden_dir / case_path)
+        runner = make_runner("reference", case.config, case.weights())
+        expected = case.files[0].tensors
+        steps = [runner.prefill(expected["tokens.prompt"]).experts]
+        steps += [runner.decode(token).experts for token in expected.get("tokens.decoded", np.zeros((0, 0))).T]
+        counts = np.zeros((len(steps[0]), case.config.n_routed_experts), np.int64)
+        for experts in steps:
+            for layer, chosen in enumerate(experts):
+                counts[layer] += np.bincount(chosen.ravel(), minlength=case.config.n_routed_experts)
+        loads[f"{case.name} (k={case.config.n_activated_experts})"] = counts
+    return loads
+
+
 @dataclass
 class Report:
     golden_dir: Path
     manifest_problems: list[str]
     cases: list[CaseResult] = field(default_factory=list)
+    suite_status: int | None = None
+    suite: list[dict] = field(default_factory=list)
+    mutants: list[MutantResult] | None = None
+    figures: dict[str, Path] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        return not self.manifest_problems and all(case.passed for case in self.cases)
+        return (not self.manifest_problems and all(case.passed for case in self.cases)
+                and self.suite_status in (None, 0) and all(m.killed for m in self.mutants or []))
+
+    def divergences(self) -> list[dict]:
+        observed = {row["nodeid"].split("[")[-1].rstrip("]"): row["outcome"] for row in self.suite
+                    if row["check"] == "test_known_divergence_still_exists"}
+        return [{"divergence": d.key, "source": d.source, "description": d.description,
+                 "still observed": {"passed": "yes", "failed": "NO (record out of date)", "skipped": "not checked"}
+                 .get(observed.get(d.key), "not run" if d.example else "not runnable (official code)")}
+                for d in DIVERGENCES]
+
+    def component_summary(self) -> list[dict]:
+        summary: dict[tuple[str, str], dict] = {}
+        for row in self.suite:
+            entry = summary.setdefault((row["component"], row["backend"] or "-"), {
+                "component": row["component"], "backend": row["backend"] or "-", "passed": 0, "failed": 0,
+                "skipped": 0, "comparisons": 0, "worst rel_err / tolerance": 0.0})
+            entry[row["outcome"]] = entry.get(row["outcome"], 0) + 1
+            for comparison in row["comparisons"]:
+                entry["comparisons"] += 1
+                if comparison["tolerance"] > 0:
+                    ratio = comparison["rel_err"] / comparison["tolerance"]
+                    entry["worst rel_err / tolerance"] = max(entry["worst rel_err / tolerance"], ratio)
+        for entry in summary.values():
+            entry["status"] = "FAIL" if entry["failed"] else "pass"
+            entry["worst rel_err / tolerance"] = f"{entry['worst rel_err / tolerance']:.2e}"
+        return list(summary.values())
+
+    def check_rows(self) -> list[dict]:
+        rows = []
+        for row in self.suite:
+            worst = max(row["comparisons"], key=lambda c: c["rel_err"] / c["tolerance"] if c["tolerance"] else
+                        (0 if c["rel_err"] == 0 else float("inf")), default=None)
+            rows.append({"component": row["component"], "check": row["check"], "backend": row["backend"] or "-",
+                         "status": row["outcome"], "metric": "rel_err" if worst else "exact or invariant",
+                         "comparisons": len(row["comparisons"]),
+                         "worst rel_err": f"{worst['rel_err']:.2e}" if worst else "-",
+                         "tolerance": f"{worst['tolerance']:.0e} ({worst['policy']})" if worst else "-",
+                         "note": row["message"][:160]})
+        return rows
+
+    def mutation_rows(self) -> list[dict]:
+        return [{"mutant": m.mutant, "backend": m.backend, "verdict": "killed" if m.killed else "SURVIVED",
+                 "killed by": ", ".join(k.split(": ")[0] for k in m.killed_by) or "-"} for m in self.mutants or []]
+
+    def golden_rows(self) -> list[dict]:
+        return [{"case": c.case, "backend": c.backend, "passed": sum(r.passed for r in c.results),
+                 "checked": len(c.results), "worst rel_err": f"{max(r.rel_err for r in c.results):.2e}",
+                 "status": "pass" if c.passed else "FAIL"} for c in self.cases]
 
     def summary(self) -> str:
-        rows = [(c.case, c.backend, sum(r.passed for r in c.results), len(c.results),
-                 max((r.rel_err for r in c.results), default=float("nan")), "pass" if c.passed else "FAIL")
-                for c in self.cases]
-        table = tabulate(rows, headers=["case", "backend", "passed", "checked", "worst rel_err", "status"],
-                         floatfmt=".2e")
-        integrity = ("golden files match the manifest" if not self.manifest_problems else
-                     "GOLDEN FILES DO NOT MATCH THE MANIFEST:\n" + "\n".join(f"  {p}" for p in self.manifest_problems))
-        return f"{integrity}\n{table}\n{'PASSED' if self.passed else 'FAILED'}"
+        lines = ["golden files match the manifest" if not self.manifest_problems else
+                 "GOLDEN FILES DO NOT MATCH THE MANIFEST:\n" + "\n".join(f"  {p}" for p in self.manifest_problems),
+                 tabulate(self.golden_rows(), headers="keys", disable_numparse=True)]
+        if self.suite_status is not None:
+            lines.append(f"suite: {'passed' if self.suite_status == 0 else 'FAILED'} ({len(self.suite)} checks)")
+        if self.mutants is not None:
+            killed = sum(m.killed for m in self.mutants)
+            lines.append(f"mutants: {killed}/{len(self.mutants)} killed")
+        lines.append("PASSED" if self.passed else "FAILED")
+        return "\n".join(lines)
 
     def to_json(self) -> dict:
         return {"passed": self.passed, "golden_dir": str(self.golden_dir), "versions": versions(),
-                "manifest_problems": self.manifest_problems, "cases": [case.to_json() for case in self.cases]}
+                "manifest_problems": self.manifest_problems, "golden": [c.to_json() for c in self.cases],
+                "suite_status": self.suite_status, "components": self.component_summary(), "checks": self.suite,
+                "mutants": [m.to_json() for m in self.mutants or []], "known_divergences": self.divergences(),
+                "tolerances": {key: {"value": t.value, "basis": t.basis} for key, t in POLICY.items()}}
+
+    def sections(self) -> list[tuple[str, str, list[dict]]]:
+        """(title, introduction, rows) of every table, shared by the markdown and the HTML."""
+        integrity = [{"problem": p} for p in self.manifest_problems] or [
+            {"problem": "none: every golden file matches its sha256 in golden/manifest.json"}]
+        sections = [
+            ("Versions", "What produced these results.", [{"component": k, "version": v} for k, v in versions().items()]),
+            ("Golden integrity", "sha256 of every golden file against the manifest.", integrity),
+            ("Golden cases", "Each backend against every expected tensor of every case (details below).",
+             self.golden_rows()),
+        ]
+        if self.suite:
+            sections += [("Components", "The suite per component and backend; worst ratio of an observed error "
+                                        "to its tolerance (below 1 passes).", self.component_summary()),
+                         ("Checks", "Every check of the suite: its worst comparison and the policy entry it uses.",
+                          self.check_rows())]
+        if self.mutants is not None:
+            sections.append(("Mutation kill table", "Known bug classes planted in each backend and the checks "
+                                                    "that caught them.", self.mutation_rows()))
+        sections.append(("Known divergences", "Where an oracle or the official code departs from the official "
+                                              "semantics: recorded, not absorbed by tolerances.", self.divergences()))
+        return sections
+
+    def case_sections(self) -> list[tuple[str, list[dict]]]:
+        return [(f"Golden case {case.case} on {case.backend}", [
+            {"tensor": r.name, "rel_err": f"{r.rel_err:.3e}", "max_abs": f"{r.max_abs:.3e}",
+             "tolerance": f"{r.tolerance:.1e}", "status": "pass" if r.passed else "FAIL"} for r in case.results])
+            for case in self.cases]
 
     def to_markdown(self) -> str:
-        parts = ["# DeepSeek-V3 conformance report", "", f"Overall: **{'PASSED' if self.passed else 'FAILED'}**", "",
-                 "## Versions", "", tabulate(sorted(versions().items()), headers=["component", "version"],
-                                               tablefmt="github"), "", "## Golden integrity", ""]
-        parts += [f"- {p}" for p in self.manifest_problems] or ["All golden files match their sha256 in the manifest."]
-        for case in self.cases:
-            rows = [(r.name, f"{r.rel_err:.3e}", f"{r.max_abs:.3e}", f"{r.tolerance:.1e}",
-                     "pass" if r.passed else "**FAIL**") for r in case.results]
-            parts += ["", f"## {case.case} on {case.backend}", "",
-                      tabulate(rows, headers=["tensor", "rel_err", "max_abs", "tolerance", "status"],
-                               tablefmt="github")]
+        parts = ["# DeepSeek-V3 conformance report", "", f"Overall: **{'PASSED' if self.passed else 'FAILED'}**"]
+        for title, intro, rows in self.sections():
+            parts += ["", f"## {title}", "", intro, "",
+                      tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True)]
+        parts += ["", "## Figures", ""] + [f"![{name}]({path.name})" for name, path in self.figures.items()]
+        for title, rows in self.case_sections():
+            parts += ["", f"### {title}", "", tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True)]
         return "\n".join(parts) + "\n"
 
+    def to_html(self) -> str:
+        def table(rows: list[dict]) -> str:
+            if not rows:
+                return "<p>(none)</p>"
+            head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
+            body = "".join("<tr>" + "".join(f'<td class="{_css_class(v)}">{html.escape(str(v))}</td>'
+                                            for v in row.values()) + "</tr>" for row in rows)
+            return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
-def build_report(golden_dir: Path, backends: list[str], out: Path) -> Report:
-    """Verify the golden manifest, check every case on every backend, write report.md and report.json."""
+        verdict = "PASSED" if self.passed else "FAILED"
+        parts = [f"<h1>DeepSeek-V3 conformance report</h1><p class='verdict {verdict.lower()}'>{verdict}</p>"]
+        for title, intro, rows in self.sections():
+            parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(intro)}</p>{table(rows)}")
+        for name, path in self.figures.items():
+            encoded = base64.b64encode(path.read_bytes()).decode()
+            parts.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,"
+                         f"{encoded}'>")
+        for title, rows in self.case_sections():
+            parts.append(f"<details><summary>{html.escape(title)}</summary>{table(rows)}</details>")
+        return f"<!doctype html><html><head><meta charset='utf-8'><title>DeepSeek-V3 conformance report</title>" \
+               f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 8px;
+text-align:left;vertical-align:top}th{background:#f0f0f0}td.good{color:#176317}td.bad{color:#fff;background:#b3261e}
+.verdict{font-size:22px;font-weight:bold}.passed{color:#176317}.failed{color:#b3261e}img{max-width:100%;
+border:1px solid #ddd}summary{cursor:pointer;margin:.3em 0}"""
+
+
+def _css_class(value: object) -> str:
+    text = str(value)
+    if text in ("pass", "passed", "killed", "yes"):
+        return "good"
+    if text in ("FAIL", "failed", "SURVIVED") or text.startswith("NO"):
+        return "bad"
+    return ""
+
+
+def build_report(golden_dir: Path, backends: list[str], out: Path, suite: bool = True, mutants: str = "first-kill",
+                 jobs: int = 1) -> Report:
+    """Everything above, written to `out` (report.md, report.json, report.html and the figures)."""
+    out.mkdir(parents=True, exist_ok=True)
     report = Report(golden_dir, [str(problem) for problem in verify(golden_dir)])
     cases = [GoldenCase.load(path) for path in case_dirs(golden_dir)]
-    jobs = [(case, backend) for case in cases for backend in backends]
-    weights = {}
-    for case, backend in tqdm(jobs, desc="golden checks", unit="run"):
-        weights.setdefault(case.path, case.weights())
-        report.cases.append(check_case(case, backend, weights=weights[case.path]))
-    out.mkdir(parents=True, exist_ok=True)
+    for case in tqdm(cases, desc="golden cases", unit="case"):
+        weights = case.weights()
+        report.cases += [check_case(case, backend, weights=weights) for backend in backends]
+    if suite:
+        report.suite_status, report.suite = run_suite(backends, out / "suite")
+    if mutants != "none":
+        report.mutants = run_catalogue(backends, first_kill=mutants == "first-kill", jobs=jobs)
+    report.figures["Error per layer"] = plots.error_per_layer(report.cases, out / "error_per_layer.png")
+    if report.suite:
+        report.figures["Errors against tolerances"] = plots.error_against_tolerance(
+            report.suite, out / "error_vs_tolerance.png")
+    report.figures["Expert load per layer"] = plots.expert_load(expert_loads(golden_dir), out / "expert_load.png")
     (out / "report.json").write_text(json.dumps(report.to_json(), indent=2))
     (out / "report.md").write_text(report.to_markdown())
+    (out / "report.html").write_text(report.to_html())
     return report

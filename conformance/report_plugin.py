@@ -43,8 +43,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """One line per test: from its call, or from setup when it never got there (a skip or an error)."""
-    if _directory is None or not (report.when == "call" or (report.when == "setup" and report.outcome != "passed")):
+    """One line per test: from its call, or from setup when it never got there (a skip or an error).
+
+    Written by the process that ran the test: under xdist the controller sees the workers' reports again
+    (they carry a `node`) and skips them.
+    """
+    if _directory is None or getattr(report, "node", None) is not None:
+        return
+    if not (report.when == "call" or (report.when == "setup" and report.outcome != "passed")):
         return
     message = report.longreprtext.strip().splitlines()[-1][:300] if report.outcome != "passed" else ""
     line = {"nodeid": report.nodeid, "outcome": report.outcome, "seconds": round(report.duration, 2),

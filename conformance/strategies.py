@@ -84,3 +84,15 @@ def token_batches(draw, config: ModelConfig, max_batch: int = 3, max_len: int | 
     length = draw(st.integers(min_len, max_len or config.max_seq_len))
     seed = draw(st.integers(0, 2**31 - 1))
     return np.random.default_rng(seed).integers(0, config.vocab_size, (batch, length))
+
+
+@st.composite
+def prompt_and_continuation(draw, config: ModelConfig, decode_steps: int = 2,
+                            max_batch: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """A prompt [B, S] and `decode_steps` more tokens per sequence [B, T]; sometimes ending at max_seq_len."""
+    longest = config.max_seq_len - decode_steps
+    near_end = draw(st.booleans(), label="prompt ends at max_seq_len")
+    prompt = draw(token_batches(config, max_batch=max_batch, max_len=longest, min_len=longest if near_end else 1))
+    following = np.random.default_rng(draw(st.integers(0, 2**31 - 1))).integers(
+        0, config.vocab_size, (len(prompt), decode_steps))
+    return prompt, following

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conformance.backends import make_runner
-from conformance.checks import expect_close
+from conformance.checks import expect_same_run
 from conformance.divergences import DIVERGENCES
 from conformance.metrics import rel_err
-from conformance.strategies import build_weights, model_examples, models, token_batches
+from conformance.strategies import build_weights, model_examples, models, prompt_and_continuation
 from conformance.tolerances import tolerance
 
 pytest.importorskip("torch", reason="the PyTorch oracle needs the oracle extra: pip install -e '.[oracle]'")
@@ -24,26 +24,15 @@ pytestmark = pytest.mark.oracle
 
 from conformance.oracle import OracleRunner  # noqa: E402  (after the skip: it imports torch lazily anyway)
 
-DECODE_STEPS = 2
-
 
 @settings(max_examples=model_examples())
 @given(model=models(oracle_compatible=True), data=st.data())
 def test_backend_matches_the_transformers_oracle(backend, model, data):
     config, weights = model
-    prompt = data.draw(token_batches(config, max_batch=2, max_len=config.max_seq_len - DECODE_STEPS))
-    following = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1))).integers(
-        0, config.vocab_size, (len(prompt), DECODE_STEPS))
-    candidate, oracle = make_runner(backend, config, weights), OracleRunner(config, weights)
-    step = candidate.prefill(prompt)
-    got, expected = [step.logits], [oracle.prefill(prompt, step.experts).logits]
-    for t in range(DECODE_STEPS):
-        step = candidate.decode(following[:, t])
-        got.append(step.logits)
-        expected.append(oracle.decode(following[:, t], step.experts).logits)
-    expect_close(f"{backend} vs transformers DeepseekV3ForCausalLM (float32, CPU) on equal routing, prefill and "
-                 f"{DECODE_STEPS} decode steps", np.concatenate(got, axis=1), np.concatenate(expected, axis=1),
-                 "oracle.float32")
+    prompt, following = data.draw(prompt_and_continuation(config, max_batch=2))
+    expect_same_run(f"{backend} vs transformers DeepseekV3ForCausalLM (float32, CPU) on equal routing",
+                    make_runner(backend, config, weights), OracleRunner(config, weights), prompt, following,
+                    "oracle.float32")
 
 
 @pytest.mark.parametrize("divergence", [d for d in DIVERGENCES if d.example], ids=lambda d: d.key)

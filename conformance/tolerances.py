@@ -35,13 +35,13 @@ _ENTRIES = [
     Tolerance("self.fp8-path.float32", 1e-1,
               "fp8 activation path evaluated twice in float32: rounding flips amplify as on the H100 (SPEC section "
               "5: 4-7e-2 after two layers); measured <= 2.3e-2 (section 6)"),
-    Tolerance("cross.float32", 1e-5, "float32 backend vs float64 reference, same routing: measured <= 4.1e-7 (section 5)"),
+    Tolerance("cross.float32", 1e-5, "float32 backend vs float64 reference, same routing: measured <= 4.6e-7 (section 5)"),
     Tolerance("cross.bfloat16", 5e-2,
-              "bfloat16 backend vs float64 reference, same routing: measured <= 1.4e-2 (section 5)"),
+              "bfloat16 backend vs float64 reference, same routing: measured <= 1.6e-2 (section 5)"),
     Tolerance("cross.fp8-path.float32", 1e-1,
-              "fp8 activation path, float32 backend vs float64 reference: rounding flips, measured <= 7.3e-3 (section 6)"),
+              "fp8 activation path, float32 backend vs float64 reference: rounding flips, measured <= 3.5e-2 (section 6)"),
     Tolerance("cross.fp8-path.bfloat16", 2e-1,
-              "fp8 activation path, bfloat16 backend vs float64 reference: measured <= 7.1e-2 (section 6)"),
+              "fp8 activation path, bfloat16 backend vs float64 reference: measured <= 7.9e-2 (section 6)"),
     Tolerance("oracle.float32", 1e-5,
               "transformers float32 CPU vs a backend on equal routing: measured <= 5.0e-7 (section 7)"),
     Tolerance("routing.float64", 1e-12, "gate weights in float64 vs the definition: rounding only (section 3)"),
@@ -50,7 +50,7 @@ _ENTRIES = [
     Tolerance("routing.margin.float32", 1e-5, "absolute slack when ranking float32 choice scores (section 3)"),
     Tolerance("fp8.gemm.float64", 1e-12, "blockwise fp8 GEMM vs float64 product of the same fp8 operands (section 4)"),
     Tolerance("fp8.gemm.float32", 1e-5,
-              "float32 blockwise fp8 GEMM: 128-term float32 sums, bound 128 u = 7.6e-6; measured 7.4e-8 (section 4)"),
+              "float32 blockwise fp8 GEMM: 128-term float32 sums, bound 128 u = 7.6e-6; measured 7.6e-8 (section 4)"),
 ]
 POLICY = {entry.key: entry for entry in _ENTRIES}
 

@@ -1,0 +1,54 @@
+"""The report: its files, their tables and figures, and the plugin that records the suite's comparisons."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conformance.report import build_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_report_files_hold_tables_and_figures(tmp_path):
+    report = build_report(ROOT / "golden", ["reference"], tmp_path, suite=False, mutants="none")
+    assert report.passed
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["passed"] is True and not data["manifest_problems"]
+    assert {case["case"] for case in data["golden"]} >= {"v3-tiny", "v3-tiny-fp8", "oracle-moe-groups"}
+    assert {d["divergence"] for d in data["known_divergences"]} >= {"hf-ignores-scoring-func"}
+    assert data["tolerances"]["golden.float32-path"]["value"] == 1e-5
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Golden cases" in markdown and re.search(r"\| v3-tiny-fp8 +\| reference +\|", markdown)
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("<table>") >= 4 and page.count("data:image/png;base64,") == 2
+    for figure in ("error_per_layer.png", "expert_load.png"):
+        assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_fails_on_a_tampered_golden_file(tmp_path):
+    import shutil
+
+    golden = tmp_path / "golden"
+    shutil.copytree(ROOT / "golden", golden)
+    target = golden / "official" / "v3-tiny" / "expected.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0x40
+    target.write_bytes(bytes(data))
+    report = build_report(golden, ["reference"], tmp_path / "out", suite=False, mutants="none")
+    assert not report.passed
+    assert any(str(target) in problem for problem in report.manifest_problems)
+    assert "GOLDEN FILES DO NOT MATCH THE MANIFEST" in report.summary()
+
+
+def test_plugin_records_one_line_per_test_with_its_comparisons(tmp_path):
+    command = [sys.executable, "-m", "pytest", "conformance/test_golden.py", "-q", "-p", "conformance.report_plugin",
+               "--results-dir", str(tmp_path), "--backend", "reference", "-k", "v3-tiny-fp8", "-p", "no:cacheprovider"]
+    assert subprocess.run(command, cwd=ROOT, capture_output=True).returncode == 0
+    lines = [json.loads(line) for path in tmp_path.glob("*.jsonl") for line in path.read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["outcome"] == "passed" and lines[0]["backend"] == "reference"
+    policies = {c["policy"] for c in lines[0]["comparisons"]}
+    assert policies == {"golden.float32-path", "golden.fp8-path", "tokens.exact"}

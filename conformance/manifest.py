@@ -42,20 +42,23 @@ def load_manifest(golden_dir: Path) -> dict:
 
 
 def case_shapes(case_dir: Path) -> dict[str, list[int]]:
-    """Shapes of the expected tensors of a case, for the manifest."""
+    """Shapes of the expected tensors of a case (every safetensors file but the weights), for the manifest."""
     shapes = {}
-    for path in sorted(case_dir.glob("expected*.safetensors")):
+    for path in sorted(p for p in case_dir.glob("*.safetensors") if not p.name.startswith("model")):
         file = SafetensorsFile(path)
         shapes.update({f"{path.name}:{name}": list(info.shape) for name, info in file.tensors.items()})
     return shapes
 
 
-def describe_case(golden_dir: Path, case_path: str, provenance: dict, seed: int | None,
-                  config_summary: dict) -> dict:
-    """A manifest entry for the case folder `case_path` (relative to `golden_dir`), hashing its files."""
+def describe_case(golden_dir: Path, case_path: str, provenance: dict, seed: int | None, config_summary: dict,
+                  kind: str = "model") -> dict:
+    """A manifest entry for the case folder `case_path` (relative to `golden_dir`), hashing its files.
+
+    kind "model": a whole-model case for check-golden; "fp8-gemm": fp8 component data from a GPU.
+    """
     case_dir = golden_dir / case_path
     files = {path.name: sha256(path) for path in sorted(case_dir.iterdir()) if path.is_file()}
-    return {"path": case_path, "provenance": provenance, "seed": seed, "config": config_summary,
+    return {"path": case_path, "kind": kind, "provenance": provenance, "seed": seed, "config": config_summary,
             "shapes": case_shapes(case_dir), "files": files}
 
 
@@ -88,6 +91,7 @@ def verify(golden_dir: Path) -> list[Problem]:
     return problems
 
 
-def case_dirs(golden_dir: Path) -> list[Path]:
-    """The case folders of the manifest, in its order."""
-    return [Path(golden_dir) / case["path"] for case in load_manifest(Path(golden_dir))["cases"]]
+def case_dirs(golden_dir: Path, kind: str = "model") -> list[Path]:
+    """The case folders of the manifest of that kind, in its order."""
+    return [Path(golden_dir) / case["path"] for case in load_manifest(Path(golden_dir))["cases"]
+            if case.get("kind", "model") == kind]

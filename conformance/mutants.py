@@ -283,6 +283,23 @@ def _transposed_blocks_tf(original):
     return dequantize
 
 
+def _transposed_gemm_blocks_np(original):
+    def fp8_gemm(x_q, x_scale, w_q, w_scale, dtype=np.float64, block=128):
+        grid = w_scale.T if w_scale.shape[0] == w_scale.shape[1] else w_scale[::-1, ::-1]
+        return original(x_q, x_scale, w_q, np.ascontiguousarray(grid), dtype, block)
+    return fp8_gemm
+
+
+def _transposed_gemm_blocks_tf(original):
+    tf = _tf()
+
+    def fp8_matmul(x_q, x_scale, w_q, w_scale):
+        square = w_scale.shape[-1] == w_scale.shape[-2]
+        grid = tf.linalg.matrix_transpose(w_scale) if square else tf.reverse(w_scale, axis=[-2, -1])
+        return original(x_q, x_scale, w_q, grid)
+    return fp8_matmul
+
+
 def _set_to(value):
     def make(original):
         return value
@@ -329,7 +346,7 @@ HISTORICAL, SEED, HARNESS = "historical (SPEC section 2)", "seed documents", "ha
 ROUTING = ("routing:groups", "routing:choice", "routing:weights", "routing:k")
 GOLDEN = ("golden:official/v3-tiny", "golden:official/v3-tiny-fp8", "golden:oracle/moe-groups")
 MODEL = ("properties:prefill-decode", "properties:naive-absorbed")
-FP8 = ("fp8:activation-scales", "fp8:gemm", "fp8:h100-nearer-fp8")
+FP8 = ("fp8:activation-scales", "fp8:h100-activations", "fp8:h100-gemm", "fp8:gemm", "fp8:h100-nearer-fp8")
 
 
 def _both(np_patch: Patch, tf_patch: Patch) -> dict[str, tuple[Patch, ...]]:
@@ -396,8 +413,10 @@ CATALOGUE = [
            _both(("reference.fp8:activation_scales", _scale_over_127_np),
                  ("impl.fp8:activation_scales", _scale_over_127_tf)), FP8),
     Mutant("fp8-block-transposed", "weight block scales indexed (col, row) instead of (row, col)", HARNESS,
-           _both(("reference.fp8:dequantize_weight", _transposed_blocks_np),
-                 ("impl.fp8:dequantize", _transposed_blocks_tf)), GOLDEN + ("golden:oracle/fp8-weights",)),
+           {"reference": (("reference.fp8:dequantize_weight", _transposed_blocks_np),
+                          ("reference.fp8:fp8_gemm", _transposed_gemm_blocks_np)),
+            "tf": (("impl.fp8:dequantize", _transposed_blocks_tf), ("impl.fp8:fp8_matmul", _transposed_gemm_blocks_tf))},
+           ("fp8:h100-gemm", "fp8:gemm") + GOLDEN + ("golden:oracle/fp8-weights",)),
     Mutant("ue8m0-rounds-down", "ue8m0 scales rounded down to a power of two instead of up", HARNESS,
            _both(("reference.fp8:round_up_to_power_of_two", _ue8m0_down_np),
                  ("impl.fp8:round_up_to_power_of_two", _ue8m0_down_tf)), FP8),
@@ -434,6 +453,9 @@ CHECKS: dict[str, Callable[[str], None]] = {
     "properties:naive-absorbed": _test("test_model_properties", "test_naive_attention_equals_absorbed"),
     "fp8:activation-scales": _test("test_fp8", "test_activation_scales_per_token_per_128"),
     "fp8:gemm": _test("test_fp8", "test_fp8_gemm_is_exact_blockwise_product"),
+    "fp8:h100-activations": _test("test_fp8", "test_activation_quantization_matches_the_h100_bit_for_bit",
+                                  case="ue8m0"),
+    "fp8:h100-gemm": _test("test_fp8", "test_fp8_gemm_matches_h100_tensor_cores", case="k4096"),
     "fp8:h100-nearer-fp8": _test("test_fp8", "test_h100_fp8_golden_is_nearer_the_fp8_path_than_the_dequantized_path"),
 }
 

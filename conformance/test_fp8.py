@@ -1,10 +1,13 @@
 """FP8 numerics (SPEC section 5): the cast rule, weight blocks, activation quantization, the blockwise GEMM.
 
 Expected values come from the e4m3fn format definition, from the official fp8 checkpoint in golden/
-(every block's largest element must be stored as +-448), and from exact float64 arithmetic.
+(every block's largest element must be stored as +-448), from exact float64 arithmetic, and from an
+H100's tensor cores (golden/h100/fp8-gemm, produced by conformance/h100_fp8.py).
 """
 
 from __future__ import annotations
+
+import json
 
 import ml_dtypes
 import numpy as np
@@ -19,6 +22,7 @@ from conformance.metrics import rel_err
 from reference.checkpoint import open_checkpoint
 from reference.fp8 import E4M3_MAX, FP8Error, dequantize_weight, quantize_weight, to_e4m3
 from reference.linear import Numerics
+from reference.safetensors_io import read_all
 
 FP8_CASE = GOLDEN_DIR / "official" / "v3-tiny-fp8"
 
@@ -86,9 +90,11 @@ def test_activation_scales_per_token_per_128(backend, tokens, blocks, scale_fmt,
     np.testing.assert_array_equal(q.reshape(tokens, blocks, 128), expected)
 
 
-@given(st.integers(1, 40), st.integers(1, 3), st.integers(1, 300), st.integers(0, 2**31 - 1))
+@given(st.sampled_from([1, 7, 40]), st.integers(1, 3), st.sampled_from([1, 100, 128, 129, 256, 300]),
+       st.integers(0, 2**31 - 1))
 def test_fp8_gemm_is_exact_blockwise_product(backend, rows, k_blocks, out_features, seed):
-    """With fp8 operands, the blockwise GEMM equals (x_q s_x)(w_q s_w)^T computed in float64."""
+    """With fp8 operands the blockwise GEMM equals (x_q s_x)(w_q s_w)^T in float64; output widths straddle
+    the 128 block boundary, so multi-block scale grids are exercised."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((rows, 128 * k_blocks)).astype(np.float32)
     w_q, w_scale = quantize_weight(rng.standard_normal((out_features, 128 * k_blocks)))
@@ -124,3 +130,34 @@ def test_h100_fp8_golden_is_nearer_the_fp8_path_than_the_dequantized_path(backen
         logits = [runner.prefill(prompt).logits_last] + [runner.decode(decoded[:, t]).logits_last for t in range(steps)]
         distance[impl] = rel_err(np.stack(logits), expected)
     assert distance["fp8"] < distance["bf16"], f"{DEFAULT_DTYPE[backend]} distances to the H100 run: {distance}"
+
+
+H100_GEMM = GOLDEN_DIR / "h100" / "fp8-gemm"
+H100_CASES = [name for name, case in json.loads((H100_GEMM / "meta.json").read_text())["cases"].items() if "M" in case]
+
+
+def _h100(case: str) -> tuple[dict, dict]:
+    meta = json.loads((H100_GEMM / "meta.json").read_text())["cases"][case]
+    data = {name.split(".", 1)[1]: array for name, array in read_all(H100_GEMM / "fp8-gemm.safetensors").items()
+            if name.startswith(f"{case}.")}
+    for name in ("x_q", "w_q"):  # stored as e4m3 bit patterns
+        data[name] = data[name].view(ml_dtypes.float8_e4m3fn)
+    return meta, data
+
+
+@pytest.mark.parametrize("case", H100_CASES)
+def test_activation_quantization_matches_the_h100_bit_for_bit(backend, case):
+    """Same scales and same e4m3 values as quantized on an H100, zero rows and sub-floor rows included."""
+    meta, data = _h100(case)
+    q, scales = components(backend).quantize_activation(data["x"], meta["scale_fmt"])
+    np.testing.assert_array_equal(np.asarray(scales), data["x_scale"], err_msg="activation scales")
+    np.testing.assert_array_equal(np.asarray(q).view(np.uint8), data["x_q"].view(np.uint8), err_msg="e4m3 values")
+
+
+@pytest.mark.parametrize("case", H100_CASES)
+def test_fp8_gemm_matches_h100_tensor_cores(backend, case):
+    """The blockwise GEMM vs cuBLAS fp8 tensor cores with float32 promotion per 128-wide K slice."""
+    meta, data = _h100(case)
+    got = components(backend).fp8_gemm(data["x_q"], data["x_scale"], data["w_q"], data["w_scale"])
+    expect_close(f"blockwise fp8 GEMM M={meta['M']} N={meta['N']} K={meta['K']} vs the H100", got, data["y"],
+                 "fp8.gemm.h100")

@@ -49,6 +49,9 @@ _ENTRIES = [
     Tolerance("routing.margin.float64", 1e-12, "absolute slack when ranking float64 choice scores (section 3)"),
     Tolerance("routing.margin.float32", 1e-5, "absolute slack when ranking float32 choice scores (section 3)"),
     Tolerance("fp8.gemm.float64", 1e-12, "blockwise fp8 GEMM vs float64 product of the same fp8 operands (section 4)"),
+    Tolerance("fp8.gemm.h100", 5e-4,
+              "blockwise fp8 GEMM vs cuBLAS fp8 tensor cores on an H100: measured 1.2e-4 to 1.3e-4, the ~14-bit "
+              "tensor-core accumulation (section 4)"),
     Tolerance("fp8.gemm.float32", 1e-5,
               "float32 blockwise fp8 GEMM: 128-term float32 sums, bound 128 u = 7.6e-6; measured 7.6e-8 (section 4)"),
 ]

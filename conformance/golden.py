@@ -10,7 +10,6 @@ absent). An extra file uses the fp8 activation path when its label contains "fp8
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 from reference.checkpoint import load_weights, open_checkpoint
 from reference.config import ModelConfig, load_config
+from reference.jsonfile import read_json
 from reference.linear import Numerics
 from reference.safetensors_io import SafetensorsError, read_all
 from reference.weights import ModelWeights
@@ -65,7 +65,7 @@ class GoldenCase:
         path = Path(path)
         if not (path / EXPECTED).is_file():
             raise GoldenError(f"{path}: not a golden case, no {EXPECTED}")
-        meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else {}
+        meta = read_json(path / "meta.json", GoldenError, "meta.json") if (path / "meta.json").is_file() else {}
         case = cls(path, load_config(path), meta)
         overrides = meta.get("expected_files", {})
         base_impl = meta.get("gemm_impl", "bf16")

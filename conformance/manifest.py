@@ -7,10 +7,10 @@ Verification fails loudly on a changed, truncated, missing or unlisted file, nam
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from reference.jsonfile import read_json
 from reference.safetensors_io import SafetensorsFile
 
 MANIFEST = "manifest.json"
@@ -30,13 +30,8 @@ def sha256(path: Path) -> str:
 
 def load_manifest(golden_dir: Path) -> dict:
     path = golden_dir / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: no golden manifest") from None
-    except json.JSONDecodeError as error:
-        raise ManifestError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(manifest.get("cases"), list):
+    manifest = read_json(path, ManifestError, "golden manifest")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("cases"), list):
         raise ManifestError(f"{path}: no 'cases' list")
     return manifest
 

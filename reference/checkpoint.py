@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import FP8_BLOCK, ModelConfig, to_hf_dict
 from .fp8 import E4M3
+from .jsonfile import read_json
 from .safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
 from .weights import ModelWeights, TensorSpec, assemble, expected_tensors
 
@@ -153,10 +154,10 @@ def _open_hf_single(folder: Path) -> Checkpoint:
 
 def _open_hf_sharded(folder: Path) -> Checkpoint:
     index_path = folder / HF_INDEX
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{index_path}: not a safetensors index with a weight_map ({error})") from None
+    index = read_json(index_path, CheckpointError, "safetensors index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: not a safetensors index, it has no weight_map object")
     files: dict[str, SafetensorsFile] = {}
     for shard in sorted(set(weight_map.values())):
         if not (folder / shard).is_file():

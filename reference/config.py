@@ -8,11 +8,12 @@ validated so that a config the model cannot run is rejected with the offending f
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
+
+from .jsonfile import read_json
 
 ScoreFunc = Literal["sigmoid", "softmax"]
 
@@ -334,12 +335,7 @@ def load_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    raw = read_json(path, ConfigError, "config file")
     _require(isinstance(raw, dict), f"{path}: a config must be a JSON object, got {type(raw).__name__}")
     try:
         return from_dict(raw, name=path.parent.name if path.name == "config.json" else path.stem)

@@ -271,3 +271,11 @@ def test_expected_tensor_count_of_the_671b_model():
     moe = 2 + attention + 2 + 2 * 3 * 257  # gate weight and bias, 256 routed + 1 shared expert
     mtp = moe + 6  # enorm, hnorm, eh_proj, shared_head.norm, shared_head.head, embed_tokens
     assert len(specs) == 3 + 3 * dense + 58 * moe + mtp
+
+
+@pytest.mark.parametrize("content, message", [("{", "not valid JSON"), ('{"metadata": {}}', "has no weight_map object")])
+def test_malformed_index(tmp_path, content, message):
+    write_hf(tmp_path, random_tensors(FLOAT, seed=0), FLOAT, shards=2)
+    (tmp_path / "model.safetensors.index.json").write_text(content)
+    with pytest.raises(CheckpointError, match=f"model.safetensors.index.json: .*{message}"):
+        open_checkpoint(tmp_path)

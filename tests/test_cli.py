@@ -100,3 +100,11 @@ def test_generate_returns_the_official_greedy_tokens(backend, capsys):
 def test_generate_rejects_ragged_prompts(capsys):
     assert main(["generate", str(TINY), "--prompt", "1,2", "--prompt", "3", "--backend", "reference"]) == 2
     assert "equal length" in capsys.readouterr().err
+
+
+def test_malformed_meta_json_is_named(tmp_path, capsys):
+    case = tmp_path / "case"
+    shutil.copytree(TINY, case)
+    (case / "meta.json").write_text("{gemm_impl: fp8")
+    assert main(["check-golden", str(case)]) == 2
+    assert f"{case / 'meta.json'}: not valid JSON" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import numpy as np
 from tabulate import tabulate
 
 from reference.checkpoint import CheckpointError, load_weights, open_checkpoint
-from reference.config import ConfigError, load_config
+from reference.config import ConfigError, ModelConfig, load_config
 from reference.linear import Numerics
 from reference.model import InputError
 from reference.safetensors_io import SafetensorsError
@@ -31,8 +31,16 @@ def results_table(result: CaseResult) -> str:
     return tabulate(rows, headers=["tensor", "rel_err", "max_abs", "tolerance", "status"], disable_numparse=True)
 
 
+def report_unknown_fields(config: ModelConfig, source: str) -> None:
+    """Unknown config fields are kept, not fatal, and said once."""
+    if config.unknown_fields:
+        print(f"{source}: unknown config field(s) kept and ignored: {', '.join(config.unknown_fields)}",
+              file=sys.stderr)
+
+
 def _check_golden(args: argparse.Namespace) -> int:
     case = GoldenCase.load(args.case_dir)
+    report_unknown_fields(case.config, str(case.path / "config.json"))
     result = check_case(case, args.backend, args.dtype)
     print(f"case {result.case} on backend {result.backend}")
     print(results_table(result))
@@ -59,6 +67,7 @@ def _parse_prompts(prompts: list[str]) -> np.ndarray:
 
 def _generate(args: argparse.Namespace) -> int:
     config = load_config(args.config or args.model_dir)
+    report_unknown_fields(config, args.config or str(Path(args.model_dir) / "config.json"))
     prompt = _parse_prompts(args.prompt)
     with open_checkpoint(args.model_dir) as checkpoint:
         weights = load_weights(checkpoint, config, progress=True)

@@ -21,9 +21,17 @@ FP8 = tiny_fp8(n_heads=8, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=3
                n_shared_experts=2, n_mtp_layers=1)
 
 
-@pytest.fixture(scope="module", params=[FLOAT, FP8], ids=["float", "fp8"])
+def _bf16(tensors: dict) -> dict:
+    """The same tensors with every float32 one stored as BF16, as released checkpoints store them."""
+    return {name: t.astype(ml_dtypes.bfloat16) if t.dtype == np.float32 and not name.endswith("scale_inv") else t
+            for name, t in tensors.items()}
+
+
+@pytest.fixture(scope="module", params=["float", "fp8", "fp8+bf16"])
 def model(request):
-    return request.param, random_tensors(request.param, seed=3)
+    config = FLOAT if request.param == "float" else FP8
+    tensors = random_tensors(config, seed=3)
+    return config, _bf16(tensors) if request.param.endswith("bf16") else tensors
 
 
 def _same(a: dict, b: dict) -> None:

@@ -108,3 +108,13 @@ def test_malformed_meta_json_is_named(tmp_path, capsys):
     (case / "meta.json").write_text("{gemm_impl: fp8")
     assert main(["check-golden", str(case)]) == 2
     assert f"{case / 'meta.json'}: not valid JSON" in capsys.readouterr().err
+
+
+def test_unknown_config_fields_are_reported_not_fatal(tmp_path, capsys):
+    case = tmp_path / "case"
+    shutil.copytree(TINY, case)
+    raw = json.loads((case / "config.json").read_text())
+    raw["my_serving_flag"] = True
+    (case / "config.json").write_text(json.dumps(raw))
+    assert main(["check-golden", str(case)]) == 0
+    assert "unknown config field(s) kept and ignored: my_serving_flag" in capsys.readouterr().err

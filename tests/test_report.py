@@ -52,3 +52,25 @@ def test_plugin_records_one_line_per_test_with_its_comparisons(tmp_path):
     assert len(lines) == 1 and lines[0]["outcome"] == "passed" and lines[0]["backend"] == "reference"
     policies = {c["policy"] for c in lines[0]["comparisons"]}
     assert policies == {"golden.float32-path", "golden.fp8-path", "tokens.exact"}
+
+
+def test_html_renders_in_headless_chromium(tmp_path):
+    """The page's tables and embedded figures survive a real browser (skipped where Chromium is absent)."""
+    import shutil
+
+    import matplotlib.image
+    import pytest
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no headless Chromium on this machine (.ci/run installs Debian's chromium)")
+    build_report(ROOT / "golden", ["reference"], tmp_path, suite=False, mutants="none")
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,3000"]
+    page = (tmp_path / "report.html").as_uri()
+    dom = subprocess.run(flags + ["--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<table>") >= 4 and dom.count("<img") == 2 and "PASSED" in dom
+    subprocess.run(flags + [f"--screenshot={tmp_path / 'shot.png'}", page], capture_output=True, timeout=120)
+    pixels = matplotlib.image.imread(tmp_path / "shot.png")[..., :3]
+    assert (pixels.min(axis=-1) < 0.9).mean() > 0.02, "the screenshot is (nearly) blank"

@@ -49,9 +49,9 @@ DIVERGENCES = [
                lambda c: c.rms_norm_eps != 1e-6,
                lambda: tiny(rms_norm_eps=1e-2)),
     Divergence("official-ue8m0-plain-linear-only", "official inference/model.py at 9b4e978",
-               "scale_fmt reaches only the plain Linear modules (wq_a, wkv_a, routed experts): ColumnParallelLinear "
-               "and RowParallelLinear call linear() without it, so wq_b, wkv_b, wo, the dense and shared FFNs "
-               "quantize activations with unrounded scales. This harness applies ue8m0 to every fp8 linear.",
+               "scale_fmt reaches only the plain linear modules (wq_a, wkv_a, routed experts): the column- and "
+               "row-parallel linear modules quantize without it, so wq_b, wkv_b, wo and the dense and shared FFNs "
+               "use unrounded activation scales. This harness applies ue8m0 to every fp8 linear.",
                lambda c: c.scale_fmt == "ue8m0"),
 ]
 

@@ -133,7 +133,7 @@ class TFTransformer:
         def store(cache: LatentCache, kv_latent: tf.Tensor, rope_key: tf.Tensor):
             cache.kv_latent.scatter_nd_update(slots, kv_latent[:, 0])
             cache.rope_key.scatter_nd_update(slots, rope_key[:, 0])
-            return cache.kv_latent.read_value(), cache.rope_key.read_value()
+            return cache.kv_latent, cache.rope_key
 
         cos, sin = self.rope_at(position[None])
         visible = attention.visible_slots(position, self.config.max_seq_len)

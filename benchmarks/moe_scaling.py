@@ -16,7 +16,7 @@ from impl.moe import moe, route
 from reference.config import tiny
 from reference.linear import Numerics
 
-from .timing import median_seconds, write_results
+from .timing import gate, median_seconds, write_results
 
 TOKENS = 2048
 DIM, INTER = 256, 128
@@ -55,12 +55,10 @@ def main() -> None:
     e_ratio = by[(256, 8)]["tiled_ms"] / by[(16, 8)]["tiled_ms"]
     dense_e_ratio = by[(256, 8)]["dense_ms"] / by[(16, 8)]["dense_ms"]
     gates = [
-        {"claim": "tiled MoE cost grows with k: time(k=8) / time(k=1) at 64 experts >= 3", "measured": k_ratio,
-         "passed": k_ratio >= 3},
-        {"claim": "tiled MoE cost does not grow with experts: time(256) / time(16) at k=8 <= 3",
-         "measured": e_ratio, "passed": e_ratio <= 3},
-        {"claim": "the dense baseline does grow with experts: time(256) / time(16) at k=8 >= 8",
-         "measured": dense_e_ratio, "passed": dense_e_ratio >= 8},
+        gate("tiled MoE cost grows with k: time(k=8) / time(k=1) at 64 experts >= 3", k_ratio, k_ratio >= 3),
+        gate("tiled MoE cost does not grow with experts: time(256) / time(16) at k=8 <= 3", e_ratio, e_ratio <= 3),
+        gate("the dense baseline does grow with experts: time(256) / time(16) at k=8 >= 8",
+             dense_e_ratio, dense_e_ratio >= 8),
     ]
     notes = (f"{TOKENS} tokens, dim {DIM}, expert width {INTER}, float32, XLA on the CPU; median of 5 runs after "
              "a compiling warm-up. Ratios within one run; absolute times depend on the machine. Each tile copies "

@@ -15,7 +15,7 @@ from conformance.backends import make_runner
 from conformance.strategies import build_weights
 from reference.config import tiny
 
-from .timing import median_seconds, write_results
+from .timing import gate, median_seconds, write_results
 
 BATCH, PROMPT, DECODE = 4, 64, 16
 CONFIG = tiny(dim=512, inter_dim=1024, moe_inter_dim=256, n_layers=4, n_dense_layers=1, n_heads=8,
@@ -57,10 +57,10 @@ def main() -> None:
         row["decode_speedup"] = base["decode_step_s"] / row["decode_step_s"]
     tf32 = rows[2]
     gates = [
-        {"claim": "tf float32 prefill is at least 2x the float64 reference", "measured": tf32["prefill_speedup"],
-         "passed": tf32["prefill_speedup"] >= 2},
-        {"claim": "tf float32 decode step is not slower than the float64 reference", "measured": tf32["decode_speedup"],
-         "passed": tf32["decode_speedup"] >= 1},
+        gate("tf float32 prefill is at least 2x the float64 reference",
+             tf32["prefill_speedup"], tf32["prefill_speedup"] >= 2),
+        gate("tf float32 decode step is not slower than the float64 reference",
+             tf32["decode_speedup"], tf32["decode_speedup"] >= 1),
     ]
     notes = (f"Config {CONFIG.name}: dim {CONFIG.dim}, {CONFIG.n_layers} layers, {CONFIG.n_routed_experts} experts "
              f"(top-{CONFIG.n_activated_experts}), batch {BATCH}, prompt {PROMPT}, {DECODE} decode steps; medians of 3. "

@@ -26,6 +26,11 @@ def median_seconds(run: Callable[[], object], repeats: int = 5, warmup: int = 1)
     return statistics.median(times)
 
 
+def gate(claim: str, measured: object, passed: bool) -> dict:
+    """One performance claim with what was measured and whether it held."""
+    return {"claim": claim, "measured": measured, "passed": bool(passed)}
+
+
 def write_results(name: str, title: str, rows: list[dict], gates: list[dict], notes: str) -> Path:
     """benchmarks/results/<name>.json and .md: the measurements, the gates (claim, measured, pass) and notes."""
     RESULTS.mkdir(exist_ok=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from conformance.format.config import deepseek_v3_671b
 from impl.attention import LatentCache
-from reference.config import deepseek_v3_671b
 
 from .timing import gate, write_results
 
@@ -19,7 +19,7 @@ def main() -> None:
     config = deepseek_v3_671b().replace(max_seq_len=8)  # the cache layout, not its length, is measured
     rows = []
     for dtype in (tf.bfloat16, tf.float32):
-        mla = LatentCache.allocate(config, 1, dtype).bytes_per_token()
+        mla = LatentCache.allocate(config, 1, dtype, capacity=1).bytes_per_token()
         mha = 2 * config.n_heads * config.v_head_dim * dtype.size
         rows.append({"dtype": dtype.name, "MLA bytes/token/layer": mla, "MHA bytes/token/layer": mha,
                      "MLA / MHA": f"{100 * mla / mha:.2f}%", f"MLA, {config.n_layers} layers (KB/token)":

@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from conformance.strategies import build_weights
+from conformance.format.config import tiny
+from conformance.format.numerics import Numerics
+from conformance.checks.strategies import build_weights
 from impl.model import to_tf
 from impl.moe import moe, route
-from reference.config import tiny
-from reference.linear import Numerics
 
 from .timing import gate, median_seconds, write_results
 

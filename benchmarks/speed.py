@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 
-from conformance.backends import make_runner
-from conformance.strategies import build_weights
-from reference.config import tiny
+from conformance.backends import resolve_backend
+from conformance.format.config import tiny
+from conformance.checks.strategies import build_weights
 
 from .timing import gate, median_seconds, write_results
 
@@ -25,7 +25,7 @@ CONFIG = tiny(dim=512, inter_dim=1024, moe_inter_dim=256, n_layers=4, n_dense_la
 
 
 def _measure(backend: str, dtype: str, weights, prompt: np.ndarray, following: np.ndarray) -> dict:
-    runner = make_runner(backend, CONFIG, weights, dtype=dtype)
+    runner = resolve_backend(backend).make_runner(CONFIG, weights, dtype=dtype)
     start = time.perf_counter()
     runner.prefill(prompt)
     runner.decode(following[:, 0])

@@ -1,32 +1,45 @@
-"""The backends the harness runs, behind one stateful runner interface.
+"""Backends: what the harness checks, behind one record each.
 
-A runner is built from a config and a weight tree; `prefill` starts a sequence batch, `decode` feeds one
-more token per sequence. The TensorFlow backend is imported only when asked for (TensorFlow takes
-seconds to import).
+A `Backend` bundles everything the suite needs from an implementation: a runner factory (a stateful
+model: `prefill` starts a batch, `decode` feeds one more token per sequence), its component functions
+(NumPy in and out: `route`, `to_e4m3`, `quantize_activation`, `fp8_gemm`), and where the mutation
+catalogue may plant bugs in it (module per role, and the array namespace those modules compute with).
+
+Backends are found by name: the built-in `reference` and `tf`, then the Python entry points of group
+`dsv3_conformance.backends`, then `package.module:object` naming a `Backend` anywhere on the path. So a
+user checks their own implementation with `--backend mypkg.backend:BACKEND` in pytest, `check-golden`
+and `report` alike, without editing the harness (the way ONNX's backend test suite runs any backend).
+TensorFlow is imported only when the tf backend is used.
 """
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from types import ModuleType
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from reference.attention import AttentionForm
-from reference.config import ModelConfig
-from reference.linear import Numerics
-from reference.model import Transformer
-from reference.weights import ModelWeights
+from .format.config import ModelConfig
+from .format.errors import BadInput
+from .format.numerics import AttentionForm, Numerics
+from .format.weights import ModelWeights
 
-BACKENDS = ("reference", "tf")
-DEFAULT_DTYPE = {"reference": "float64", "tf": "float32"}
+ENTRY_POINT_GROUP = "dsv3_conformance.backends"
+COMPONENT_NAMES = ("route", "to_e4m3", "quantize_activation", "fp8_gemm")
 
 
-class BackendError(ValueError):
-    """An unknown backend or a setting it cannot run."""
+class BackendError(BadInput):
+    """A backend that cannot be found, or a setting that is not valid for any backend."""
+
+
+class Unsupported(Exception):
+    """The backend does not implement this setting (a dtype, a numerics path, a config feature).
+
+    Checks skip it (per example under hypothesis); it is neither a pass nor a failure.
+    """
 
 
 @dataclass(frozen=True)
@@ -48,92 +61,135 @@ Routing = Sequence[np.ndarray] | None
 class Runner(ABC):
     """One model on one backend, holding the cache of the current batch."""
 
-    backend: str
     config: ModelConfig
 
     @abstractmethod
-    def prefill(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
-        """Start a new batch with prompt tokens [B, S]."""
+    def prefill(self, tokens: np.ndarray, forced_experts: Routing = None, capacity: int | None = None) -> StepOutput:
+        """Start a new batch with prompt tokens [B, S].
+
+        `forced_experts` (one [B*S, k] array per MoE block) replaces the routing choice; runners that
+        cannot take it raise `Unsupported`. `capacity`: positions the batch will reach in all, so a cache
+        may be sized by it (default max_position_embeddings).
+        """
 
     @abstractmethod
     def decode(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
         """Feed one token per sequence [B] after the cached ones."""
 
-    def generate(self, prompt: np.ndarray, steps: int) -> np.ndarray:
-        """Greedy continuation [B, steps]."""
-        logits = self.prefill(prompt).logits_last
-        generated = []
-        for step in range(steps):
-            token = np.argmax(logits, axis=-1)
-            generated.append(token)
-            if step + 1 < steps:
-                logits = self.decode(token).logits_last
-        return np.stack(generated, axis=1) if generated else np.zeros((len(prompt), 0), np.int64)
+
+@dataclass(frozen=True)
+class Backend:
+    """Everything the harness needs to check one implementation."""
+
+    name: str
+    # (config, weights, numerics, dtype, attention form) -> Runner
+    runner: Callable[[ModelConfig, ModelWeights, Numerics, str, AttentionForm], Runner]
+    # module path, or any object, holding the functions named in COMPONENT_NAMES (missing ones: Unsupported)
+    components: str | Any | None = None
+    default_dtype: str = "float32"
+    dtypes: tuple[str, ...] = ("float32",)
+    # mutation catalogue: role ("moe", "rope", "attention", "fp8", "model") -> module path
+    mutation_targets: Mapping[str, str] = field(default_factory=dict)
+    # the NumPy-like namespace the target modules compute with (mutants that need array ops use it)
+    array_namespace: str = "numpy"
+    description: str = ""
+
+    def make_runner(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics = Numerics(),
+                    dtype: str | None = None, attention: AttentionForm = "absorbed") -> Runner:
+        dtype = dtype or self.default_dtype
+        if dtype not in self.dtypes:
+            raise Unsupported(f"backend {self.name} computes in {', '.join(self.dtypes)}, not {dtype}")
+        return self.runner(config, weights, numerics, dtype, attention)
+
+    def component(self, name: str) -> Callable:
+        """One of the component functions (NumPy in and out)."""
+        holder = importlib.import_module(self.components) if isinstance(self.components, str) else self.components
+        function = getattr(holder, name, None)
+        if function is None:
+            raise Unsupported(f"backend {self.name} does not expose the component {name!r}")
+        return function
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        """Top-level packages of the mutation targets: where a planted function is replaced wherever held."""
+        return tuple(sorted({module.split(".")[0] for module in self.mutation_targets.values()}))
 
 
-class ReferenceRunner(Runner):
-    backend = "reference"
+# --- the built-in backends ----------------------------------------------------------------------------------
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics, dtype: str,
-                 attention: AttentionForm):
-        self.config = config
-        self.model = Transformer(config, weights, numerics, np.dtype(dtype), attention)
-        self.caches = None
+def _reference_runner(config, weights, numerics, dtype, attention) -> Runner:
+    from .runners import ReferenceRunner
 
-    def _step(self, result) -> StepOutput:
-        self.caches = result.caches
-        return StepOutput(result.logits, result.hidden, result.experts)
-
-    def prefill(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
-        return self._step(self.model.prefill(tokens, forced_experts))
-
-    def decode(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
-        if self.caches is None:
-            raise BackendError("decode called before prefill")
-        return self._step(self.model.decode(tokens, self.caches, forced_experts))
+    return ReferenceRunner(config, weights, numerics, dtype, attention)
 
 
-class TFRunner(Runner):
-    """The TensorFlow implementation (impl/), imported on first use."""
+def _tf_runner(config, weights, numerics, dtype, attention) -> Runner:
+    from .runners import TFRunner
 
-    backend = "tf"
-
-    def __init__(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics, dtype: str,
-                 attention: AttentionForm):
-        from impl.model import TFTransformer
-
-        self.config = config
-        self.model = TFTransformer(config, weights, numerics, dtype, attention)
-
-    @staticmethod
-    def _step(result, forced_experts: Routing) -> StepOutput:
-        if forced_experts is not None:
-            raise BackendError("the tf backend routes by itself: forced routing is a reference-only input")
-        return StepOutput(*result)
-
-    def prefill(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
-        return self._step(self.model.prefill(tokens), forced_experts)
-
-    def decode(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
-        return self._step(self.model.decode(tokens), forced_experts)
+    return TFRunner(config, weights, numerics, dtype, attention)
 
 
-_FACTORIES: dict[str, Callable[..., Runner]] = {"reference": ReferenceRunner, "tf": TFRunner}
+REFERENCE = Backend(
+    "reference", _reference_runner, "reference.components", default_dtype="float64", dtypes=("float64", "float32"),
+    mutation_targets={"moe": "reference.moe", "rope": "reference.rope", "attention": "reference.attention",
+                      "fp8": "reference.fp8", "norm": "reference.norm", "model": "reference.model"},
+    description="NumPy reference (reference/), float64 by default")
+TF = Backend(
+    "tf", _tf_runner, "impl.components", default_dtype="float32", dtypes=("float32", "bfloat16"),
+    mutation_targets={"moe": "impl.moe", "rope": "impl.rope", "attention": "impl.attention", "fp8": "impl.fp8",
+                      "norm": "impl.layers", "model": "impl.model"},
+    array_namespace="tensorflow.experimental.numpy",
+    description="TensorFlow implementation (impl/), XLA-compiled, float32 by default")
+BUILTIN = {backend.name: backend for backend in (REFERENCE, TF)}
+DEFAULT_BACKENDS = tuple(BUILTIN)
 
 
-def make_runner(backend: str, config: ModelConfig, weights: ModelWeights, numerics: Numerics = Numerics(),
-                dtype: str | None = None, attention: AttentionForm = "absorbed") -> Runner:
-    if backend not in _FACTORIES:
-        raise BackendError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    return _FACTORIES[backend](config, weights, numerics, dtype or DEFAULT_DTYPE[backend], attention)
+def _from_entry_points(name: str) -> Backend | None:
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name == name:
+            try:
+                return entry.load()
+            except Exception as error:  # a broken plugin is the user's input
+                raise BackendError(f"backend {name!r}: entry point {entry.value!r} failed to load ({error})") from None
+    return None
 
 
+def _from_path(spec: str) -> Backend:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise BackendError(f"backend {spec!r}: cannot import module {module_name!r} ({error})") from None
+    backend = module
+    for part in attribute.split("."):
+        backend = getattr(backend, part, None)
+        if backend is None:
+            raise BackendError(f"backend {spec!r}: module {module_name!r} has no attribute {attribute!r}")
+    return backend
 
-_COMPONENTS = {"reference": "reference.components", "tf": "impl.numpy_api"}
+
+def resolve_backend(spec: str | Backend) -> Backend:
+    """The backend named `spec`: a built-in name, an entry point name, or `package.module:object`."""
+    if isinstance(spec, Backend):
+        return spec
+    spec = spec.strip()
+    backend = BUILTIN.get(spec) or (_from_path(spec) if ":" in spec else _from_entry_points(spec))
+    if backend is None:
+        installed = sorted(entry.name for entry in metadata.entry_points(group=ENTRY_POINT_GROUP))
+        raise BackendError(f"unknown backend {spec!r}: expected one of {', '.join([*BUILTIN, *installed])}, an entry "
+                           f"point of group {ENTRY_POINT_GROUP!r}, or package.module:object")
+    if not isinstance(backend, Backend):
+        raise BackendError(f"backend {spec!r} is a {type(backend).__name__}, not a conformance.backends.Backend")
+    return backend
 
 
-def components(backend: str) -> ModuleType:
-    """The backend's component functions, NumPy in and out, under the names of `reference.components`."""
-    if backend not in _COMPONENTS:
-        raise BackendError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    return importlib.import_module(_COMPONENTS[backend])
+def resolve_backends(specs: str | Sequence[str]) -> list[Backend]:
+    """Comma-separated (or listed) backend specs, each resolved; duplicates refused."""
+    names = [s for s in (specs.split(",") if isinstance(specs, str) else specs) if s.strip()]
+    if not names:
+        raise BackendError("no backend given")
+    backends = [resolve_backend(name) for name in names]
+    seen = [b.name for b in backends]
+    if len(set(seen)) != len(seen):
+        raise BackendError(f"backend given twice: {seen}")
+    return backends

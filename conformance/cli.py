@@ -1,4 +1,10 @@
-"""The `dsv3-conformance` command line."""
+"""The `dsv3-conformance` command line.
+
+Exit status: 0 pass; 1 conformance failure (a tensor out of tolerance, a surviving mutant, a failed
+suite, a backend producing non-finite logits); 2 bad input (the message names the file, tensor or field
+as written, what was expected and what was found); 3 internal error (a bug of the harness or a backend
+crash, with the traceback on stderr).
+"""
 
 from __future__ import annotations
 
@@ -6,23 +12,24 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
 from tabulate import tabulate
 
-from reference.checkpoint import CheckpointError, load_weights, open_checkpoint
-from reference.config import ConfigError, ModelConfig, load_config
-from reference.linear import Numerics
-from reference.model import InputError
-from reference.safetensors_io import SafetensorsError
+from .backends import DEFAULT_BACKENDS, resolve_backend, resolve_backends
+from .format.checkpoint import load_weights, open_checkpoint
+from .format.config import ModelConfig, load_config
+from .format.errors import BadInput
+from .format.inputs import InputError
+from .format.numerics import Numerics
+from .golden import CaseResult, GoldenCase, check_case
+from .manifest import verify
+from .profiles import PROFILES
+from .runners import NonFiniteOutput, greedy
 
-from .backends import BACKENDS, BackendError, make_runner
-from .golden import CaseResult, GoldenCase, GoldenError, check_case
-from .manifest import ManifestError, verify
-
-# Errors that are the user's input, reported in one line with exit status 2.
-USER_ERRORS = (ConfigError, CheckpointError, GoldenError, SafetensorsError, InputError, BackendError, ManifestError)
+PASS, FAILURE, BAD_INPUT, INTERNAL = 0, 1, 2, 3
 
 
 def results_table(result: CaseResult) -> str:
@@ -38,10 +45,19 @@ def report_unknown_fields(config: ModelConfig, source: str) -> None:
               file=sys.stderr)
 
 
+def write_output(path: str, text: str) -> None:
+    """Write an output file the user named; a path that cannot be written is bad input."""
+    try:
+        Path(path).write_text(text)
+    except OSError as error:
+        raise BadInput(f"{path}: cannot write the output file ({error.strerror or error})") from None
+
+
 def _check_golden(args: argparse.Namespace) -> int:
+    backend = resolve_backend(args.backend)
     case = GoldenCase.load(args.case_dir)
     report_unknown_fields(case.config, str(case.path / "config.json"))
-    result = check_case(case, args.backend, args.dtype)
+    result = check_case(case, backend, args.dtype)
     print(f"case {result.case} on backend {result.backend}")
     print(results_table(result))
     if result.not_compared:
@@ -50,8 +66,8 @@ def _check_golden(args: argparse.Namespace) -> int:
     print(f"{'PASSED' if result.passed else 'FAILED'}: {len(result.results) - len(failed)}/{len(result.results)} "
           "tensors within tolerance")
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_json(), indent=2))
-    return 0 if result.passed else 1
+        write_output(args.json, json.dumps(result.to_json(), indent=2))
+    return PASS if result.passed else FAILURE
 
 
 def _parse_prompts(prompts: list[str]) -> np.ndarray:
@@ -66,19 +82,27 @@ def _parse_prompts(prompts: list[str]) -> np.ndarray:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    backend = resolve_backend(args.backend)
     config = load_config(args.config or args.model_dir)
     report_unknown_fields(config, args.config or str(Path(args.model_dir) / "config.json"))
     prompt = _parse_prompts(args.prompt)
+    if prompt.shape[1] + args.steps - 1 > config.max_seq_len:
+        raise InputError(f"a prompt of {prompt.shape[1]} tokens and {args.steps} steps exceeds "
+                         f"max_position_embeddings={config.max_seq_len}")
     with open_checkpoint(args.model_dir) as checkpoint:
         weights = load_weights(checkpoint, config, progress=True)
-        runner = make_runner(args.backend, config, weights, Numerics(args.gemm_impl, config.scale_fmt), args.dtype)
-        generated = runner.generate(prompt, args.steps)
+        runner = backend.make_runner(config, weights, Numerics(args.gemm_impl, config.scale_fmt), args.dtype)
+        try:
+            generated = greedy(runner, prompt, args.steps)
+        except NonFiniteOutput as error:
+            print(f"dsv3-conformance: FAILED: backend {backend.name}: {error}", file=sys.stderr)
+            return FAILURE
     if args.json:
         print(json.dumps({"prompt": prompt.tolist(), "generated": generated.tolist()}))
     else:
         for row in generated:
             print(" ".join(str(int(token)) for token in row))
-    return 0
+    return PASS
 
 
 def _golden_generate(args: argparse.Namespace) -> int:
@@ -86,7 +110,7 @@ def _golden_generate(args: argparse.Namespace) -> int:
 
     for path in generate_all(Path(args.golden_dir), args.case or None):
         print(f"wrote {path}")
-    return 0
+    return PASS
 
 
 def _golden_verify(args: argparse.Namespace) -> int:
@@ -94,50 +118,87 @@ def _golden_verify(args: argparse.Namespace) -> int:
     for problem in problems:
         print(problem)
     print("golden files match the manifest" if not problems else f"{len(problems)} golden file problem(s)")
-    return 1 if problems else 0
+    return FAILURE if problems else PASS
 
 
 def mutation_table(results) -> str:
-    rows = [(r.mutant, r.backend, "killed" if r.killed else "SURVIVED",
-             "\n".join(k.split(": ")[0] for k in r.killed_by) or "-") for r in results]
-    return tabulate(rows, headers=["mutant", "backend", "verdict", "killed by"], disable_numparse=True)
+    rows = [(r.mutant, r.backend, r.verdict, "\n".join(r.killed_by + r.errors) or "-") for r in results]
+    return tabulate(rows, headers=["mutant", "backend", "verdict", "killed by (what it measured) / errors"],
+                    disable_numparse=True, maxcolwidths=[None, None, None, 110])
 
 
 def _mutants(args: argparse.Namespace) -> int:
-    from .mutants import CATALOGUE, run_catalogue
+    from .mutation.catalogue import CATALOGUE
+    from .mutation.runner import run_catalogue, select
 
     if args.list:
         print(tabulate([(m.key, m.origin, m.bug) for m in CATALOGUE], headers=["mutant", "origin", "bug"]))
-        return 0
-    results = run_catalogue(args.backend.split(","), args.mutant, args.first_kill, args.jobs)
+        return PASS
+    try:
+        select(args.mutant)
+    except KeyError as error:
+        raise BadInput(str(error.args[0])) from None
+    specs = [backend_spec.strip() for backend_spec in args.backend.split(",")]
+    resolve_backends(specs)
+    results = run_catalogue(specs, args.mutant, args.first_kill, args.jobs, args.hypothesis_profile)
     print(mutation_table(results))
-    survivors = [f"{r.mutant} on {r.backend}" for r in results if not r.killed]
-    print(f"{len(results) - len(survivors)}/{len(results)} mutants killed"
-          + (f"; SURVIVED: {', '.join(survivors)}" if survivors else ""))
+    real = [r for r in results if not r.control and r.verdict != "not applicable"]
+    bad = [f"{r.mutant} on {r.backend}: {r.verdict}" for r in results if not r.ok]
+    print(f"{sum(r.verdict == 'killed' for r in real)}/{len(real)} mutants killed, "
+          f"{sum(r.ok for r in results if r.control)}/{sum(r.control for r in results)} controls survived"
+          + (f"; NOT OK: {', '.join(bad)}" if bad else ""))
     if args.json:
-        Path(args.json).write_text(json.dumps([r.to_json() for r in results], indent=2))
-    return 1 if survivors else 0
+        write_output(args.json, json.dumps([r.to_json() for r in results], indent=2))
+    if any(r.verdict == "error" for r in results):
+        return INTERNAL
+    return FAILURE if bad else PASS
 
 
 def _report(args: argparse.Namespace) -> int:
     from .report import build_report
 
-    report = build_report(Path(args.golden_dir), args.backend.split(","), Path(args.out), suite=not args.no_suite,
-                          mutants=args.mutants, jobs=args.jobs)
+    specs = [spec.strip() for spec in args.backend.split(",")]
+    resolve_backends(specs)
+    report = build_report(Path(args.golden_dir), specs, Path(args.out), suite=not args.no_suite,
+                          mutants=args.mutants, jobs=args.jobs, profile=args.hypothesis_profile)
     print(f"wrote {Path(args.out) / 'report.html'}, report.md and report.json")
     print(report.summary())
-    return 0 if report.passed else 1
+    return PASS if report.passed else FAILURE
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {value}")
+    return value
+
+
+BACKEND_HELP = "a built-in name (reference, tf), an entry-point name, or package.module:object"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsv3-conformance", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dsv3-conformance", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     golden = commands.add_parser("check-golden", help="check a backend against one golden case folder")
     golden.add_argument("case_dir")
-    golden.add_argument("--backend", choices=BACKENDS, default="reference")
+    golden.add_argument("--backend", default="reference", help=BACKEND_HELP)
     golden.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default=None,
-                        help="compute dtype (default: float64 for reference, float32 for tf)")
+                        help="compute dtype (default: the backend's)")
     golden.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     golden.set_defaults(run=_check_golden)
 
@@ -145,9 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("model_dir", help="checkpoint folder (HF or official layout)")
     generate.add_argument("--prompt", action="append", required=True,
                           help="comma-separated token ids; repeat for a batch of equal-length prompts")
-    generate.add_argument("--steps", type=int, default=16, help="tokens to generate")
+    generate.add_argument("--steps", type=_non_negative, default=16, help="tokens to generate")
     generate.add_argument("--config", help="config file (default: MODEL_DIR/config.json)")
-    generate.add_argument("--backend", choices=BACKENDS, default="tf")
+    generate.add_argument("--backend", default="tf", help=BACKEND_HELP)
     generate.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default=None)
     generate.add_argument("--gemm-impl", choices=("bf16", "fp8"), default="bf16",
                           help="numerics path for fp8 weights: dequantized (bf16) or fp8 activations")
@@ -165,34 +226,53 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--golden-dir", default="golden")
     check.set_defaults(run=_golden_verify)
 
+    profile_help = "hypothesis profile of the checks (default: $HYPOTHESIS_PROFILE or ci)"
+    default_profile = os.environ.get("HYPOTHESIS_PROFILE", "ci")
     mutants = commands.add_parser("mutants", help="plant known bugs in each backend; every one must be caught")
-    mutants.add_argument("--backend", default=",".join(BACKENDS), help="comma-separated backends")
+    mutants.add_argument("--backend", default=",".join(DEFAULT_BACKENDS), help="comma-separated backends")
     mutants.add_argument("--mutant", action="append", help="only this mutant (repeatable)")
     mutants.add_argument("--first-kill", action="store_true", help="stop each mutant at the first check that kills it")
-    mutants.add_argument("--jobs", type=int, default=1, help="processes to run mutants in")
+    mutants.add_argument("--jobs", type=_positive, default=os.cpu_count() or 1, help="worker processes")
+    mutants.add_argument("--hypothesis-profile", choices=PROFILES, default=default_profile, help=profile_help)
     mutants.add_argument("--list", action="store_true", help="list the catalogue and exit")
     mutants.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     mutants.set_defaults(run=_mutants)
 
     report = commands.add_parser("report", help="check every golden case on each backend and write a report")
     report.add_argument("golden_dir", nargs="?", default="golden")
-    report.add_argument("--backend", default=",".join(BACKENDS), help="comma-separated backends")
+    report.add_argument("--backend", default=",".join(DEFAULT_BACKENDS), help="comma-separated backends")
     report.add_argument("--out", default="report", help="folder for report.md, report.json and report.html")
     report.add_argument("--no-suite", action="store_true", help="leave out the pytest suite (golden checks only)")
     report.add_argument("--mutants", choices=("first-kill", "all", "none"), default="first-kill",
                         help="mutation table: stop each mutant at its first kill, run all its checks, or skip")
-    report.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes for the mutants")
+    report.add_argument("--jobs", type=_positive, default=os.cpu_count() or 1, help="processes for the mutants")
+    report.add_argument("--hypothesis-profile", choices=PROFILES, default=default_profile, help=profile_help)
     report.set_defaults(run=_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse: 0 for --help, 2 for a bad option
+        return int(exit_.code or 0)
     try:
         return args.run(args)
-    except USER_ERRORS as error:
+    except BadInput as error:
         print(f"dsv3-conformance: error: {error}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
+    except OSError as error:  # a file the user named cannot be read (permissions, a folder for a file, ...)
+        where = error.filename or "input"
+        print(f"dsv3-conformance: error: {where}: {error.strerror or error}", file=sys.stderr)
+        return BAD_INPUT
+    except KeyboardInterrupt:
+        print("dsv3-conformance: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # anything else is a bug of the harness or a crash of a backend
+        traceback.print_exc()
+        print("dsv3-conformance: internal error (a bug of the harness or a crash of the backend, traceback above)",
+              file=sys.stderr)
+        return INTERNAL
 
 
 if __name__ == "__main__":

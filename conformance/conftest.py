@@ -6,32 +6,33 @@ from pathlib import Path
 
 import pytest
 
-from conformance.backends import BACKENDS
-
-GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
+from conformance.backends import DEFAULT_BACKENDS, Backend, resolve_backends
+from conformance.format.errors import BadInput
+from conformance.paths import GOLDEN_DIR
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("dsv3-conformance")
-    group.addoption("--backend", default=",".join(BACKENDS),
-                    help=f"comma-separated backends to check (default: {','.join(BACKENDS)})")
+    group.addoption("--backend", default=",".join(DEFAULT_BACKENDS),
+                    help="comma-separated backends: built-in names, entry-point names or package.module:object "
+                         f"(default: {','.join(DEFAULT_BACKENDS)})")
     group.addoption("--scale", choices=("fast", "small", "full"), default="fast",
                     help="fast: the CI tier; small and full add checks on larger models")
     group.addoption("--checkpoint", default=None, help="a real checkpoint folder for the full tier's layer check")
     group.addoption("--layer", type=int, default=None, help="which layer of --checkpoint (default: the first MoE)")
 
 
-def selected_backends(config: pytest.Config) -> list[str]:
-    chosen = [name.strip() for name in config.getoption("--backend").split(",") if name.strip()]
-    unknown = [name for name in chosen if name not in BACKENDS]
-    if unknown:
-        raise pytest.UsageError(f"unknown backend(s) {unknown}: expected some of {list(BACKENDS)}")
-    return chosen
+def selected_backends(config: pytest.Config) -> list[Backend]:
+    try:
+        return resolve_backends(config.getoption("--backend"))
+    except BadInput as error:
+        raise pytest.UsageError(str(error)) from None
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" in metafunc.fixturenames:
-        metafunc.parametrize("backend", selected_backends(metafunc.config))
+        backends = selected_backends(metafunc.config)
+        metafunc.parametrize("backend", backends, ids=[backend.name for backend in backends])
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from reference.config import ModelConfig, YarnScaling, tiny
+from conformance.format.config import ModelConfig, YarnScaling, tiny
 
 
 @dataclass(frozen=True)

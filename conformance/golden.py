@@ -16,15 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from reference.checkpoint import load_weights, open_checkpoint
-from reference.config import ModelConfig, load_config
-from reference.jsonfile import read_json
-from reference.linear import Numerics
-from reference.safetensors_io import SafetensorsError, read_all
-from reference.weights import ModelWeights
+from conformance.format.checkpoint import load_weights, open_checkpoint
+from conformance.format.config import ModelConfig, load_config
+from conformance.format.jsonfile import read_json
+from conformance.format.numerics import Numerics
+from conformance.format.safetensors_io import SafetensorsError, read_all
+from conformance.format.weights import ModelWeights
 
-from .backends import Runner, make_runner
+from .backends import Backend, Runner, resolve_backend
+from .format.errors import BadInput
 from .metrics import Comparison
+from .runners import greedy
 from .tolerances import Tolerance, tolerance
 
 EXPECTED = "expected.safetensors"
@@ -34,7 +36,7 @@ _DECODE = re.compile(r"^decode\.(\d+)\.logits$")
 _INPUTS = {"tokens.prompt"}
 
 
-class GoldenError(ValueError):
+class GoldenError(BadInput):
     """A golden case folder that is incomplete or inconsistent."""
 
 
@@ -152,9 +154,10 @@ def _known(name: str) -> bool:
                 or name in ("prefill.logits_last", "prefill.logits", "prefill.logits_last.naive", "tokens.decoded"))
 
 
-def check_case(case: GoldenCase, backend: str, dtype: str | None = None,
+def check_case(case: GoldenCase, backend: Backend | str, dtype: str | None = None,
                weights: ModelWeights | None = None) -> CaseResult:
     """Run `backend` on the case's tokens and compare every expected tensor it knows."""
+    backend = resolve_backend(backend)
     weights = weights if weights is not None else case.weights()
     results: list[Comparison] = []
     not_compared: list[str] = []
@@ -165,18 +168,18 @@ def check_case(case: GoldenCase, backend: str, dtype: str | None = None,
         limit = entry.value
         prompt = case.tokens(file, "tokens.prompt")
         decoded = case.tokens(file, "tokens.decoded")
-        runner = make_runner(backend, case.config, weights, numerics, dtype)
+        runner = backend.make_runner(case.config, weights, numerics, dtype)
         results += _prefill_checks(runner, file, prompt, limit)
         if decoded is not None:
             results += _decode_checks(runner, file, decoded, limit)
         if "prefill.logits_last.naive" in file.tensors:
-            naive = make_runner(backend, case.config, weights, numerics, dtype, attention="naive")
+            naive = backend.make_runner(case.config, weights, numerics, dtype, attention="naive")
             results.append(Comparison.of(file.result_name("prefill.logits_last.naive"),
                                          naive.prefill(prompt).logits_last,
                                          file.tensors["prefill.logits_last.naive"], limit))
         if "tokens.decoded" in file.tensors:
             expected_tokens = file.tensors["tokens.decoded"]
-            generated = runner.generate(prompt, expected_tokens.shape[1])
+            generated = greedy(runner, prompt, expected_tokens.shape[1])
             results.append(Comparison.of(file.result_name("tokens.decoded"), generated, expected_tokens,
                                          tolerance("tokens.exact").value))
         compared = {result.name for result in results}
@@ -184,4 +187,4 @@ def check_case(case: GoldenCase, backend: str, dtype: str | None = None,
         policy[file.result_name("tokens.decoded")] = "tokens.exact"
         not_compared += [file.result_name(name) for name in file.tensors
                          if not _known(name) or (file.result_name(name) not in compared and name not in _INPUTS)]
-    return CaseResult(case.name, backend, results, not_compared, policy)
+    return CaseResult(case.name, backend.name, results, not_compared, policy)

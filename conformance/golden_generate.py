@@ -18,9 +18,9 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from reference.checkpoint import load_weights, open_checkpoint, write_hf
-from reference.config import ModelConfig, YarnScaling, tiny
-from reference.safetensors_io import write_safetensors
+from conformance.format.checkpoint import load_weights, open_checkpoint, write_hf
+from conformance.format.config import ModelConfig, YarnScaling, tiny
+from conformance.format.safetensors_io import write_safetensors
 from reference.synthetic import random_tensors
 
 from .manifest import MANIFEST, describe_case, load_manifest

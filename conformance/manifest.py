@@ -10,13 +10,14 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from reference.jsonfile import read_json
-from reference.safetensors_io import SafetensorsFile
+from conformance.format.errors import BadInput
+from conformance.format.jsonfile import read_json
+from conformance.format.safetensors_io import SafetensorsFile
 
 MANIFEST = "manifest.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(BadInput):
     """A manifest that cannot be read or does not describe the folder."""
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from reference.config import FP8_BLOCK, ModelConfig, to_hf_dict
-from reference.weights import LinearWeight, ModelWeights, MoEWeights
+from conformance.format.config import ModelConfig, to_hf_dict
+from conformance.format.fp8 import BLOCK
+from conformance.format.weights import LinearWeight, ModelWeights, MoEWeights
 
 from .backends import Routing, Runner, StepOutput
 from .divergences import oracle_divergences
@@ -38,7 +39,7 @@ def _dense(weight: LinearWeight) -> np.ndarray:
     decoded = torch.from_numpy(np.ascontiguousarray(weight.weight).view(np.uint8)).view(torch.float8_e4m3fn).float()
     rows, cols = decoded.shape
     scale = torch.from_numpy(np.array(weight.scale_inv, np.float32))
-    scale = scale.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:rows, :cols]
+    scale = scale.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:rows, :cols]
     return (decoded * scale).numpy()
 
 

@@ -22,16 +22,16 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from . import plots
-from .backends import make_runner
+from .backends import REFERENCE, resolve_backend
 from .divergences import DIVERGENCES
 from .golden import CaseResult, GoldenCase, check_case
 from .manifest import case_dirs, verify
-from .mutants import MutantResult, run_catalogue
+from .mutation.runner import MutantResult, run_catalogue
 from .tolerances import POLICY
 
-COMPONENTS = {"test_golden": "golden cases", "test_routing": "MoE routing", "test_fp8": "FP8 numerics",
-              "test_model_properties": "attention and cache", "test_cross_backend": "cross-backend",
-              "test_oracle": "PyTorch oracle", "test_tf_impl": "TF implementation design"}
+# Tests that are not registered checks, by module.
+COMPONENTS = {"test_data": "golden data", "test_divergences": "PyTorch oracle", "test_tf_design": "TF implementation design",
+              "test_checkpoint_layer": "scale tiers"}
 LOAD_CASES = ("official/v3-tiny", "oracle/moe-groups")
 
 
@@ -48,22 +48,24 @@ def versions() -> dict[str, str]:
     return found
 
 
-def run_suite(backends: list[str], results_dir: Path) -> tuple[int, list[dict]]:
+def run_suite(backends: list[str], results_dir: Path, profile: str) -> tuple[int, list[dict]]:
     """Run `pytest conformance/` with the report plugin; returns its exit status and one row per test."""
     results_dir.mkdir(parents=True, exist_ok=True)
     for stale in results_dir.glob("results-*.jsonl"):
         stale.unlink()
     suite = Path(__file__).parent
     command = [sys.executable, "-m", "pytest", str(suite), "-n", "auto", "-q", "-p", "conformance.report_plugin",
-               "--results-dir", str(results_dir), "--backend", ",".join(backends), "-p", "no:cacheprovider"]
-    status = subprocess.call(command, cwd=suite.parent, env={**os.environ, "PYTHONPATH": str(suite.parent)})
+               "--results-dir", str(results_dir), "--backend", ",".join(backends), "-p", "no:cacheprovider",
+               "--hypothesis-profile", profile]
+    path = os.pathsep.join(filter(None, [str(suite.parent), os.environ.get("PYTHONPATH")]))
+    status = subprocess.call(command, cwd=suite.parent, env={**os.environ, "PYTHONPATH": path})
     rows = []
     for path in sorted(results_dir.glob("results-*.jsonl")):
         rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for row in rows:
         module = row["nodeid"].split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
-        row["component"] = COMPONENTS.get(module, module)
-        row["check"] = row["nodeid"].split("::")[-1]
+        row["component"] = row.get("component") or COMPONENTS.get(module, module)
+        row["check"] = row.get("check") or row["nodeid"].split("::")[-1]
     return status, sorted(rows, key=lambda r: (r["component"], r["check"], r["backend"] or ""))
 
 
@@ -72,7 +74,7 @@ def expert_loads(golden_dir: Path) -> dict[str, np.ndarray]:
     loads = {}
     for case_path in LOAD_CASES:
         case = GoldenCase.load(golden_dir / case_path)
-        runner = make_runner("reference", case.config, case.weights())
+        runner = REFERENCE.make_runner(case.config, case.weights())
         expected = case.files[0].tensors
         steps = [runner.prefill(expected["tokens.prompt"]).experts]
         steps += [runner.decode(token).experts for token in expected.get("tokens.decoded", np.zeros((0, 0))).T]
@@ -97,7 +99,7 @@ class Report:
     @property
     def passed(self) -> bool:
         return (not self.manifest_problems and all(case.passed for case in self.cases)
-                and self.suite_status in (None, 0) and all(m.killed for m in self.mutants or []))
+                and self.suite_status in (None, 0) and all(m.ok for m in self.mutants or []))
 
     def divergences(self) -> list[dict]:
         observed = {row["nodeid"].split("[")[-1].rstrip("]"): row["outcome"] for row in self.suite
@@ -138,8 +140,9 @@ class Report:
         return rows
 
     def mutation_rows(self) -> list[dict]:
-        return [{"mutant": m.mutant, "backend": m.backend, "verdict": "killed" if m.killed else "SURVIVED",
-                 "killed by": ", ".join(k.split(": ")[0] for k in m.killed_by) or "-"} for m in self.mutants or []]
+        return [{"mutant": m.mutant, "backend": m.backend, "verdict": m.verdict,
+                 "killed by (measured)": "; ".join(m.killed_by) or "-",
+                 "errors": "; ".join(m.errors) or "-"} for m in self.mutants or []]
 
     def golden_rows(self) -> list[dict]:
         return [{"case": c.case, "backend": c.backend, "passed": sum(r.passed for r in c.results),
@@ -153,8 +156,11 @@ class Report:
         if self.suite_status is not None:
             lines.append(f"suite: {'passed' if self.suite_status == 0 else 'FAILED'} ({len(self.suite)} checks)")
         if self.mutants is not None:
-            killed = sum(m.killed for m in self.mutants)
-            lines.append(f"mutants: {killed}/{len(self.mutants)} killed")
+            real = [m for m in self.mutants if not m.control and m.verdict != "not applicable"]
+            controls = [m for m in self.mutants if m.control]
+            lines.append(f"mutants: {sum(m.verdict == 'killed' for m in real)}/{len(real)} killed, "
+                         f"{sum(m.ok for m in controls)}/{len(controls)} controls survived, "
+                         f"{sum(m.verdict == 'error' for m in self.mutants)} error(s)")
         lines.append("PASSED" if self.passed else "FAILED")
         return "\n".join(lines)
 
@@ -181,8 +187,10 @@ class Report:
                          ("Checks", "Every check of the suite: its worst comparison and the policy entry it uses.",
                           self.check_rows())]
         if self.mutants is not None:
-            sections.append(("Mutation kill table", "Known bug classes planted in each backend and the checks "
-                                                    "that caught them.", self.mutation_rows()))
+            sections.append(("Mutation kill table", "Known bug classes planted in each backend, the checks that "
+                                                    "caught them (each passed unmutated first) and what they measured; "
+                                                    "control mutants change nothing and must survive.",
+                             self.mutation_rows()))
         sections.append(("Known divergences", "Where an oracle or the official code departs from the official "
                                               "semantics: recorded, not absorbed by tolerances.", self.divergences()))
         return sections
@@ -235,26 +243,26 @@ border:1px solid #ddd}summary{cursor:pointer;margin:.3em 0}"""
 
 def _css_class(value: object) -> str:
     text = str(value)
-    if text in ("pass", "passed", "killed", "yes"):
+    if text in ("pass", "passed", "killed", "yes", "survived (control)"):
         return "good"
-    if text in ("FAIL", "failed", "SURVIVED") or text.startswith("NO"):
+    if text in ("FAIL", "failed", "SURVIVED", "error", "EQUIVALENT") or text.startswith(("NO", "KILLED", "EQUIVALENCE")):
         return "bad"
     return ""
 
 
 def build_report(golden_dir: Path, backends: list[str], out: Path, suite: bool = True, mutants: str = "first-kill",
-                 jobs: int = 1) -> Report:
+                 jobs: int = 1, profile: str = "ci") -> Report:
     """Everything above, written to `out` (report.md, report.json, report.html and the figures)."""
     out.mkdir(parents=True, exist_ok=True)
     report = Report(golden_dir, [str(problem) for problem in verify(golden_dir)])
     cases = [GoldenCase.load(path) for path in case_dirs(golden_dir)]
     for case in tqdm(cases, desc="golden cases", unit="case"):
         weights = case.weights()
-        report.cases += [check_case(case, backend, weights=weights) for backend in backends]
+        report.cases += [check_case(case, resolve_backend(backend), weights=weights) for backend in backends]
     if suite:
-        report.suite_status, report.suite = run_suite(backends, out / "suite")
+        report.suite_status, report.suite = run_suite(backends, out / "suite", profile)
     if mutants != "none":
-        report.mutants = run_catalogue(backends, first_kill=mutants == "first-kill", jobs=jobs)
+        report.mutants = run_catalogue(backends, first_kill=mutants == "first-kill", jobs=jobs, profile=profile)
     report.figures["Error per layer"] = plots.error_per_layer(report.cases, out / "error_per_layer.png")
     if report.suite:
         report.figures["Errors against tolerances"] = plots.error_against_tolerance(

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from .checks import LISTENERS
 from .metrics import Comparison
+from .verdict import LISTENERS
 
 _directory: Path | None = None
 _comparisons: list[dict] = []
@@ -39,7 +39,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     _comparisons.clear()
     params = getattr(item, "callspec", None)
     if params is not None and "backend" in params.params:
-        item.user_properties.append(("backend", params.params["backend"]))
+        backend = params.params["backend"]
+        item.user_properties.append(("backend", getattr(backend, "name", backend)))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -53,9 +54,10 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if not (report.when == "call" or (report.when == "setup" and report.outcome != "passed")):
         return
     message = report.longreprtext.strip().splitlines()[-1][:300] if report.outcome != "passed" else ""
+    properties = dict(report.user_properties)
     line = {"nodeid": report.nodeid, "outcome": report.outcome, "seconds": round(report.duration, 2),
-            "backend": dict(report.user_properties).get("backend"), "comparisons": list(_comparisons),
-            "message": message}
+            "backend": properties.get("backend"), "check": properties.get("check"),
+            "component": properties.get("component"), "comparisons": list(_comparisons), "message": message}
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     with open(_directory / f"results-{worker}.jsonl", "a") as handle:
         handle.write(json.dumps(line) + "\n")

@@ -11,12 +11,11 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from reference.attention import AttentionForm
-from reference.config import ModelConfig
-from reference.linear import Numerics
-from reference.weights import AttentionWeights
+from conformance.format.config import ModelConfig
+from conformance.format.numerics import AttentionForm, Numerics
+from conformance.format.weights import AttentionWeights
 
-from .layers import apply_rope, dense_weight, linear, rms_norm
+from .layers import dense_weight, linear, rms_norm
 
 
 class LatentCache(NamedTuple):
@@ -25,13 +24,14 @@ class LatentCache(NamedTuple):
     A named tuple, so that compiled functions take it as a structure of variables.
     """
 
-    kv_latent: tf.Variable  # [B, max_seq_len, kv_lora_rank]
-    rope_key: tf.Variable  # [B, max_seq_len, qk_rope_head_dim]
+    kv_latent: tf.Variable  # [B, capacity, kv_lora_rank]
+    rope_key: tf.Variable  # [B, capacity, qk_rope_head_dim]
 
     @classmethod
-    def allocate(cls, config: ModelConfig, batch: int, dtype: tf.DType) -> "LatentCache":
-        return cls(tf.Variable(tf.zeros([batch, config.max_seq_len, config.kv_lora_rank], dtype), trainable=False),
-                   tf.Variable(tf.zeros([batch, config.max_seq_len, config.qk_rope_head_dim], dtype), trainable=False))
+    def allocate(cls, config: ModelConfig, batch: int, dtype: tf.DType, capacity: int) -> "LatentCache":
+        """A cache with room for `capacity` positions."""
+        return cls(tf.Variable(tf.zeros([batch, capacity, config.kv_lora_rank], dtype), trainable=False),
+                   tf.Variable(tf.zeros([batch, capacity, config.qk_rope_head_dim], dtype), trainable=False))
 
     def bytes_per_token(self) -> int:
         """Bytes this cache spends on one token, measured from its tensors."""
@@ -40,61 +40,73 @@ class LatentCache(NamedTuple):
         return total // slots
 
 
-def project_queries(x: tf.Tensor, weights: AttentionWeights, config: ModelConfig, numerics: Numerics, cos: tf.Tensor,
-                    sin: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Per-head q_nope [B,S,H,n] and rotated q_rope [B,S,H,r]."""
+def split_query_heads(q: tf.Tensor, config: ModelConfig) -> tuple[tf.Tensor, tf.Tensor]:
+    """[q_nope; q_rope] per head, the rope part last."""
+    return q[..., : config.qk_nope_head_dim], q[..., config.qk_nope_head_dim:]
+
+
+def project_queries(x: tf.Tensor, weights: AttentionWeights, config: ModelConfig,
+                    numerics: Numerics) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-head q_nope [B,S,H,n] and unrotated q_rope [B,S,H,r]."""
     if config.q_lora_rank:
         query_latent = rms_norm(linear(x, weights.q_a_proj, numerics), weights.q_a_norm, config.rms_norm_eps)
         q = linear(query_latent, weights.q_b_proj, numerics)
     else:
         q = linear(x, weights.q_proj, numerics)
-    q = tf.reshape(q, tf.concat([tf.shape(x)[:2], [config.n_heads, config.qk_head_dim]], 0))
-    q_rope = apply_rope(q[..., config.qk_nope_head_dim:], cos[None, :, None], sin[None, :, None])
-    return q[..., : config.qk_nope_head_dim], q_rope
+    return split_query_heads(tf.reshape(q, tf.concat([tf.shape(x)[:2], [config.n_heads, config.qk_head_dim]], 0)),
+                             config)
 
 
-def project_latent(x: tf.Tensor, weights: AttentionWeights, config: ModelConfig, numerics: Numerics, cos: tf.Tensor,
-                   sin: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """The normalized kv latent [B,S,c] and the rotated shared rope key [B,S,r]."""
+def project_latent(x: tf.Tensor, weights: AttentionWeights, config: ModelConfig,
+                   numerics: Numerics) -> tuple[tf.Tensor, tf.Tensor]:
+    """The normalized kv latent [B,S,c] and the unrotated shared rope key [B,S,r]."""
     compressed = linear(x, weights.kv_a_proj, numerics)
     kv_latent = rms_norm(compressed[..., : config.kv_lora_rank], weights.kv_a_norm, config.rms_norm_eps)
-    return kv_latent, apply_rope(compressed[..., config.kv_lora_rank:], cos[None], sin[None])
+    return kv_latent, compressed[..., config.kv_lora_rank:]
 
 
-def causal_mask(length: int) -> tf.Tensor:
-    """[S, S] True where query i may see key j (j <= i)."""
-    return tf.range(length)[None, :] <= tf.range(length)[:, None]
+def causal_mask(start_pos: tf.Tensor | int, queries: int, keys: int) -> tf.Tensor:
+    """[queries, keys] True where the query at absolute position start_pos + i may see key slot j (j <= it)."""
+    return tf.range(keys)[None, :] <= start_pos + tf.range(queries)[:, None]
 
 
-def visible_slots(position: tf.Tensor, slots: int) -> tf.Tensor:
-    """[1, slots] True for the cache slots a decode step at `position` may see: all written so far, itself included."""
-    return (tf.range(slots) <= position)[None, :]
-
-
-def _softmax(scores: tf.Tensor, mask: tf.Tensor, scale: float, dtype: tf.DType) -> tf.Tensor:
-    """Masked softmax of scores [B,S,H,T] in float32; mask [S,T] (True = visible)."""
+def masked_softmax(scores: tf.Tensor, mask: tf.Tensor, scale: float, dtype: tf.DType) -> tf.Tensor:
+    """Softmax over keys of scale * scores [B,S,H,T] in float32; mask [S,T] (True = visible)."""
     scores = tf.cast(scores, tf.float32) * scale
     scores = tf.where(mask[None, :, None, :], scores, tf.constant(float("-inf"), tf.float32))
     return tf.cast(tf.nn.softmax(scores, axis=-1), dtype)
+
+
+def naive_attention(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, rope_key: tf.Tensor,
+                    weights: AttentionWeights, config: ModelConfig, numerics: Numerics, mask: tf.Tensor,
+                    scale: float) -> tf.Tensor:
+    """Latents expanded to per-head keys and values, then attention: [B,S,H,v]."""
+    expanded = linear(kv_latent, weights.kv_b_proj, numerics)
+    expanded = tf.reshape(expanded, tf.concat([tf.shape(kv_latent)[:2], [config.n_heads, -1]], 0))
+    k_nope, values = expanded[..., : config.qk_nope_head_dim], expanded[..., config.qk_nope_head_dim:]
+    scores = tf.einsum("bshd,bthd->bsht", q_nope, k_nope) + tf.einsum("bshr,btr->bsht", q_rope, rope_key)
+    return tf.einsum("bsht,bthd->bshd", masked_softmax(scores, mask, scale, q_nope.dtype), values)
+
+
+def absorbed_attention(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, rope_key: tf.Tensor,
+                       weights: AttentionWeights, config: ModelConfig, mask: tf.Tensor, scale: float) -> tf.Tensor:
+    """Attention in latent space (W_UK folded into the queries, W_UV applied after): [B,S,H,v]."""
+    dtype = q_nope.dtype
+    up = tf.reshape(dense_weight(weights.kv_b_proj, dtype), [config.n_heads, -1, config.kv_lora_rank])
+    key_up, value_up = up[:, : config.qk_nope_head_dim], up[:, config.qk_nope_head_dim:]
+    q_latent = tf.einsum("bshd,hdc->bshc", q_nope, key_up)
+    scores = tf.einsum("bshc,btc->bsht", q_latent, kv_latent) + tf.einsum("bshr,btr->bsht", q_rope, rope_key)
+    latent_out = tf.einsum("bsht,btc->bshc", masked_softmax(scores, mask, scale, dtype), kv_latent)
+    return tf.einsum("bshc,hdc->bshd", latent_out, value_up)
 
 
 def attend(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, rope_key: tf.Tensor,
            weights: AttentionWeights, config: ModelConfig, numerics: Numerics, mask: tf.Tensor, scale: float,
            form: AttentionForm) -> tf.Tensor:
     """Per-head attention outputs [B,S,H,v] over keys given by latents [B,T,c] and rope keys [B,T,r]."""
-    dtype = q_nope.dtype
     if form == "absorbed":
-        up = tf.reshape(dense_weight(weights.kv_b_proj, dtype), [config.n_heads, -1, config.kv_lora_rank])
-        key_up, value_up = up[:, : config.qk_nope_head_dim], up[:, config.qk_nope_head_dim:]
-        q_latent = tf.einsum("bshd,hdc->bshc", q_nope, key_up)
-        scores = tf.einsum("bshc,btc->bsht", q_latent, kv_latent) + tf.einsum("bshr,btr->bsht", q_rope, rope_key)
-        latent_out = tf.einsum("bsht,btc->bshc", _softmax(scores, mask, scale, dtype), kv_latent)
-        return tf.einsum("bshc,hdc->bshd", latent_out, value_up)
-    expanded = linear(kv_latent, weights.kv_b_proj, numerics)
-    expanded = tf.reshape(expanded, tf.concat([tf.shape(kv_latent)[:2], [config.n_heads, -1]], 0))
-    k_nope, values = expanded[..., : config.qk_nope_head_dim], expanded[..., config.qk_nope_head_dim:]
-    scores = tf.einsum("bshd,bthd->bsht", q_nope, k_nope) + tf.einsum("bshr,btr->bsht", q_rope, rope_key)
-    return tf.einsum("bsht,bthd->bshd", _softmax(scores, mask, scale, dtype), values)
+        return absorbed_attention(q_nope, q_rope, kv_latent, rope_key, weights, config, mask, scale)
+    return naive_attention(q_nope, q_rope, kv_latent, rope_key, weights, config, numerics, mask, scale)
 
 
 def output(heads: tf.Tensor, weights: AttentionWeights, numerics: Numerics) -> tf.Tensor:

@@ -1,6 +1,6 @@
 """FP8 in TensorFlow: the harness cast rule, block dequantization, activation quantization, blockwise GEMM.
 
-Semantics are those of `reference/fp8.py`. TensorFlow's own cast to e4m3fn gives NaN beyond the range
+Semantics: SEMANTICS.md section 5 (written here independently of the reference). TensorFlow's own cast to e4m3fn gives NaN beyond the range
 (measured with TF 2.21: 500 -> NaN, where torch saturates to 448), so every cast here clips first: the
 harness rule is saturate to +-448, keep NaN, round to nearest even.
 """
@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from reference.fp8 import ACT_AMAX_FLOOR, BLOCK, E4M3_MAX, FP8Error
+from conformance.format.fp8 import BLOCK, E4M3_MAX, FP8Error
 
 E4M3 = tf.as_dtype("float8_e4m3fn")
+# The official activation quantizer never divides by less than this amax (zero rows get a finite scale).
+ACT_AMAX_FLOOR = 1e-4
 
 
 def to_e4m3(x: tf.Tensor) -> tf.Tensor:
@@ -25,7 +27,7 @@ def expand_block_scales(scale_inv: tf.Tensor, rows: int, cols: int) -> tf.Tensor
     return repeated[..., :rows, :cols]
 
 
-def dequantize(weight: tf.Tensor, scale_inv: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+def dequantize_weight(weight: tf.Tensor, scale_inv: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
     """q * scale_inv in float32, then `dtype`; works on stacked weights [..., out, in] too."""
     rows, cols = weight.shape[-2], weight.shape[-1]
     return tf.cast(tf.cast(weight, tf.float32) * expand_block_scales(scale_inv, rows, cols), dtype)
@@ -62,7 +64,7 @@ def quantize_activation(x: tf.Tensor, scale_fmt: str | None) -> tuple[tf.Tensor,
     return tf.reshape(to_e4m3(grouped / scales[..., None]), shape), scales
 
 
-def fp8_matmul(x_q: tf.Tensor, x_scale: tf.Tensor, w_q: tf.Tensor, w_scale: tf.Tensor) -> tf.Tensor:
+def fp8_gemm(x_q: tf.Tensor, x_scale: tf.Tensor, w_q: tf.Tensor, w_scale: tf.Tensor) -> tf.Tensor:
     """Float32 x @ w^T from e4m3 operands with 128-wide K promotion.
 
     x_q [M, K] with w_q [N, K], or per-group x_q [G, M, K] with w_q [G, N, K]; scales [.., K/128] and

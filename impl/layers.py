@@ -1,13 +1,13 @@
-"""TensorFlow building blocks: RMSNorm, interleaved RoPE, linear layers in both numerics paths, SwiGLU."""
+"""TensorFlow building blocks: RMSNorm, linear layers in both numerics paths, SwiGLU."""
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from reference.linear import Numerics
-from reference.weights import FFNWeights, LinearWeight
+from conformance.format.numerics import Numerics
+from conformance.format.weights import FFNWeights, LinearWeight
 
-from .fp8 import dequantize, fp8_matmul, quantize_activation
+from .fp8 import dequantize_weight, fp8_gemm, quantize_activation
 
 
 def rms_norm(x: tf.Tensor, weight: tf.Tensor, eps: float) -> tf.Tensor:
@@ -17,20 +17,11 @@ def rms_norm(x: tf.Tensor, weight: tf.Tensor, eps: float) -> tf.Tensor:
     return tf.cast(normed, x.dtype) * weight
 
 
-def apply_rope(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor) -> tf.Tensor:
-    """Rotate interleaved pairs of x[..., d] in float32; cos and sin broadcast to x[..., d/2]."""
-    wide = tf.cast(x, tf.float32)
-    pairs = tf.reshape(wide, tf.concat([tf.shape(x)[:-1], [x.shape[-1] // 2, 2]], 0))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = tf.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
-    return tf.cast(tf.reshape(rotated, tf.shape(x)), x.dtype)
-
-
 def dense_weight(weight: LinearWeight, dtype: tf.DType) -> tf.Tensor:
     """The weight in `dtype`; fp8 weights are dequantized here, inside the compiled step."""
     if weight.scale_inv is None:
         return tf.convert_to_tensor(weight.weight)
-    return dequantize(weight.weight, weight.scale_inv, dtype)
+    return dequantize_weight(weight.weight, weight.scale_inv, dtype)
 
 
 def linear(x: tf.Tensor, weight: LinearWeight, numerics: Numerics) -> tf.Tensor:
@@ -38,7 +29,7 @@ def linear(x: tf.Tensor, weight: LinearWeight, numerics: Numerics) -> tf.Tensor:
     if weight.scale_inv is not None and numerics.gemm_impl == "fp8":
         rows = tf.reshape(x, [-1, x.shape[-1]])
         x_q, x_scale = quantize_activation(rows, numerics.scale_fmt)
-        out = fp8_matmul(x_q, x_scale, weight.weight, weight.scale_inv)
+        out = fp8_gemm(x_q, x_scale, weight.weight, weight.scale_inv)
         return tf.cast(tf.reshape(out, tf.concat([tf.shape(x)[:-1], [weight.weight.shape[0]]], 0)), x.dtype)
     return tf.einsum("...k,nk->...n", x, dense_weight(weight, x.dtype))
 

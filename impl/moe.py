@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from reference.config import ModelConfig
-from reference.linear import Numerics
-from reference.weights import FFNWeights, GateWeights, LinearWeight
+from conformance.format.config import ModelConfig
+from conformance.format.numerics import Numerics
+from conformance.format.weights import FFNWeights, GateWeights, LinearWeight
 
-from .fp8 import dequantize, fp8_matmul, quantize_activation
+from .fp8 import dequantize_weight, fp8_gemm, quantize_activation
 from .layers import swiglu_ffn
 
 MAX_TILE_ROWS = 64
@@ -54,9 +54,19 @@ def limit_to_groups(choice: tf.Tensor, config: ModelConfig) -> tf.Tensor:
     """Choice scores with every expert outside the topk_group best groups set to MASKED_CHOICE."""
     if config.n_expert_groups == 1:
         return choice
-    kept = tf.math.top_k(group_scores(choice, config), config.n_limited_groups).indices
+    kept = top_k(group_scores(choice, config), config.n_limited_groups)
     allowed = tf.reduce_any(tf.one_hot(kept, config.n_expert_groups, on_value=True, off_value=False), axis=1)
     return tf.where(tf.repeat(allowed, config.experts_per_group, axis=-1), choice, MASKED_CHOICE)
+
+
+def top_k(scores: tf.Tensor, k: int) -> tf.Tensor:
+    """Indices [T, k] of the k largest scores per row, best first."""
+    return tf.math.top_k(scores, k).indices
+
+
+def select_experts(choice: tf.Tensor, config: ModelConfig) -> tf.Tensor:
+    """The k experts [T, k] with the best choice scores inside the kept groups."""
+    return top_k(limit_to_groups(choice, config), config.n_activated_experts)
 
 
 def gate_weights(scores: tf.Tensor, experts: tf.Tensor, config: ModelConfig) -> tf.Tensor:
@@ -71,7 +81,7 @@ def route(x: tf.Tensor, gate: GateWeights, config: ModelConfig) -> tuple[tf.Tens
     """Gating weights [T, k] (float32) and chosen experts [T, k] (int32)."""
     scores = affinities(x, gate, config)
     choice = scores if gate.bias is None else scores + gate.bias
-    experts = tf.math.top_k(limit_to_groups(choice, config), config.n_activated_experts).indices
+    experts = select_experts(choice, config)
     return gate_weights(scores, experts, config), experts
 
 
@@ -96,8 +106,8 @@ def _tile_linear(tiles: tf.Tensor, weight: LinearWeight, tile_expert: tf.Tensor,
     scales = tf.gather(weight.scale_inv, tile_expert)
     if numerics.gemm_impl == "fp8":
         tiles_q, tiles_scale = quantize_activation(tiles, numerics.scale_fmt)
-        return tf.cast(fp8_matmul(tiles_q, tiles_scale, gathered, scales), tiles.dtype)
-    return tf.einsum("gmk,gnk->gmn", tiles, dequantize(gathered, scales, tiles.dtype))
+        return tf.cast(fp8_gemm(tiles_q, tiles_scale, gathered, scales), tiles.dtype)
+    return tf.einsum("gmk,gnk->gmn", tiles, dequantize_weight(gathered, scales, tiles.dtype))
 
 
 def routed_experts(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked: FFNWeights, config: ModelConfig,

@@ -10,17 +10,16 @@ rope key (kv_lora_rank + qk_rope_head_dim numbers per token).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-from .config import ModelConfig
-from .linear import Numerics, dense, linear
+from conformance.format.config import ModelConfig
+from conformance.format.numerics import AttentionForm, Numerics
+from conformance.format.weights import AttentionWeights
+
+from .linear import dense, linear
 from .norm import rms_norm
 from .rope import apply_rope, rotation_angles, softmax_scale
-from .weights import AttentionWeights
-
-AttentionForm = Literal["naive", "absorbed"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,8 @@ class LatentCache:
     rope_key: np.ndarray
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch: int, dtype: np.dtype) -> "LatentCache":
+    def allocate(cls, config: ModelConfig, batch: int, dtype: np.dtype) -> "LatentCache":
+        """An empty cache; it grows by `append`."""
         return cls(np.zeros((batch, 0, config.kv_lora_rank), dtype), np.zeros((batch, 0, config.qk_rope_head_dim), dtype))
 
     @property
@@ -43,6 +43,11 @@ class LatentCache:
                            np.concatenate([self.rope_key, rope_key], axis=1))
 
 
+def split_query_heads(q: np.ndarray, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Each head of q [B,S,H,nope+rope] is [q_nope; q_rope], the rope part last (eq. 8)."""
+    return q[..., : config.qk_nope_head_dim], q[..., config.qk_nope_head_dim:]
+
+
 def project_queries(x: np.ndarray, weights: AttentionWeights, config: ModelConfig,
                     numerics: Numerics) -> tuple[np.ndarray, np.ndarray]:
     """Per-head query parts (eq. 6-8): q_nope [B,S,H,nope] and the unrotated q_rope [B,S,H,rope]."""
@@ -51,8 +56,7 @@ def project_queries(x: np.ndarray, weights: AttentionWeights, config: ModelConfi
         q = linear(query_latent, weights.q_b_proj, numerics)
     else:
         q = linear(x, weights.q_proj, numerics)
-    q = q.reshape(*x.shape[:2], config.n_heads, config.qk_head_dim)
-    return q[..., : config.qk_nope_head_dim], q[..., config.qk_nope_head_dim:]
+    return split_query_heads(q.reshape(*x.shape[:2], config.n_heads, config.qk_head_dim), config)
 
 
 def project_latent(x: np.ndarray, weights: AttentionWeights, config: ModelConfig,
@@ -107,10 +111,11 @@ def mla(x: np.ndarray, weights: AttentionWeights, config: ModelConfig, numerics:
         raise ValueError(f"start_pos={start_pos} does not follow the {cache.length} cached tokens")
     queries = x.shape[1]
     angles = rotation_angles(config, np.arange(start_pos, start_pos + queries))
+    cos, sin = np.cos(angles), np.sin(angles)
     q_nope, q_rope = project_queries(x, weights, config, numerics)
-    q_rope = apply_rope(q_rope, angles[None, :, None, :])
+    q_rope = apply_rope(q_rope, cos[None, :, None], sin[None, :, None])
     kv_latent, rope_key = project_latent(x, weights, config, numerics)
-    cache = cache.append(kv_latent, apply_rope(rope_key, angles[None]))
+    cache = cache.append(kv_latent, apply_rope(rope_key, cos[None], sin[None]))
     mask = causal_mask(start_pos, queries, cache.length)
     if form == "naive":
         heads = naive_attention(q_nope, q_rope, cache, weights, config, numerics, mask)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .linear import Numerics, linear
-from .weights import FFNWeights
+from conformance.format.numerics import Numerics
+from conformance.format.weights import FFNWeights
+
+from .linear import linear
 
 
 def silu(x: np.ndarray) -> np.ndarray:

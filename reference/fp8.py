@@ -10,18 +10,12 @@ beyond +-448 saturate to +-448, NaN stays NaN, everything else rounds to nearest
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
-E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
-E4M3_MAX = 448.0
-BLOCK = 128
+from conformance.format.fp8 import BLOCK, E4M3, E4M3_MAX, FP8Error, scale_shape
+
 # Smallest activation amax used for a scale (official act_quant); avoids a zero scale for zero rows.
 ACT_AMAX_FLOOR = 1e-4
-
-
-class FP8Error(ValueError):
-    """Shapes or values the fp8 path cannot handle."""
 
 
 def to_e4m3(x: np.ndarray) -> np.ndarray:
@@ -30,38 +24,32 @@ def to_e4m3(x: np.ndarray) -> np.ndarray:
     return np.clip(x, -E4M3_MAX, E4M3_MAX).astype(E4M3)
 
 
-def scale_shape(shape: tuple[int, int], block: int = BLOCK) -> tuple[int, int]:
-    """Shape of the block-scale grid of a [out, in] weight: partial blocks count as whole ones."""
-    return (-(-shape[0] // block), -(-shape[1] // block))
-
-
-def _blocked(x: np.ndarray, block: int) -> np.ndarray:
-    """[out, in] zero-padded to whole blocks and viewed as [out_blocks, block, in_blocks, block]."""
-    rows, cols = scale_shape(x.shape, block)
-    padded = np.zeros((rows * block, cols * block), dtype=x.dtype)
+def _blocked(x: np.ndarray) -> np.ndarray:
+    """[out, in] zero-padded to whole blocks and viewed as [out_blocks, 128, in_blocks, 128]."""
+    rows, cols = scale_shape(x.shape)
+    padded = np.zeros((rows * BLOCK, cols * BLOCK), dtype=x.dtype)
     padded[: x.shape[0], : x.shape[1]] = x
-    return padded.reshape(rows, block, cols, block)
+    return padded.reshape(rows, BLOCK, cols, BLOCK)
 
 
-def quantize_weight(weight: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+def quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Quantize a [out, in] weight into e4m3 blocks and their float32 `scale_inv` (README_WEIGHTS.md)."""
     weight = np.asarray(weight, dtype=np.float32)
-    blocks = _blocked(weight, block)
+    blocks = _blocked(weight)
     # Padding is zero, so it never raises a block's amax (the padding rule).
     scale_inv = (np.abs(blocks).max(axis=(1, 3)) / np.float32(E4M3_MAX)).astype(np.float32)
     safe = np.where(scale_inv > 0, scale_inv, np.float32(1))[:, None, :, None]
-    quantized = to_e4m3(blocks / safe).reshape(blocks.shape[0] * block, blocks.shape[2] * block)
+    quantized = to_e4m3(blocks / safe).reshape(blocks.shape[0] * BLOCK, blocks.shape[2] * BLOCK)
     return quantized[: weight.shape[0], : weight.shape[1]], scale_inv
 
 
-def dequantize_weight(quantized: np.ndarray, scale_inv: np.ndarray, dtype=np.float64,
-                      block: int = BLOCK) -> np.ndarray:
+def dequantize_weight(quantized: np.ndarray, scale_inv: np.ndarray, dtype=np.float64) -> np.ndarray:
     """The dense weight q * scale_inv, each scale broadcast over its block."""
-    expected = scale_shape(quantized.shape, block)
+    expected = scale_shape(quantized.shape)
     if tuple(scale_inv.shape) != expected:
         raise FP8Error(f"scale of shape {list(scale_inv.shape)} does not match a weight of shape "
-                       f"{list(quantized.shape)}: expected {list(expected)} for {block}x{block} blocks")
-    scale = np.repeat(np.repeat(scale_inv.astype(dtype), block, axis=0), block, axis=1)
+                       f"{list(quantized.shape)}: expected {list(expected)} for {BLOCK}x{BLOCK} blocks")
+    scale = np.repeat(np.repeat(scale_inv.astype(dtype), BLOCK, axis=0), BLOCK, axis=1)
     return quantized.astype(dtype) * scale[: quantized.shape[0], : quantized.shape[1]]
 
 
@@ -75,11 +63,11 @@ def round_up_to_power_of_two(scales: np.ndarray) -> np.ndarray:
     return np.where(mantissa == 0.5, scales, np.ldexp(np.ones_like(scales), exponent)).astype(scales.dtype)
 
 
-def activation_scales(x: np.ndarray, scale_fmt: str | None = None, block: int = BLOCK) -> np.ndarray:
-    """Float32 scales per token per `block` channels: max(amax, 1e-4)/448, ue8m0 rounds up to 2^k."""
-    if x.shape[-1] % block:
-        raise FP8Error(f"activation width {x.shape[-1]} is not a multiple of {block}, as the fp8 path needs")
-    grouped = np.abs(x.reshape(*x.shape[:-1], x.shape[-1] // block, block)).astype(np.float32)
+def activation_scales(x: np.ndarray, scale_fmt: str | None = None) -> np.ndarray:
+    """Float32 scales per token per 128 channels: max(amax, 1e-4)/448, ue8m0 rounds up to 2^k."""
+    if x.shape[-1] % BLOCK:
+        raise FP8Error(f"activation width {x.shape[-1]} is not a multiple of {BLOCK}, as the fp8 path needs")
+    grouped = np.abs(x.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)).astype(np.float32)
     scales = np.maximum(grouped.max(axis=-1), np.float32(ACT_AMAX_FLOOR)) / np.float32(E4M3_MAX)
     if scale_fmt == "ue8m0":
         scales = round_up_to_power_of_two(scales)
@@ -88,17 +76,16 @@ def activation_scales(x: np.ndarray, scale_fmt: str | None = None, block: int = 
     return scales.astype(np.float32)
 
 
-def quantize_activation(x: np.ndarray, scale_fmt: str | None = None,
-                        block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """Quantize activations [..., K] to e4m3 with per-token per-`block` scales [..., K/block]."""
-    scales = activation_scales(x, scale_fmt, block)
-    grouped = x.reshape(*x.shape[:-1], -1, block) / scales[..., None].astype(x.dtype)
+def quantize_activation(x: np.ndarray, scale_fmt: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize activations [..., K] to e4m3 with per-token per-128 scales [..., K/128]."""
+    scales = activation_scales(x, scale_fmt)
+    grouped = x.reshape(*x.shape[:-1], -1, BLOCK) / scales[..., None].astype(x.dtype)
     return to_e4m3(grouped).reshape(x.shape), scales
 
 
 def fp8_gemm(x_q: np.ndarray, x_scale: np.ndarray, w_q: np.ndarray, w_scale: np.ndarray,
-             dtype=np.float64, block: int = BLOCK) -> np.ndarray:
-    """y = x @ w.T from e4m3 operands, promoted to `dtype` after every `block`-wide slice of K.
+             dtype=np.float64) -> np.ndarray:
+    """y = x @ w.T from e4m3 operands, promoted to `dtype` after every 128-wide slice of K.
 
     Each slice's fp8 product is exact in float64 (at most 42 significant bits), then scaled by the
     token's activation scale and the weight block's scale and accumulated.
@@ -106,15 +93,15 @@ def fp8_gemm(x_q: np.ndarray, x_scale: np.ndarray, w_q: np.ndarray, w_scale: np.
     out_features, k = w_q.shape
     if x_q.shape[-1] != k:
         raise FP8Error(f"activation width {x_q.shape[-1]} does not match weight input width {k}")
-    if k % block:
-        raise FP8Error(f"the fp8 GEMM needs K % {block} == 0, got K = {k}")
+    if k % BLOCK:
+        raise FP8Error(f"the fp8 GEMM needs K % {BLOCK} == 0, got K = {k}")
     rows = x_q.reshape(-1, k).astype(np.float64)
-    row_scales = x_scale.reshape(-1, k // block).astype(dtype)
+    row_scales = x_scale.reshape(-1, k // BLOCK).astype(dtype)
     weight = w_q.astype(np.float64)
-    column_block = np.arange(out_features) // block
+    column_block = np.arange(out_features) // BLOCK
     out = np.zeros((rows.shape[0], out_features), dtype=dtype)
-    for kb in range(k // block):
-        cols = slice(kb * block, (kb + 1) * block)
+    for kb in range(k // BLOCK):
+        cols = slice(kb * BLOCK, (kb + 1) * BLOCK)
         partial = (rows[:, cols] @ weight[:, cols].T).astype(dtype)
         out += partial * row_scales[:, kb, None] * w_scale[column_block, kb].astype(dtype)[None, :]
     return out.reshape(*x_q.shape[:-1], out_features)

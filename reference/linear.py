@@ -7,27 +7,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
 
+from conformance.format.numerics import Numerics
+from conformance.format.weights import LinearWeight
+
 from .fp8 import dequantize_weight, fp8_gemm, quantize_activation
-from .weights import LinearWeight
-
-
-@dataclass(frozen=True)
-class Numerics:
-    """How fp8 weights are multiplied: dequantized ("bf16") or with quantized activations ("fp8")."""
-
-    gemm_impl: Literal["bf16", "fp8"] = "bf16"
-    scale_fmt: Literal["ue8m0"] | None = None
-
-    def __post_init__(self) -> None:
-        if self.gemm_impl not in ("bf16", "fp8"):
-            raise ValueError(f"unknown gemm_impl {self.gemm_impl!r}: expected 'bf16' or 'fp8'")
-        if self.scale_fmt not in (None, "ue8m0"):
-            raise ValueError(f"unknown scale_fmt {self.scale_fmt!r}: expected 'ue8m0' or none")
 
 
 def dense(weight: LinearWeight, dtype: np.dtype) -> np.ndarray:

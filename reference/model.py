@@ -7,34 +7,15 @@ from typing import Sequence
 
 import numpy as np
 
-from .attention import AttentionForm, LatentCache, mla
-from .config import ModelConfig
+from conformance.format.config import ModelConfig
+from conformance.format.inputs import check_tokens
+from conformance.format.numerics import AttentionForm, Numerics
+from conformance.format.weights import FFNWeights, LayerWeights, ModelWeights, MoEWeights, map_arrays
+
+from .attention import LatentCache, mla
 from .ffn import swiglu_ffn
-from .linear import Numerics
 from .moe import moe
 from .norm import rms_norm
-from .weights import FFNWeights, LayerWeights, ModelWeights, map_arrays
-
-
-class InputError(ValueError):
-    """Tokens or positions the model cannot take."""
-
-
-def check_tokens(tokens: np.ndarray, config: ModelConfig, start_pos: int = 0) -> np.ndarray:
-    """Token ids [B, S] as int64, after checking their range and that they fit in max_seq_len."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or tokens.shape[1] == 0:
-        raise InputError(f"tokens must have shape [batch, seq] with seq >= 1, got {list(tokens.shape)}")
-    if not np.issubdtype(tokens.dtype, np.integer):
-        raise InputError(f"token ids must be integers, got dtype {tokens.dtype}")
-    bad = (tokens < 0) | (tokens >= config.vocab_size)
-    if bad.any():
-        position = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise InputError(f"token id {int(tokens[position])} at {list(position)} is outside "
-                         f"[0, vocab_size={config.vocab_size})")
-    if start_pos + tokens.shape[1] > config.max_seq_len:
-        raise InputError(f"positions up to {start_pos + tokens.shape[1] - 1} exceed max_seq_len={config.max_seq_len}")
-    return tokens.astype(np.int64)
 
 
 def block(x: np.ndarray, weights: LayerWeights, config: ModelConfig, numerics: Numerics, cache: LatentCache,
@@ -79,7 +60,7 @@ class Transformer:
         self.weights = map_arrays(weights, lambda a: a if a.dtype.itemsize == 1 else a.astype(self.dtype))
 
     def empty_caches(self, batch: int) -> tuple[LatentCache, ...]:
-        return tuple(LatentCache.empty(self.config, batch, self.dtype) for _ in self.weights.layers)
+        return tuple(LatentCache.allocate(self.config, batch, self.dtype) for _ in self.weights.layers)
 
     def forward(self, tokens: np.ndarray, start_pos: int = 0, caches: tuple[LatentCache, ...] | None = None,
                 forced_experts: Sequence[np.ndarray] | None = None) -> ForwardResult:
@@ -92,8 +73,8 @@ class Transformer:
         forced = iter(forced_experts) if forced_experts is not None else None
         h = self.weights.embed[tokens]
         hidden, experts, new_caches = [], [], []
-        for index, (layer, cache) in enumerate(zip(self.weights.layers, caches)):
-            choice = next(forced) if forced is not None and self.config.is_moe_layer(index) else None
+        for layer, cache in zip(self.weights.layers, caches):
+            choice = next(forced) if forced is not None and isinstance(layer.ffn, MoEWeights) else None
             h, cache, chosen = block(h, layer, self.config, self.numerics, cache, start_pos, self.attention, choice)
             hidden.append(h)
             new_caches.append(cache)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import ModelConfig
+from conformance.format.config import ModelConfig
+from conformance.format.numerics import Numerics
+from conformance.format.weights import FFNWeights, GateWeights, MoEWeights
+
 from .ffn import swiglu_ffn
-from .linear import Numerics
-from .weights import FFNWeights, GateWeights, MoEWeights
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -54,6 +55,11 @@ def limit_to_groups(choice: np.ndarray, config: ModelConfig) -> np.ndarray:
     return np.where(np.repeat(allowed, config.experts_per_group, axis=-1), choice, MASKED_CHOICE)
 
 
+def select_experts(choice: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """The k experts [T, k] with the best choice scores inside the kept groups (eq. 16)."""
+    return top_k(limit_to_groups(choice, config), config.n_activated_experts)
+
+
 def gate_weights(scores: np.ndarray, experts: np.ndarray, config: ModelConfig) -> np.ndarray:
     """Unbiased affinities of the chosen experts, normalized for sigmoid gates (eq. 13), times route_scale."""
     weights = np.take_along_axis(scores, experts, axis=-1)
@@ -66,7 +72,7 @@ def route(x: np.ndarray, gate: GateWeights, config: ModelConfig) -> tuple[np.nda
     """Gating weights [T, k] and chosen expert indices [T, k] for tokens x [T, dim]."""
     scores = affinities(x, gate, config)
     choice = scores if gate.bias is None else scores + gate.bias.astype(x.dtype)
-    experts = top_k(limit_to_groups(choice, config), config.n_activated_experts)
+    experts = select_experts(choice, config)
     return gate_weights(scores, experts, config), experts
 
 

@@ -1,6 +1,7 @@
 """Rotary position embedding with interleaved pairs and YaRN extension (report sections 2.1.1, 4.3).
 
-Elements (2i, 2i+1) of the rope part form one complex number rotated by position * freq_i.
+Elements (2i, 2i+1) of the rope part form one complex number rotated by position * freq_i
+(SEMANTICS.md section 2). Angles are computed in float64.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import math
 
 import numpy as np
 
-from .config import ModelConfig
+from conformance.format.config import ModelConfig, YarnScaling
 
 
 def base_frequencies(dim: int, theta: float) -> np.ndarray:
@@ -22,14 +23,13 @@ def yarn_correction_dim(rotations: float, dim: int, theta: float, original_seq_l
     return dim * math.log(original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
 
-def yarn_ramp(config: ModelConfig) -> np.ndarray:
-    """Per pair: 0 keeps the original frequency (fast pairs), 1 divides it by the factor (slow pairs)."""
-    yarn, dim = config.rope_scaling, config.qk_rope_head_dim
-    low = math.floor(yarn_correction_dim(yarn.beta_fast, dim, config.rope_theta, yarn.original_seq_len))
-    high = math.ceil(yarn_correction_dim(yarn.beta_slow, dim, config.rope_theta, yarn.original_seq_len))
+def yarn_ramp(yarn: YarnScaling, dim: int, theta: float) -> np.ndarray:
+    """Per pair: 0 keeps the original frequency (fast pairs, beta_fast side), 1 divides it by the factor."""
+    low = math.floor(yarn_correction_dim(yarn.beta_fast, dim, theta, yarn.original_seq_len))
+    high = math.ceil(yarn_correction_dim(yarn.beta_slow, dim, theta, yarn.original_seq_len))
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
-        high += 0.001
+        high += 0.001  # the official guard against a zero-width ramp
     return np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
 
 
@@ -38,7 +38,7 @@ def rope_frequencies(config: ModelConfig) -> np.ndarray:
     freqs = base_frequencies(config.qk_rope_head_dim, config.rope_theta)
     if not config.yarn_active:
         return freqs
-    ramp = yarn_ramp(config)
+    ramp = yarn_ramp(config.rope_scaling, config.qk_rope_head_dim, config.rope_theta)
     return freqs / config.rope_scaling.factor * ramp + freqs * (1 - ramp)
 
 
@@ -59,10 +59,10 @@ def rotation_angles(config: ModelConfig, positions: np.ndarray) -> np.ndarray:
     return np.outer(np.asarray(positions, dtype=np.float64), rope_frequencies(config))
 
 
-def apply_rope(x: np.ndarray, angles: np.ndarray) -> np.ndarray:
-    """Rotate interleaved pairs of x[..., rope_dim] by `angles` (broadcast to x[..., rope_dim/2])."""
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate interleaved pairs of x[..., rope_dim]; cos and sin broadcast to x[..., rope_dim/2]."""
     pairs = x.reshape(*x.shape[:-1], -1, 2)
     real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = np.cos(angles).astype(x.dtype), np.sin(angles).astype(x.dtype)
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
     rotated = np.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
     return rotated.reshape(x.shape)

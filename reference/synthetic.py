@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import ModelConfig
+from conformance.format.config import ModelConfig
+from conformance.format.weights import TensorSpec, expected_tensors
+
 from .fp8 import quantize_weight
-from .weights import TensorSpec, expected_tensors
 
 
 def _draw(spec: TensorSpec, rng: np.random.Generator, bias_mean: float, bias_std: float) -> np.ndarray:

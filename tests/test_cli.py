@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conformance.cli import main
+from conformance.format.safetensors_io import read_all, write_safetensors
 from conformance.manifest import verify
-from reference.safetensors_io import read_all, write_safetensors
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 TINY = GOLDEN / "official" / "v3-tiny"

@@ -7,8 +7,17 @@ import re
 
 import pytest
 
-from reference.config import (ConfigError, deepseek_v3_671b, from_dict, from_hf_dict, from_official_dict, load_config,
-                              preset, tiny, to_hf_dict)
+from conformance.format.config import (
+    ConfigError,
+    deepseek_v3_671b,
+    from_dict,
+    from_hf_dict,
+    from_official_dict,
+    load_config,
+    preset,
+    tiny,
+    to_hf_dict,
+)
 
 # inference/configs/config_671B.json of the official repository (SPEC section 1, official column).
 OFFICIAL_671B = {"vocab_size": 129280, "dim": 7168, "inter_dim": 18432, "moe_inter_dim": 2048, "n_layers": 61,

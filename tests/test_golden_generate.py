@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conformance.format.safetensors_io import read_all
 from conformance.golden_generate import ORACLE_CASES, generate_case
 from conformance.metrics import rel_err
-from reference.safetensors_io import read_all
 
 pytest.importorskip("transformers", reason="golden generation needs the oracle extra")
 ROOT = Path(__file__).resolve().parents[1]

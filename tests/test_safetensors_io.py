@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from reference.safetensors_io import SafetensorsError, SafetensorsFile, read_all, write_safetensors
+from conformance.format.safetensors_io import SafetensorsError, SafetensorsFile, read_all, write_safetensors
 
 
 def _arrays():

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import settings, strategies as st
+from hypothesis import settings
+from hypothesis import strategies as st
 
-from reference.config import ModelConfig, YarnScaling
+from conformance.format.config import ModelConfig, YarnScaling
+from conformance.format.weights import ModelWeights, assemble
 from reference.synthetic import random_tensors
-from reference.weights import ModelWeights, assemble
 
 
 def model_examples() -> int:

@@ -13,15 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from .errors import BadInput
+from .fp8 import BLOCK
 from .jsonfile import read_json
 
 ScoreFunc = Literal["sigmoid", "softmax"]
 
-# The only weight block size the official fp8 kernels support.
-FP8_BLOCK = 128
-
-
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """A config that cannot describe a runnable DeepSeek-V3 model."""
 
 
@@ -221,8 +219,8 @@ def _fp8_from_hf(quantization: Mapping[str, Any] | None) -> tuple[bool, str | No
     _require(method == "fp8", f"quantization_config.quant_method {method!r} is not supported: expected 'fp8'")
     _require(quantization.get("fmt", "e4m3") == "e4m3",
              f"quantization_config.fmt {quantization.get('fmt')!r} is not supported: expected 'e4m3'")
-    block = list(quantization.get("weight_block_size", [FP8_BLOCK, FP8_BLOCK]))
-    _require(block == [FP8_BLOCK, FP8_BLOCK],
+    block = list(quantization.get("weight_block_size", [BLOCK, BLOCK]))
+    _require(block == [BLOCK, BLOCK],
              f"quantization_config.weight_block_size {block} is not supported: expected [128, 128]")
     scheme = quantization.get("activation_scheme", "dynamic")
     _require(scheme == "dynamic", f"quantization_config.activation_scheme {scheme!r} is not supported: "
@@ -363,7 +361,7 @@ def to_hf_dict(config: ModelConfig) -> dict[str, Any]:
                                "original_max_position_embeddings": yarn.original_seq_len}
     if config.fp8_weights:
         raw["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                      "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+                                      "weight_block_size": [BLOCK, BLOCK]}
         if config.scale_fmt:
             raw["quantization_config"]["scale_fmt"] = config.scale_fmt
     raw.update(config.extra_fields)

@@ -17,6 +17,8 @@ from typing import Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from .errors import BadInput
+
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -35,7 +37,7 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(BadInput):
     """A safetensors file that cannot be read as written."""
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from reference.config import ModelConfig
-from reference.weights import GateWeights
+from conformance.format.config import ModelConfig
+from conformance.format.weights import GateWeights
 
 from . import fp8, moe
 
@@ -28,4 +28,4 @@ def quantize_activation(x: np.ndarray, scale_fmt: str | None) -> tuple[np.ndarra
 
 
 def fp8_gemm(x_q: np.ndarray, x_scale: np.ndarray, w_q: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
-    return fp8.fp8_matmul(tf.constant(x_q), tf.constant(x_scale), tf.constant(w_q), tf.constant(w_scale)).numpy()
+    return fp8.fp8_gemm(tf.constant(x_q), tf.constant(x_scale), tf.constant(w_q), tf.constant(w_scale)).numpy()

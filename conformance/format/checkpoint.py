@@ -16,8 +16,9 @@ from typing import Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import FP8_BLOCK, ModelConfig, to_hf_dict
-from .fp8 import E4M3
+from .config import ModelConfig, to_hf_dict
+from .errors import BadInput
+from .fp8 import BLOCK, E4M3
 from .jsonfile import read_json
 from .safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
 from .weights import ModelWeights, TensorSpec, assemble, expected_tensors
@@ -28,7 +29,7 @@ _OFFICIAL_FILE = re.compile(r"^model(\d+)-mp(\d+)\.safetensors$")
 _FLOAT_DTYPES = {"F32", "BF16", "F16", "F64"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput):
     """A checkpoint that does not hold what the config needs, exactly."""
 
 
@@ -357,9 +358,9 @@ def write_official(folder: str | Path, tensors: Mapping[str, np.ndarray], config
             if array.shape[dim] % mp:
                 raise CheckpointError(f"tensor {name!r} of shape {list(array.shape)} cannot be split into {mp} "
                                       f"parts along dim {dim}")
-            if f"{name}_scale_inv" in tensors and (array.shape[dim] // mp) % FP8_BLOCK:
+            if f"{name}_scale_inv" in tensors and (array.shape[dim] // mp) % BLOCK:
                 raise CheckpointError(f"fp8 tensor {name!r} of shape {list(array.shape)} split {mp} ways along dim "
-                                      f"{dim} would cut its {FP8_BLOCK}x{FP8_BLOCK} scale blocks")
+                                      f"{dim} would cut its {BLOCK}x{BLOCK} scale blocks")
             for part, piece in zip(parts, np.split(array, mp, axis=dim)):
                 part[official] = np.ascontiguousarray(piece)
     for index, part in enumerate(parts):

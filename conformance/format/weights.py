@@ -11,7 +11,7 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 
-from .config import FP8_BLOCK, ModelConfig
+from .config import ModelConfig
 from .fp8 import scale_shape
 
 Role = Literal["float", "fp8", "scale"]
@@ -110,7 +110,7 @@ def _linear(fetch: Fetch, config: ModelConfig, name: str, out_features: int, in_
     if quantizable and config.fp8_weights:
         shape = (out_features, in_features)
         return LinearWeight(fetch(TensorSpec(f"{name}.weight", shape, "fp8")),
-                            fetch(TensorSpec(f"{name}.weight_scale_inv", scale_shape(shape, FP8_BLOCK), "scale")))
+                            fetch(TensorSpec(f"{name}.weight_scale_inv", scale_shape(shape), "scale")))
     return LinearWeight(fetch(TensorSpec(f"{name}.weight", (out_features, in_features))))
 
 

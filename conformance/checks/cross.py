@@ -1,0 +1,86 @@
+"""Each backend against the float64 reference on generated models, prefill and decode, on equal routing.
+
+The candidate runs first and its expert choices are forced on the reference: in lower precision a near
+tie may route a token differently, which is legitimate, and must neither fail the numerics comparison
+nor hide a real difference. Routing itself is held by the routing checks and the goldens. Models cover
+q_lora 0 or not, sigmoid or softmax, 1 to 8 groups, strongly negative biases, YaRN on and off, fp8
+weights, batches above 1, and prompts that end at the last positions of max_seq_len.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import strategies as st
+
+from ..backends import REFERENCE, Runner, Unsupported
+from ..format.numerics import Numerics
+from ..verdict import expect_close
+from .registry import examples, register
+from .strategies import model_examples, models, prompt_and_continuation
+
+COMPONENT = "cross-backend"
+
+
+def expect_same_run(what: str, candidate: Runner, expected: Runner, prompt: np.ndarray, following: np.ndarray,
+                    policy_key: str):
+    """Prefill `prompt` then decode each column of `following` on both runners; compare all logits.
+
+    `expected` (the reference or the oracle) is forced to the candidate's expert choices at every step.
+    """
+    capacity = prompt.shape[1] + following.shape[1]
+    step = candidate.prefill(prompt, capacity=capacity)
+    got, wanted = [step.logits], [expected.prefill(prompt, step.experts).logits]
+    for column in following.T:
+        step = candidate.decode(column)
+        got.append(step.logits)
+        wanted.append(expected.decode(column, step.experts).logits)
+    return expect_close(f"{what}: logits of {prompt.shape[1]} prompt positions and {following.shape[1]} decode "
+                        f"steps (batch {len(prompt)})", np.concatenate(got, axis=1), np.concatenate(wanted, axis=1),
+                        policy_key)
+
+
+def require_dtype(backend, dtype: str) -> None:
+    """A candidate in `dtype` against the float64 reference: the reference itself only in float32."""
+    if backend.name == REFERENCE.name and dtype != "float32":
+        raise Unsupported("the reference is compared with itself in float32 only")
+    if dtype not in backend.dtypes:
+        raise Unsupported(f"backend {backend.name} does not compute in {dtype}")
+
+
+def _compare(backend, dtype, config, weights, data, numerics, policy_key):
+    prompt, following = data.draw(prompt_and_continuation(config))
+    expect_same_run(f"{backend.name} in {dtype} vs float64 reference on equal routing",
+                    backend.make_runner(config, weights, numerics, dtype),
+                    REFERENCE.make_runner(config, weights, numerics, "float64"), prompt, following, policy_key)
+
+
+def _dequantized(dtype: str):
+    @examples(model=models(), data=st.data(), max_examples=model_examples())
+    def compare(backend, model, data):
+        config, weights = model
+        _compare(backend, dtype, config, weights, data, Numerics(), f"cross.{dtype}")
+
+    def matches_reference_on_dequantized_path(backend):
+        """The backend in `dtype` vs the float64 reference (forced to the backend's routing)."""
+        require_dtype(backend, dtype)
+        compare(backend)
+    return matches_reference_on_dequantized_path
+
+
+def _fp8_path(dtype: str):
+    @examples(model=models(fp8_weights=True, fp8_aligned=True), data=st.data(), max_examples=model_examples())
+    def compare(backend, model, data):
+        config, weights = model
+        numerics = Numerics("fp8", data.draw(st.sampled_from([None, "ue8m0"])))
+        _compare(backend, dtype, config, weights, data, numerics, f"cross.fp8-path.{dtype}")
+
+    def matches_reference_on_fp8_activation_path(backend):
+        """The backend's fp8 activation path in `dtype` vs the float64 reference's."""
+        require_dtype(backend, dtype)
+        compare(backend)
+    return matches_reference_on_fp8_activation_path
+
+
+for _dtype in ("float32", "bfloat16"):
+    register(f"cross:dequantized[{_dtype}]", COMPONENT, _dequantized(_dtype))
+    register(f"cross:fp8-path[{_dtype}]", COMPONENT, _fp8_path(_dtype))

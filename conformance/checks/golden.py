@@ -1,0 +1,30 @@
+"""Every golden case of the shipped manifest, as one check per case."""
+
+from __future__ import annotations
+
+from ..golden import GoldenCase, check_case
+from ..manifest import case_dirs
+from ..paths import GOLDEN_DIR
+from ..verdict import CheckFailed, record
+from .registry import register
+
+COMPONENT = "golden cases"
+
+
+def golden_check(case_dir):
+    def matches_golden_case(backend):
+        """Backend output vs every expected tensor of the case (rel_err within the policy's tolerance)."""
+        case = GoldenCase.load(case_dir)
+        result = check_case(case, backend)
+        for comparison in result.results:
+            record(comparison, result.policy[comparison.name])
+        failures = [r for r in result.results if not r.passed]
+        if failures:
+            worst = max(failures, key=lambda r: (r.tolerance > 0, r.rel_err))  # a float tensor says more than tokens
+            raise CheckFailed(f"{result.case} on {backend.name}: {len(failures)} tensor(s) out of tolerance, worst "
+                              f"{worst.describe()}", worst)
+    return matches_golden_case
+
+
+for _case_dir in case_dirs(GOLDEN_DIR):
+    register(f"golden:{_case_dir.relative_to(GOLDEN_DIR).as_posix()}", COMPONENT, golden_check(_case_dir))

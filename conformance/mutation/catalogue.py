@@ -1,0 +1,303 @@
+"""The mutation catalogue: bug classes, each written once for every backend, and the checks that must catch it.
+
+A patch replaces `role:attribute` of a backend (planting.py) by what its maker returns from the original
+and a `Context` (the target's module and the backend's NumPy-like array namespace). Both built-in
+backends give their functions the same names and signatures, so one definition targets either; a
+backend that lacks a target is reported as not applicable. Control mutants change nothing: they must
+survive every check, which shows that planting alone kills nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from .planting import Context, Maker
+
+HISTORICAL, SEED, HARNESS, CONTROL = ("historical (SEMANTICS.md section 2)", "seed documents", "harness catalogue",
+                                      "control (changes nothing)")
+
+
+@dataclass(frozen=True)
+class Patch:
+    target: str  # "role:attribute" or "role:Class.attribute"
+    make: Maker
+
+
+@dataclass(frozen=True)
+class Mutant:
+    key: str
+    bug: str
+    origin: str
+    patches: tuple[Patch, ...]
+    checks: tuple[str, ...]
+
+    @property
+    def control(self) -> bool:
+        return self.origin == CONTROL
+
+
+# --- makers, one per bug ------------------------------------------------------------------------------------
+
+def _weights_from_choice(original, ctx: Context):
+    moe = ctx.module
+
+    def route(x, gate, config):
+        scores = moe.affinities(x, gate, config)
+        choice = scores if gate.bias is None else scores + gate.bias
+        experts = moe.select_experts(choice, config)
+        return moe.gate_weights(choice, experts, config), experts
+    return route
+
+
+def _group_max(original, ctx: Context):
+    def group_scores(choice, config):
+        return original(choice, config.replace(gate_bias=False))
+    return group_scores
+
+
+def _constant(value):
+    def make(original, ctx: Context):
+        return value
+    return make
+
+
+def _half_split(original, ctx: Context):
+    """Rotate-half RoPE on interleaved weights: rotating pairs (i, i + d/2) equals un-interleaving the
+    pairs, rotating them as interleaved, and interleaving back."""
+    xp = ctx.xp
+
+    def apply_rope(x, cos, sin):
+        half = x.shape[-1] // 2
+        order = [index for i in range(half) for index in (i, i + half)]
+        back = np.argsort(order).tolist()
+        return xp.take(original(xp.take(x, order, axis=-1), cos, sin), back, axis=-1)
+    return apply_rope
+
+
+def _no_mscale(original, ctx: Context):
+    def yarn_mscale(config):
+        return 1.0
+    return yarn_mscale
+
+
+def _mscale_squared(original, ctx: Context):
+    def yarn_mscale(config):
+        return original(config) ** 2
+    return yarn_mscale
+
+
+def _scale_over_nope_only(original, ctx: Context):
+    def softmax_scale(config):
+        return original(config) * (config.qk_head_dim / config.qk_nope_head_dim) ** 0.5
+    return softmax_scale
+
+
+def _ramp_betas_swapped(original, ctx: Context):
+    def yarn_ramp(yarn, dim, theta):
+        return original(dataclasses.replace(yarn, beta_fast=yarn.beta_slow, beta_slow=yarn.beta_fast), dim, theta)
+    return yarn_ramp
+
+
+def _rope_part_first(original, ctx: Context):
+    def split_query_heads(q, config):
+        rope = config.qk_rope_head_dim
+        return q[..., rope:], q[..., :rope]
+    return split_query_heads
+
+
+def _no_route_scale(original, ctx: Context):
+    def gate_weights(scores, experts, config):
+        return original(scores, experts, config) / config.route_scale
+    return gate_weights
+
+
+def _renormalize_softmax(original, ctx: Context):
+    def gate_weights(scores, experts, config):
+        return original(scores, experts, config.replace(score_func="sigmoid"))
+    return gate_weights
+
+
+def _swapped_scoring(original, ctx: Context):
+    def affinities(x, gate, config):
+        swapped = "softmax" if config.score_func == "sigmoid" else "sigmoid"
+        return original(x, gate, config.replace(score_func=swapped, gate_bias=False, route_scale=1.0))
+    return affinities
+
+
+def _bias_in_logits(original, ctx: Context):
+    """The correction bias used as a Linear bias of the router: sigmoid(x W^T + b), so it reaches the weights."""
+    xp = ctx.xp
+
+    def affinities(x, gate, config):
+        if gate.bias is None:
+            return original(x, gate, config)
+        ones = xp.ones_like(x[:, :1])
+        weight = xp.concatenate([gate.weight, xp.reshape(gate.bias, (-1, 1))], axis=1)
+        return original(xp.concatenate([x, ones], axis=1), dataclasses.replace(gate, weight=weight), config)
+    return affinities
+
+
+def _drop_norm(field_name: str) -> Maker:
+    """Calls the projection with that norm's weight set to None (the None-tolerant rms_norm then skips it)."""
+    def make(original, ctx: Context):
+        def project(x, weights, config, *rest):
+            return original(x, dataclasses.replace(weights, **{field_name: None}), config, *rest)
+        return project
+    return make
+
+
+def _norm_tolerating_none(original, ctx: Context):
+    def rms_norm(x, weight, eps):
+        return x if weight is None else original(x, weight, eps)
+    return rms_norm
+
+
+def _decode_misses_own_key(original, ctx: Context):
+    def causal_mask(start_pos, queries, keys):
+        return original(start_pos - 1, queries, keys) if queries == 1 else original(start_pos, queries, keys)
+    return causal_mask
+
+
+def _peek_ahead(original, ctx: Context):
+    def causal_mask(start_pos, queries, keys):
+        return original(start_pos + 1, queries, keys) if queries > 1 else original(start_pos, queries, keys)
+    return causal_mask
+
+
+def _decode_rope_shifted(original, ctx: Context):
+    def rotation_angles(config, positions):
+        return original(config, positions + 1 if positions.shape[0] == 1 else positions)
+    return rotation_angles
+
+
+def _no_shared(original, ctx: Context):
+    def shared_experts(x, shared, numerics):
+        return x * 0
+    return shared_experts
+
+
+def _no_group_limit(original, ctx: Context):
+    def limit_to_groups(choice, config):
+        return choice
+    return limit_to_groups
+
+
+def _scale_over_127(original, ctx: Context):
+    def activation_scales(x, scale_fmt=None):
+        return original(x, scale_fmt) * (448 / 127)
+    return activation_scales
+
+
+def _transposed(xp, grid):
+    square = grid.shape[-1] == grid.shape[-2]
+    return xp.swapaxes(grid, -1, -2) if square else xp.flip(xp.flip(grid, axis=-1), axis=-2)
+
+
+def _transposed_dequantize(original, ctx: Context):
+    def dequantize_weight(quantized, scale_inv, *rest):
+        return original(quantized, _transposed(ctx.xp, scale_inv), *rest)
+    return dequantize_weight
+
+
+def _transposed_gemm(original, ctx: Context):
+    def fp8_gemm(x_q, x_scale, w_q, w_scale, *rest):
+        return original(x_q, x_scale, w_q, _transposed(ctx.xp, w_scale), *rest)
+    return fp8_gemm
+
+
+def _ue8m0_down(original, ctx: Context):
+    def round_up_to_power_of_two(scales):
+        up = original(scales)
+        return ctx.xp.where(up == scales, scales, up / 2)
+    return round_up_to_power_of_two
+
+
+def _pass_through(original, ctx: Context):
+    def same(*args, **kwargs):
+        return original(*args, **kwargs)
+    return same
+
+
+# --- the catalogue ------------------------------------------------------------------------------------------
+
+# Each mutant names the checks able to see its bug, cheapest first (a run that stops at the first kill
+# stays short). A golden case pins all semantics at once; the cross-backend check sees a tf mutant against
+# the unmutated reference; the property checks see what breaks the equality of two code paths.
+ROUTING = ("routing:groups", "routing:choice", "routing:weights", "routing:k")
+TINY = ("golden:official/v3-tiny",)
+GROUPS = ("golden:oracle/moe-groups",)
+DECODE = ("properties:prefill-decode",)
+CROSS = ("cross:dequantized[float32]",)
+FP8 = ("fp8:activation-scales", "fp8:h100-activations[ue8m0]", "fp8:h100-gemm[k4096]", "fp8:gemm",
+       "fp8:h100-nearer-fp8")
+
+
+def _one(target: str, make: Maker) -> tuple[Patch, ...]:
+    return (Patch(target, make),)
+
+
+def _without_norm(projection: str, field_name: str) -> tuple[Patch, ...]:
+    return (Patch(f"attention:{projection}", _drop_norm(field_name)), Patch("norm:rms_norm", _norm_tolerating_none))
+
+
+
+CATALOGUE = [
+    Mutant("gate-weights-from-biased-scores", "gating weights taken from s + bias instead of s", HISTORICAL,
+           _one("moe:route", _weights_from_choice), ROUTING + TINY + GROUPS),
+    Mutant("group-score-max-with-bias", "group score = max instead of the top-2 sum when a bias exists", HISTORICAL,
+           _one("moe:group_scores", _group_max), ROUTING + TINY + GROUPS),
+    Mutant("masked-groups-zero", "experts of dropped groups set to 0 instead of -inf", HISTORICAL,
+           _one("moe:MASKED_CHOICE", _constant(0.0)), ROUTING + TINY + GROUPS),
+    Mutant("rope-half-split", "rotate-half RoPE applied to interleaved weights", HISTORICAL,
+           _one("rope:apply_rope", _half_split), TINY + CROSS),
+    Mutant("yarn-mscale-missing", "YaRN attention scale m^2 left out", HISTORICAL,
+           _one("rope:yarn_mscale", _no_mscale), TINY + ("golden:oracle/yarn-on-mscale",) + CROSS),
+    Mutant("yarn-mscale-applied-twice", "YaRN m^2 applied twice (m^4)", HISTORICAL,
+           _one("rope:yarn_mscale", _mscale_squared), TINY + ("golden:oracle/yarn-on-mscale",) + CROSS),
+    Mutant("route-scale-missing", "routed_scaling_factor not applied", HISTORICAL,
+           _one("moe:gate_weights", _no_route_scale), ROUTING + TINY + GROUPS),
+    Mutant("scoring-func-swapped", "sigmoid and softmax scoring swapped (scoring_func ignored)", HISTORICAL,
+           _one("moe:affinities", _swapped_scoring), ROUTING + TINY),
+    Mutant("yarn-ramp-betas-swapped", "YaRN ramp computed with beta_fast and beta_slow swapped", HARNESS,
+           _one("rope:yarn_ramp", _ramp_betas_swapped), TINY + CROSS),
+    Mutant("softmax-scale-nope-only", "attention scale 1/sqrt(qk_nope_head_dim) instead of 1/sqrt(nope + rope)",
+           HARNESS, _one("rope:softmax_scale", _scale_over_nope_only), TINY + CROSS),
+    Mutant("rope-on-nope-part", "query heads split [rope; nope]: RoPE rotates the first elements, part of nope",
+           HARNESS, _one("attention:split_query_heads", _rope_part_first), TINY + CROSS),
+    Mutant("gate-bias-in-logits", "correction bias added to the router logits (as a Linear bias), reaching the "
+           "gating weights", HARNESS, _one("moe:affinities", _bias_in_logits), ROUTING + TINY),
+    Mutant("kv-norm-skipped", "kv_a_layernorm not applied to the kv latent", HARNESS,
+           _without_norm("project_latent", "kv_a_norm"), TINY + CROSS),
+    Mutant("q-norm-skipped", "q_a_layernorm not applied to the query latent", HARNESS,
+           _without_norm("project_queries", "q_a_norm"), TINY + CROSS),
+    Mutant("cache-off-by-one", "a decode step attends to the cache without its own new entry", HARNESS,
+           _one("attention:causal_mask", _decode_misses_own_key), TINY + DECODE),
+    Mutant("decode-position-off-by-one", "decode rotates the new token at position + 1", HARNESS,
+           _one("rope:rotation_angles", _decode_rope_shifted), TINY + DECODE),
+    Mutant("causal-mask-peeks-ahead", "the prefill mask lets each token see the next one", HARNESS,
+           _one("attention:causal_mask", _peek_ahead), TINY + DECODE),
+    Mutant("shared-expert-dropped", "the shared experts' output is not added", HARNESS,
+           _one("moe:shared_experts", _no_shared), TINY + GROUPS),
+    Mutant("group-limit-ignored", "top-k over all experts, topk_group not enforced", HARNESS,
+           _one("moe:limit_to_groups", _no_group_limit), ROUTING + TINY + GROUPS),
+    Mutant("softmax-gate-renormalized", "softmax gating weights renormalized like sigmoid ones", HARNESS,
+           _one("moe:gate_weights", _renormalize_softmax), ROUTING),
+    Mutant("fp8-scale-over-127", "activation scales amax/127 (int8 habit) instead of amax/448", SEED,
+           _one("fp8:activation_scales", _scale_over_127), FP8),
+    Mutant("fp8-block-transposed", "weight block scales indexed (col, row) instead of (row, col)", HARNESS,
+           (Patch("fp8:dequantize_weight", _transposed_dequantize), Patch("fp8:fp8_gemm", _transposed_gemm)),
+           ("fp8:h100-gemm[k4096]", "fp8:gemm", "golden:official/v3-tiny-fp8", "golden:oracle/fp8-weights")),
+    Mutant("ue8m0-rounds-down", "ue8m0 scales rounded down to a power of two instead of up", HARNESS,
+           _one("fp8:round_up_to_power_of_two", _ue8m0_down), FP8),
+    Mutant("control-pass-through", "pass-through wrappers around route, RoPE, the mask and the activation "
+           "quantizer", CONTROL,
+           tuple(Patch(target, _pass_through) for target in ("moe:route", "rope:apply_rope", "attention:causal_mask",
+                                                             "fp8:quantize_activation")),
+           ROUTING + TINY + DECODE + ("fp8:gemm",)),
+    Mutant("control-same-constant", "the masked-group constant replaced by an equal value", CONTROL,
+           _one("moe:MASKED_CHOICE", _constant(float("-inf"))), ROUTING + GROUPS),
+]
+MUTANTS = {mutant.key: mutant for mutant in CATALOGUE}

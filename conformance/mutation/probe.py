@@ -1,0 +1,113 @@
+"""A backend's fingerprint: its outputs on fixed inputs, compared bit for bit.
+
+It answers two questions. Does a mutant change the backend at all (an equivalent mutant tests
+nothing)? And after mutants were planted and removed, does the whole backend compute exactly what it
+did before (nothing leaked)? The inputs touch every mutation target: the router on biased grouped and
+softmax gates, the fp8 components, and small models with YaRN active, a V2-style gate, and fp8 weights
+on both numerics paths, in both attention forms, prefill and decode.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from reference.fp8 import quantize_weight
+
+from ..backends import Backend, Unsupported
+from ..checks.strategies import build_weights
+from ..format.config import YarnScaling, tiny, tiny_fp8, tiny_v2
+from ..format.numerics import Numerics
+from ..format.weights import GateWeights
+
+Output = tuple[str, np.ndarray]
+
+
+def _gate_inputs() -> list[tuple[str, object, np.ndarray, GateWeights]]:
+    rng = np.random.default_rng(7)
+    cases = []
+    for name, config in (("sigmoid-grouped", tiny(n_routed_experts=16, n_expert_groups=4, n_limited_groups=2,
+                                                  n_activated_experts=4)), ("softmax", tiny_v2())):
+        x = rng.standard_normal((64, config.dim))
+        weight = rng.standard_normal((config.n_routed_experts, config.dim)) / np.sqrt(config.dim)
+        bias = rng.normal(-2.0, 1.0, config.n_routed_experts) if config.gate_bias else None
+        cases.append((name, config, x, GateWeights(weight, bias)))
+    return cases
+
+
+def _component_outputs(backend: Backend) -> Iterator[Output]:
+    for name, config, x, gate in _gate_inputs():
+        weights, experts = backend.component("route")(x, gate, config)
+        yield f"route[{name}].weights", weights
+        yield f"route[{name}].experts", experts
+    probe = np.array([500.0, -500.0, 448.0, 1.0625, 1.1875, 3e-3, 0.0, np.nan], np.float32)
+    yield "to_e4m3", backend.component("to_e4m3")(probe)
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((4, 256)) * np.array([[1e-6], [0.7], [3.0], [300.0]])).astype(np.float32)
+    x[0] = 0.0
+    for scale_fmt in (None, "ue8m0"):
+        x_q, x_scale = backend.component("quantize_activation")(x, scale_fmt)
+        yield f"quantize_activation[{scale_fmt}]", np.asarray(x_q).view(np.uint8)
+        yield f"activation_scales[{scale_fmt}]", x_scale
+        for rows in (300, 256):
+            w_q, w_scale = quantize_weight(rng.standard_normal((rows, 256)))
+            yield f"fp8_gemm[{scale_fmt}, {rows}]", backend.component("fp8_gemm")(x_q, x_scale, w_q, w_scale)
+
+
+# Models whose outputs every model-level mutation target changes: YaRN active with a 16-wide rope part
+# (so the ramp has interior pairs), strongly negative gate biases, softmax gates, fp8 weights.
+_YARN = tiny(qk_rope_head_dim=16, max_seq_len=128, rope_scaling=YarnScaling(factor=40.0, original_seq_len=64),
+             name="probe-yarn")
+_MODELS: list[tuple[str, object, Numerics, str]] = [
+    ("yarn-absorbed", _YARN, Numerics(), "absorbed"),
+    ("yarn-naive", _YARN, Numerics(), "naive"),
+    ("v2", tiny_v2(name="probe-v2"), Numerics(), "absorbed"),
+    ("fp8-path-ue8m0", tiny_fp8(name="probe-fp8"), Numerics("fp8", "ue8m0"), "absorbed"),
+    ("fp8-dequantized", tiny_fp8(name="probe-fp8"), Numerics(), "absorbed"),
+]
+
+
+def _model_outputs(backend: Backend) -> Iterator[Output]:
+    for name, config, numerics, form in _MODELS:
+        weights = build_weights(config, seed=9, bias_mean=-2.0)
+        prompt = np.random.default_rng(10).integers(0, config.vocab_size, (2, 5))
+        try:
+            runner = backend.make_runner(config, weights, numerics, attention=form)
+            steps = [runner.prefill(prompt, capacity=7)]
+            steps += [runner.decode(token) for token in np.array([[1, 2], [3, 4]])]
+        except Unsupported:
+            continue
+        for index, step in enumerate(steps):
+            yield f"{name}.step{index}.logits", step.logits
+            for layer, hidden in enumerate(step.hidden):
+                yield f"{name}.step{index}.hidden{layer}", hidden
+            for layer, experts in enumerate(step.experts):
+                yield f"{name}.step{index}.experts{layer}", experts
+
+
+def outputs(backend: Backend) -> Iterator[Output]:
+    """Every probe output of `backend`, cheapest first."""
+    try:
+        yield from _component_outputs(backend)
+    except Unsupported:
+        pass
+    yield from _model_outputs(backend)
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def fingerprint(backend: Backend) -> dict[str, np.ndarray]:
+    return {name: np.array(value) for name, value in outputs(backend)}
+
+
+def first_difference(backend: Backend, reference: dict[str, np.ndarray]) -> str | None:
+    """The first probe output of `backend` that differs from `reference` in any bit (None: all equal)."""
+    for name, value in outputs(backend):
+        if name not in reference or not _same(value, reference[name]):
+            return name
+    return None
+

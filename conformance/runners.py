@@ -1,0 +1,82 @@
+"""The runners of the built-in backends, and greedy generation over any runner."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backends import Routing, Runner, StepOutput, Unsupported
+from .format.config import ModelConfig
+from .format.inputs import InputError
+from .format.numerics import AttentionForm, Numerics
+from .format.weights import ModelWeights
+
+
+class NonFiniteOutput(RuntimeError):
+    """A backend produced NaN or Inf logits from valid, finite inputs."""
+
+
+class ReferenceRunner(Runner):
+    def __init__(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics, dtype: str,
+                 attention: AttentionForm):
+        from reference.model import Transformer
+
+        self.config = config
+        self.model = Transformer(config, weights, numerics, np.dtype(dtype), attention)
+        self.caches = None
+
+    def _step(self, result) -> StepOutput:
+        self.caches = result.caches
+        return StepOutput(result.logits, result.hidden, result.experts)
+
+    def prefill(self, tokens: np.ndarray, forced_experts: Routing = None, capacity: int | None = None) -> StepOutput:
+        return self._step(self.model.prefill(tokens, forced_experts))
+
+    def decode(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
+        if self.caches is None:
+            raise InputError("decode called before prefill")
+        return self._step(self.model.decode(tokens, self.caches, forced_experts))
+
+
+class TFRunner(Runner):
+    """The TensorFlow implementation (impl/), imported on first use. It routes by itself."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics, dtype: str,
+                 attention: AttentionForm):
+        from impl.model import TFTransformer
+
+        self.config = config
+        self.model = TFTransformer(config, weights, numerics, dtype, attention)
+
+    @staticmethod
+    def _step(result, forced_experts: Routing) -> StepOutput:
+        if forced_experts is not None:
+            raise Unsupported("the tf backend routes by itself: forced routing is a reference-only input")
+        return StepOutput(*result)
+
+    def prefill(self, tokens: np.ndarray, forced_experts: Routing = None, capacity: int | None = None) -> StepOutput:
+        return self._step(self.model.prefill(tokens, capacity), forced_experts)
+
+    def decode(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
+        return self._step(self.model.decode(tokens), forced_experts)
+
+
+def _finite(logits: np.ndarray, where: str) -> np.ndarray:
+    if not np.isfinite(logits).all():
+        bad = int(np.count_nonzero(~np.isfinite(logits)))
+        raise NonFiniteOutput(f"{bad} non-finite logit(s) {where}")
+    return logits
+
+
+def greedy(runner: Runner, prompt: np.ndarray, steps: int) -> np.ndarray:
+    """Greedy continuation [B, steps]; NonFiniteOutput if any logits it chooses from are not finite."""
+    if steps < 0:
+        raise InputError(f"steps must be >= 0, got {steps}")
+    logits = _finite(runner.prefill(prompt, capacity=prompt.shape[1] + max(steps - 1, 0)).logits_last,
+                     "after the prompt")
+    generated = []
+    for step in range(steps):
+        token = np.argmax(logits, axis=-1)
+        generated.append(token)
+        if step + 1 < steps:
+            logits = _finite(runner.decode(token).logits_last, f"at decode step {step}")
+    return np.stack(generated, axis=1) if generated else np.zeros((len(prompt), 0), np.int64)

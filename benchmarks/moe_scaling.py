@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from conformance.checks.strategies import build_weights
 from conformance.format.config import tiny
 from conformance.format.numerics import Numerics
-from conformance.checks.strategies import build_weights
 from impl.model import to_tf
 from impl.moe import moe, route
 

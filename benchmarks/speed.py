@@ -12,8 +12,8 @@ import time
 import numpy as np
 
 from conformance.backends import resolve_backend
-from conformance.format.config import tiny
 from conformance.checks.strategies import build_weights
+from conformance.format.config import tiny
 
 from .timing import gate, median_seconds, write_results
 

@@ -88,17 +88,25 @@ class Backend:
     components: str | Any | None = None
     default_dtype: str = "float32"
     dtypes: tuple[str, ...] = ("float32",)
+    gemm_impls: tuple[str, ...] = ("bf16", "fp8")  # numerics paths for fp8 weights (format/numerics.py)
+    attention_forms: tuple[str, ...] = ("naive", "absorbed")
     # mutation catalogue: role ("moe", "rope", "attention", "fp8", "model") -> module path
     mutation_targets: Mapping[str, str] = field(default_factory=dict)
     # the NumPy-like namespace the target modules compute with (mutants that need array ops use it)
     array_namespace: str = "numpy"
     description: str = ""
 
+    def require(self, dtype: str | None = None, gemm_impl: str | None = None, attention: str | None = None) -> None:
+        """Raise Unsupported unless the backend runs this dtype, numerics path and attention form."""
+        for what, value, supported in (("dtype", dtype, self.dtypes), ("gemm_impl", gemm_impl, self.gemm_impls),
+                                       ("attention form", attention, self.attention_forms)):
+            if value is not None and value not in supported:
+                raise Unsupported(f"backend {self.name} has no {what} {value} (it has {', '.join(supported)})")
+
     def make_runner(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics = Numerics(),
                     dtype: str | None = None, attention: AttentionForm = "absorbed") -> Runner:
         dtype = dtype or self.default_dtype
-        if dtype not in self.dtypes:
-            raise Unsupported(f"backend {self.name} computes in {', '.join(self.dtypes)}, not {dtype}")
+        self.require(dtype, numerics.gemm_impl if config.fp8_weights else None, attention)
         return self.runner(config, weights, numerics, dtype, attention)
 
     def component(self, name: str) -> Callable:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
-from .backends import DEFAULT_BACKENDS, resolve_backend, resolve_backends
+from .backends import DEFAULT_BACKENDS, Unsupported, resolve_backend, resolve_backends
 from .format.checkpoint import load_weights, open_checkpoint
 from .format.config import ModelConfig, load_config
 from .format.errors import BadInput
@@ -61,7 +61,8 @@ def _check_golden(args: argparse.Namespace) -> int:
     print(f"case {result.case} on backend {result.backend}")
     print(results_table(result))
     if result.not_compared:
-        print(f"not compared (unknown to this harness): {', '.join(result.not_compared)}", file=sys.stderr)
+        print(f"not compared (unknown to this harness, or not run by the backend): {', '.join(result.not_compared)}",
+              file=sys.stderr)
     failed = [r for r in result.results if not r.passed]
     print(f"{'PASSED' if result.passed else 'FAILED'}: {len(result.results) - len(failed)}/{len(result.results)} "
           "tensors within tolerance")
@@ -259,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except BadInput as error:
+        print(f"dsv3-conformance: error: {error}", file=sys.stderr)
+        return BAD_INPUT
+    except Unsupported as error:  # the input asks for what the chosen backend does not implement
         print(f"dsv3-conformance: error: {error}", file=sys.stderr)
         return BAD_INPUT
     except OSError as error:  # a file the user named cannot be read (permissions, a folder for a file, ...)

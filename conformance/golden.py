@@ -1,4 +1,4 @@
-"""Golden cases (SPEC section 8) and checking a backend against them.
+"""Golden cases (GOLDEN.md) and checking a backend against them.
 
 A case folder holds `config.json`, the weights (`model.safetensors`, shards with an index, or the
 official layout), `expected.safetensors`, an optional `meta.json` and optional `expected-<label>.safetensors`.
@@ -6,6 +6,12 @@ official layout), `expected.safetensors`, an optional `meta.json` and optional `
 absent). An extra file uses the fp8 activation path when its label contains "fp8", unless
 `meta.json["expected_files"][file]["gemm_impl"]` says otherwise. Its tokens default to those of
 `expected.safetensors`.
+
+Everything is validated when the case is loaded, before any backend runs: every expected tensor must
+be finite, of a float (or, for tokens, integer) dtype and of the shape the config and the tokens imply;
+tokens must lie in the vocabulary and fit in max_position_embeddings; `tokens.decoded` must be the
+greedy choice of the file's own logits; and a case must hold something to compare. A case that fails
+any of this is bad input (exit 2), never a conformance failure.
 """
 
 from __future__ import annotations
@@ -13,18 +19,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from conformance.format.checkpoint import load_weights, open_checkpoint
-from conformance.format.config import ModelConfig, load_config
-from conformance.format.jsonfile import read_json
-from conformance.format.numerics import Numerics
-from conformance.format.safetensors_io import SafetensorsError, read_all
-from conformance.format.weights import ModelWeights
-
-from .backends import Backend, Runner, resolve_backend
+from .backends import Backend, Runner, Unsupported, resolve_backend
+from .format.checkpoint import load_weights, open_checkpoint
+from .format.config import ModelConfig, load_config
 from .format.errors import BadInput
+from .format.jsonfile import read_json
+from .format.numerics import Numerics
+from .format.safetensors_io import read_all
+from .format.weights import ModelWeights
 from .metrics import Comparison
 from .runners import greedy
 from .tolerances import Tolerance, tolerance
@@ -33,7 +39,8 @@ EXPECTED = "expected.safetensors"
 _EXTRA = re.compile(r"^expected-(?P<label>[A-Za-z0-9_.-]+)\.safetensors$")
 _HIDDEN = re.compile(r"^prefill\.layer\.(\d+)\.hidden$")
 _DECODE = re.compile(r"^decode\.(\d+)\.logits$")
-_INPUTS = {"tokens.prompt"}
+_LOGITS = ("prefill.logits_last", "prefill.logits", "prefill.logits_last.naive")
+GEMM_IMPLS = ("bf16", "fp8")
 
 
 class GoldenError(BadInput):
@@ -49,6 +56,31 @@ class ExpectedFile:
 
     def result_name(self, name: str) -> str:
         return f"{self.label}:{name}" if self.label else name
+
+
+def _meta_field(meta: dict, path: Path, key: str, allowed: tuple[str, ...] | None, default: Any) -> Any:
+    value = meta.get(key, default)
+    if allowed is not None and value not in allowed:
+        raise GoldenError(f"{path}: field {key!r} must be one of {list(allowed)}, found {value!r}")
+    return value
+
+
+def _read_meta(path: Path) -> dict:
+    file = path / "meta.json"
+    if not file.exists():
+        return {}
+    meta = read_json(file, GoldenError, "meta.json")
+    if not isinstance(meta, dict):
+        raise GoldenError(f"{file}: must be a JSON object, found {type(meta).__name__}")
+    overrides = meta.get("expected_files", {})
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise GoldenError(f"{file}: 'expected_files' must map file names to objects, found {overrides!r}")
+    for name, override in overrides.items():
+        _meta_field(override, file, "gemm_impl", GEMM_IMPLS, "bf16")
+    _meta_field(meta, file, "gemm_impl", GEMM_IMPLS, "bf16")
+    if not isinstance(meta.get("case", ""), str):
+        raise GoldenError(f"{file}: field 'case' must be a string, found {meta['case']!r}")
+    return meta
 
 
 @dataclass
@@ -67,20 +99,20 @@ class GoldenCase:
         path = Path(path)
         if not (path / EXPECTED).is_file():
             raise GoldenError(f"{path}: not a golden case, no {EXPECTED}")
-        meta = read_json(path / "meta.json", GoldenError, "meta.json") if (path / "meta.json").is_file() else {}
+        meta = _read_meta(path)
         case = cls(path, load_config(path), meta)
         overrides = meta.get("expected_files", {})
         base_impl = meta.get("gemm_impl", "bf16")
-        case.files.append(ExpectedFile(path / EXPECTED, "", base_impl, _read(path / EXPECTED)))
+        case.files.append(ExpectedFile(path / EXPECTED, "", base_impl, read_all(path / EXPECTED)))
         for extra in sorted(path.glob("expected-*.safetensors")):
             match = _EXTRA.match(extra.name)
             if not match:
                 raise GoldenError(f"{extra}: expected files are named expected-<label>.safetensors")
             label = match["label"]
             impl = overrides.get(extra.name, {}).get("gemm_impl", "fp8" if "fp8" in label else base_impl)
-            case.files.append(ExpectedFile(extra, label, impl, _read(extra)))
-        if "tokens.prompt" not in case.files[0].tensors:
-            raise GoldenError(f"{path / EXPECTED}: lacks tokens.prompt")
+            case.files.append(ExpectedFile(extra, label, impl, read_all(extra)))
+        for file in case.files:
+            _validate(case, file)
         return case
 
     def weights(self) -> ModelWeights:
@@ -96,23 +128,105 @@ class GoldenCase:
             return tolerance("golden.fp8-path")
         compute = self.meta.get("compute_dtype", "float32")
         if compute != "float32":
-            raise GoldenError(f"{self.path}: no tolerance policy for goldens computed in {compute}")
+            raise GoldenError(f"{self.path}: no tolerance policy for goldens computed in {compute!r}")
         return tolerance("golden.float32-path")
 
 
-def _read(path: Path) -> dict[str, np.ndarray]:
-    try:
-        return read_all(path)
-    except SafetensorsError as error:
-        raise GoldenError(str(error)) from None
+# --- validation --------------------------------------------------------------------------------------------
 
+def _expected_shape(name: str, config: ModelConfig, batch: int, prompt: int, decoded: int | None) -> tuple | None:
+    """The shape `name` must have, or None for a name this harness does not compare."""
+    if name == "tokens.prompt":
+        return (batch, prompt)
+    if name == "tokens.decoded":
+        return (batch, decoded)
+    if name in ("prefill.logits_last", "prefill.logits_last.naive"):
+        return (batch, config.vocab_size)
+    if name == "prefill.logits":
+        return (batch, prompt, config.vocab_size)
+    if (hidden := _HIDDEN.match(name)) and int(hidden[1]) < config.n_layers:
+        return (batch, prompt, config.dim)
+    if (step := _DECODE.match(name)) and decoded is not None and int(step[1]) < decoded:
+        return (batch, config.vocab_size)
+    return None
+
+
+def _check_tokens(where: str, tokens: np.ndarray, config: ModelConfig) -> None:
+    if tokens.ndim != 2 or 0 in tokens.shape:
+        raise GoldenError(f"{where}: expected shape [batch, length] with both >= 1, found {list(tokens.shape)}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise GoldenError(f"{where}: expected integer token ids, found dtype {tokens.dtype}")
+    bad = (tokens < 0) | (tokens >= config.vocab_size)
+    if bad.any():
+        at = [int(i) for i in np.argwhere(bad)[0]]
+        raise GoldenError(f"{where}: token id {int(tokens[tuple(at)])} at {at} is outside [0, vocab_size="
+                          f"{config.vocab_size})")
+
+
+def _validate(case: GoldenCase, file: ExpectedFile) -> None:
+    """Refuse what cannot be compared honestly: see the module docstring."""
+    config = case.config
+    prompt = case.tokens(file, "tokens.prompt")
+    if prompt is None:
+        raise GoldenError(f"{file.path}: lacks tokens.prompt (and {EXPECTED} holds none to fall back on)")
+    _check_tokens(f"{file.path}: tokens.prompt", prompt, config)
+    decoded = case.tokens(file, "tokens.decoded")
+    if decoded is not None:
+        _check_tokens(f"{file.path}: tokens.decoded", decoded, config)
+        if decoded.shape[0] != prompt.shape[0]:
+            raise GoldenError(f"{file.path}: tokens.decoded has {decoded.shape[0]} sequences, tokens.prompt "
+                              f"{prompt.shape[0]}")
+    length = prompt.shape[1] + (decoded.shape[1] if decoded is not None else 0)
+    if length > config.max_seq_len:
+        raise GoldenError(f"{file.path}: prompt and decoded tokens reach position {length - 1}, beyond "
+                          f"max_position_embeddings={config.max_seq_len}")
+    compared = 0
+    for name, array in file.tensors.items():
+        shape = _expected_shape(name, config, prompt.shape[0], prompt.shape[1],
+                                None if decoded is None else decoded.shape[1])
+        if shape is None:
+            continue
+        if tuple(array.shape) != shape:
+            raise GoldenError(f"{file.path}: tensor {name!r}: expected shape {list(shape)}, found {list(array.shape)}")
+        if name.startswith("tokens."):
+            continue
+        if not np.issubdtype(array.dtype, np.floating) and array.dtype.kind != "V":
+            raise GoldenError(f"{file.path}: tensor {name!r}: expected a float dtype, found {array.dtype}")
+        bad = int(np.count_nonzero(~np.isfinite(array.astype(np.float64))))
+        if bad:
+            raise GoldenError(f"{file.path}: tensor {name!r}: expected finite values, found {bad} NaN or Inf")
+        compared += 1
+    if compared == 0 and "tokens.decoded" not in file.tensors:
+        raise GoldenError(f"{file.path}: holds no expected tensor this harness compares (logits, block outputs, "
+                          "decode logits or tokens.decoded)")
+    _check_greedy(file, decoded)
+
+
+def _check_greedy(file: ExpectedFile, decoded: np.ndarray | None) -> None:
+    """tokens.decoded[:, t] must be a maximal logit of the logits before it (prefill.logits_last, decode.t-1)."""
+    if decoded is None or "tokens.decoded" not in file.tensors:
+        return
+    before = [file.tensors.get("prefill.logits_last")] + [file.tensors.get(f"decode.{t}.logits")
+                                                          for t in range(decoded.shape[1] - 1)]
+    for step, logits in enumerate(before):
+        if logits is None:
+            continue
+        chosen = np.take_along_axis(logits, decoded[:, step:step + 1].astype(np.int64), axis=1)[:, 0]
+        wrong = np.flatnonzero(chosen < logits.max(axis=1))
+        if wrong.size:
+            source = "prefill.logits_last" if step == 0 else f"decode.{step - 1}.logits"
+            raise GoldenError(f"{file.path}: tokens.decoded[{int(wrong[0])}, {step}] = {int(decoded[wrong[0], step])} "
+                              f"is not the greedy choice of {source} (expected {int(logits[wrong[0]].argmax())})")
+
+
+# --- checking a backend -------------------------------------------------------------------------------------
 
 @dataclass
 class CaseResult:
     case: str
     backend: str
     results: list[Comparison]
-    not_compared: list[str]
+    not_compared: list[str]  # names, with the reason when the backend could not run them
     policy: dict[str, str] = field(default_factory=dict)  # result name -> tolerance policy key
 
     @property
@@ -124,12 +238,12 @@ class CaseResult:
                 "results": [result.to_json() for result in self.results]}
 
 
-def _prefill_checks(runner: Runner, file: ExpectedFile, prompt: np.ndarray, limit: float) -> list[Comparison]:
-    output = runner.prefill(prompt)
+def _prefill_checks(runner: Runner, file: ExpectedFile, prompt: np.ndarray, capacity: int,
+                    limit: float) -> list[Comparison]:
+    output = runner.prefill(prompt, capacity=capacity)
     results = []
     for name, expected in file.tensors.items():
-        hidden = _HIDDEN.match(name)
-        if hidden and int(hidden[1]) < len(output.hidden):
+        if hidden := _HIDDEN.match(name):
             results.append(Comparison.of(file.result_name(name), output.hidden[int(hidden[1])], expected, limit))
         elif name == "prefill.logits_last":
             results.append(Comparison.of(file.result_name(name), output.logits_last, expected, limit))
@@ -149,42 +263,59 @@ def _decode_checks(runner: Runner, file: ExpectedFile, decoded: np.ndarray, limi
     return results
 
 
-def _known(name: str) -> bool:
-    return bool(name in _INPUTS or _HIDDEN.match(name) or _DECODE.match(name)
-                or name in ("prefill.logits_last", "prefill.logits", "prefill.logits_last.naive", "tokens.decoded"))
+def _compare_file(case: GoldenCase, file: ExpectedFile, backend: Backend, weights: ModelWeights,
+                  dtype: str | None) -> list[Comparison]:
+    numerics = Numerics(file.gemm_impl, case.config.scale_fmt)
+    limit = case.tolerance_for(file).value
+    prompt, decoded = case.tokens(file, "tokens.prompt"), case.tokens(file, "tokens.decoded")
+    capacity = prompt.shape[1] + (decoded.shape[1] if decoded is not None else 0)
+    runner = backend.make_runner(case.config, weights, numerics, dtype)
+    results = _prefill_checks(runner, file, prompt, capacity, limit)
+    if decoded is not None:
+        results += _decode_checks(runner, file, decoded, limit)
+    if "tokens.decoded" in file.tensors:
+        expected_tokens = file.tensors["tokens.decoded"]
+        results.append(Comparison.of(file.result_name("tokens.decoded"), greedy(runner, prompt, expected_tokens.shape[1]),
+                                     expected_tokens, tolerance("tokens.exact").value))
+    return results
+
+
+def _compare_naive(case: GoldenCase, file: ExpectedFile, backend: Backend, weights: ModelWeights,
+                   dtype: str | None) -> list[Comparison]:
+    if "prefill.logits_last.naive" not in file.tensors:
+        return []
+    naive = backend.make_runner(case.config, weights, Numerics(file.gemm_impl, case.config.scale_fmt), dtype,
+                                attention="naive")
+    return [Comparison.of(file.result_name("prefill.logits_last.naive"),
+                          naive.prefill(case.tokens(file, "tokens.prompt")).logits_last,
+                          file.tensors["prefill.logits_last.naive"], case.tolerance_for(file).value)]
 
 
 def check_case(case: GoldenCase, backend: Backend | str, dtype: str | None = None,
                weights: ModelWeights | None = None) -> CaseResult:
-    """Run `backend` on the case's tokens and compare every expected tensor it knows."""
+    """Run `backend` on the case's tokens and compare every expected tensor it knows.
+
+    An expected file the backend cannot run (a numerics path or attention form it lacks) is listed as not
+    compared with the reason; `Unsupported` is raised only when no file could be compared at all.
+    """
     backend = resolve_backend(backend)
     weights = weights if weights is not None else case.weights()
-    results: list[Comparison] = []
-    not_compared: list[str] = []
-    policy: dict[str, str] = {}
+    result = CaseResult(case.name, backend.name, [], [])
+    reasons = []
     for file in case.files:
-        numerics = Numerics(file.gemm_impl, case.config.scale_fmt)
-        entry = case.tolerance_for(file)
-        limit = entry.value
-        prompt = case.tokens(file, "tokens.prompt")
-        decoded = case.tokens(file, "tokens.decoded")
-        runner = backend.make_runner(case.config, weights, numerics, dtype)
-        results += _prefill_checks(runner, file, prompt, limit)
-        if decoded is not None:
-            results += _decode_checks(runner, file, decoded, limit)
-        if "prefill.logits_last.naive" in file.tensors:
-            naive = backend.make_runner(case.config, weights, numerics, dtype, attention="naive")
-            results.append(Comparison.of(file.result_name("prefill.logits_last.naive"),
-                                         naive.prefill(prompt).logits_last,
-                                         file.tensors["prefill.logits_last.naive"], limit))
-        if "tokens.decoded" in file.tensors:
-            expected_tokens = file.tensors["tokens.decoded"]
-            generated = greedy(runner, prompt, expected_tokens.shape[1])
-            results.append(Comparison.of(file.result_name("tokens.decoded"), generated, expected_tokens,
-                                         tolerance("tokens.exact").value))
-        compared = {result.name for result in results}
-        policy.update({name: entry.key for name in compared if name not in policy})
-        policy[file.result_name("tokens.decoded")] = "tokens.exact"
-        not_compared += [file.result_name(name) for name in file.tensors
-                         if not _known(name) or (file.result_name(name) not in compared and name not in _INPUTS)]
-    return CaseResult(case.name, backend.name, results, not_compared, policy)
+        compared = []
+        for part in (_compare_file, _compare_naive):
+            try:
+                compared += part(case, file, backend, weights, dtype)
+            except Unsupported as reason:
+                reasons.append(f"{file.path.name}: {reason}")
+        result.results += compared
+        entry = case.tolerance_for(file).key
+        result.policy.update({c.name: "tokens.exact" if c.name.endswith("tokens.decoded") else entry for c in compared})
+        names = {c.name for c in compared}
+        result.not_compared += [file.result_name(name) for name in file.tensors
+                                if file.result_name(name) not in names and name != "tokens.prompt"]
+    result.not_compared += [f"({reason})" for reason in reasons]
+    if not result.results:
+        raise Unsupported(f"backend {backend.name} can run no expected file of {case.name}: {'; '.join(reasons)}")
+    return result

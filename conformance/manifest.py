@@ -1,20 +1,25 @@
 """The golden manifest: what produced each case, and the sha256 of every file it holds.
 
 `golden/manifest.json` = {"cases": [{"path", "provenance", "config", "seed", "shapes", "files": {name: sha256}}]}.
-Verification fails loudly on a changed, truncated, missing or unlisted file, naming it.
+Verification covers the whole folder: every file under `golden/` (but the manifest itself) must be listed
+by exactly one case with its sha256, and every listed file must exist unchanged. Case paths and file names
+are relative paths that stay inside `golden/` (no `..`, no absolute paths, no links out). A manifest that
+lists no case, or lists one twice, is a problem too.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from conformance.format.errors import BadInput
-from conformance.format.jsonfile import read_json
-from conformance.format.safetensors_io import SafetensorsFile
+from .format.errors import BadInput
+from .format.jsonfile import read_json
+from .format.safetensors_io import SafetensorsFile
 
 MANIFEST = "manifest.json"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ManifestError(BadInput):
@@ -29,12 +34,41 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _relative(value: object, where: str) -> PurePosixPath:
+    """A relative path that cannot leave the folder it is relative to."""
+    if not isinstance(value, str) or not value:
+        raise ManifestError(f"{where}: expected a relative path (a non-empty string), found {value!r:.100}")
+    path = PurePosixPath(value)
+    if path.is_absolute() or ".." in path.parts or "\\" in value or value.startswith("~"):
+        raise ManifestError(f"{where}: path {value!r} must stay inside the golden folder (relative, no '..')")
+    return path
+
+
 def load_manifest(golden_dir: Path) -> dict:
-    path = golden_dir / MANIFEST
+    """The manifest, with every field verification relies on checked for its type."""
+    path = Path(golden_dir) / MANIFEST
     manifest = read_json(path, ManifestError, "golden manifest")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("cases"), list):
-        raise ManifestError(f"{path}: no 'cases' list")
+        raise ManifestError(f"{path}: expected an object with a 'cases' list")
+    for index, case in enumerate(manifest["cases"]):
+        where = f"{path}: cases[{index}]"
+        if not isinstance(case, dict):
+            raise ManifestError(f"{where}: expected an object, found {type(case).__name__}")
+        _relative(case.get("path"), f"{where}.path")
+        files = case.get("files")
+        if not isinstance(files, dict):
+            raise ManifestError(f"{where}.files: expected an object of file name -> sha256, found {files!r:.100}")
+        for name, digest in files.items():
+            _relative(name, f"{where}.files")
+            if not isinstance(digest, str) or not _SHA256.match(digest):
+                raise ManifestError(f"{where}.files[{name!r}]: expected a sha256 (64 hex digits), found {digest!r:.80}")
+        if not isinstance(case.get("kind", "model"), str):
+            raise ManifestError(f"{where}.kind: expected a string, found {case['kind']!r:.80}")
     return manifest
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.rglob("*") if path.is_file() or path.is_symlink())
 
 
 def case_shapes(case_dir: Path) -> dict[str, list[int]]:
@@ -48,12 +82,12 @@ def case_shapes(case_dir: Path) -> dict[str, list[int]]:
 
 def describe_case(golden_dir: Path, case_path: str, provenance: dict, seed: int | None, config_summary: dict,
                   kind: str = "model") -> dict:
-    """A manifest entry for the case folder `case_path` (relative to `golden_dir`), hashing its files.
+    """A manifest entry for the case folder `case_path` (relative to `golden_dir`), hashing all its files.
 
     kind "model": a whole-model case for check-golden; "fp8-gemm": fp8 component data from a GPU.
     """
     case_dir = golden_dir / case_path
-    files = {path.name: sha256(path) for path in sorted(case_dir.iterdir()) if path.is_file()}
+    files = {path.relative_to(case_dir).as_posix(): sha256(path) for path in _files_under(case_dir)}
     return {"path": case_path, "kind": kind, "provenance": provenance, "seed": seed, "config": config_summary,
             "shapes": case_shapes(case_dir), "files": files}
 
@@ -68,22 +102,37 @@ class Problem:
 
 
 def verify(golden_dir: Path) -> list[Problem]:
-    """Every difference between the manifest and the files on disk."""
+    """Every difference between the manifest and the files on disk (ManifestError if it cannot be read)."""
     golden_dir = Path(golden_dir)
-    problems = []
-    for case in load_manifest(golden_dir)["cases"]:
+    manifest = load_manifest(golden_dir)
+    root = golden_dir.resolve()
+    problems: list[Problem] = []
+    if not manifest["cases"]:
+        problems.append(Problem(str(golden_dir / MANIFEST), "lists no case"))
+    listed: dict[Path, str] = {}
+    case_paths = [golden_dir / case["path"] for case in manifest["cases"]]
+    problems += [Problem(str(path), "listed twice in the manifest") for path in sorted(set(case_paths))
+                 if case_paths.count(path) > 1]
+    for case in manifest["cases"]:
         case_dir = golden_dir / case["path"]
-        listed = case["files"]
-        for name, digest in listed.items():
+        for name, digest in case["files"].items():
             path = case_dir / name
-            if not path.is_file():
-                problems.append(Problem(str(path), "listed in the manifest but missing"))
-            elif sha256(path) != digest:
-                problems.append(Problem(str(path), f"sha256 {sha256(path)[:16]}... differs from the manifest's "
-                                                   f"{digest[:16]}... (file changed or truncated)"))
-        if case_dir.is_dir():
-            problems += [Problem(str(path), "not listed in the manifest")
-                         for path in sorted(case_dir.iterdir()) if path.is_file() and path.name not in listed]
+            if path in listed:
+                problems.append(Problem(str(path), "listed twice in the manifest"))
+            listed[path] = digest
+    for path, digest in listed.items():
+        if path.is_symlink() or not path.resolve().is_relative_to(root):
+            problems.append(Problem(str(path), "is a link or leads outside the golden folder"))
+        elif not path.is_file():
+            problems.append(Problem(str(path), "listed in the manifest but missing"))
+        elif (found := sha256(path)) != digest:
+            problems.append(Problem(str(path), f"sha256 {found[:16]}... differs from the manifest's {digest[:16]}... "
+                                               "(file changed or truncated)"))
+    for path in _files_under(golden_dir):
+        if path.name == MANIFEST and path.parent == golden_dir:
+            continue
+        if path not in listed:
+            problems.append(Problem(str(path), "not listed in the manifest"))
     return problems
 
 

@@ -22,7 +22,7 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from . import plots
-from .backends import REFERENCE, resolve_backend
+from .backends import REFERENCE, Unsupported, resolve_backend
 from .divergences import DIVERGENCES
 from .golden import CaseResult, GoldenCase, check_case
 from .manifest import case_dirs, verify
@@ -95,6 +95,7 @@ class Report:
     suite: list[dict] = field(default_factory=list)
     mutants: list[MutantResult] | None = None
     figures: dict[str, Path] = field(default_factory=dict)
+    not_run: list[str] = field(default_factory=list)  # golden cases a backend cannot run, with the reason
 
     @property
     def passed(self) -> bool:
@@ -179,7 +180,7 @@ class Report:
             ("Versions", "What produced these results.", [{"component": k, "version": v} for k, v in versions().items()]),
             ("Golden integrity", "sha256 of every golden file against the manifest.", integrity),
             ("Golden cases", "Each backend against every expected tensor of every case (details below).",
-             self.golden_rows()),
+             self.golden_rows() + [{"case": line, "status": "not run"} for line in self.not_run]),
         ]
         if self.suite:
             sections += [("Components", "The suite per component and backend; worst ratio of an observed error "
@@ -258,7 +259,11 @@ def build_report(golden_dir: Path, backends: list[str], out: Path, suite: bool =
     cases = [GoldenCase.load(path) for path in case_dirs(golden_dir)]
     for case in tqdm(cases, desc="golden cases", unit="case"):
         weights = case.weights()
-        report.cases += [check_case(case, resolve_backend(backend), weights=weights) for backend in backends]
+        for backend in backends:
+            try:
+                report.cases.append(check_case(case, resolve_backend(backend), weights=weights))
+            except Unsupported as reason:
+                report.not_run.append(f"{case.name} on {backend}: {reason}")
     if suite:
         report.suite_status, report.suite = run_suite(backends, out / "suite", profile)
     if mutants != "none":

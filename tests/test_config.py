@@ -83,33 +83,54 @@ def test_unknown_fields_are_kept_and_reported():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(n_routed_experts=10, n_group=4), "n_routed_experts=10 is not divisible by n_expert_groups=4"),
-    (dict(num_experts_per_tok=7, topk_group=1), "n_activated_experts=7 is larger than the 2 experts reachable"),
+    (dict(n_routed_experts=10, n_group=4), "n_routed_experts=10 is not divisible by n_group=4"),
+    (dict(num_experts_per_tok=7, topk_group=1), "num_experts_per_tok=7 is larger than the 2 experts reachable"),
     (dict(qk_head_dim=99), "qk_head_dim=99 is not qk_nope_head_dim + qk_rope_head_dim"),
     (dict(head_dim=16), "head_dim=16 must equal qk_rope_head_dim=8"),
     (dict(qk_rope_head_dim=7), "qk_rope_head_dim=7 must be even"),
-    (dict(scoring_func="relu"), "unknown scoring function 'relu'"),
-    (dict(hidden_size=0), "dim must be a positive integer, got 0"),
-    (dict(num_attention_heads=-4, num_key_value_heads=-4), "n_heads must be a positive integer, got -4"),
-    (dict(kv_lora_rank=2.5), "kv_lora_rank must be a positive integer, got 2.5"),
-    (dict(topk_group=5), "n_limited_groups=5 exceeds n_expert_groups=4"),
-    (dict(first_k_dense_replace=9), "n_dense_layers=9 exceeds n_layers=2"),
+    (dict(scoring_func="relu"), 'unknown scoring_func "relu"'),
+    (dict(hidden_size=0), "hidden_size must be a positive integer, found 0"),
+    (dict(num_attention_heads=-4, num_key_value_heads=-4), "num_attention_heads must be a positive integer, found -4"),
+    (dict(kv_lora_rank=2.5), "kv_lora_rank must be an integer, found 2.5"),
+    (dict(hidden_size="4"), 'hidden_size must be an integer, found "4"'),
+    (dict(routed_scaling_factor="abc"), 'routed_scaling_factor must be a finite number, found "abc"'),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps must be a finite number, found NaN"),
+    (dict(rope_scaling=[1, 2]), "rope_scaling must be an object or null, found [1, 2]"),
+    (dict(rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 32,
+                        "mscale": float("nan")}), "rope_scaling.mscale must be a finite number, found NaN"),
+    (dict(rope_scaling={"type": "yarn", "factor": "40", "original_max_position_embeddings": 32}),
+     'rope_scaling.factor must be a finite number, found "40"'),
+    (dict(quantization_config="fp8"), 'quantization_config must be an object or null, found "fp8"'),
+    (dict(norm_topk_prob="yes"), 'norm_topk_prob must be true or false, found "yes"'),
+    (dict(topk_group=5), "topk_group=5 exceeds n_group=4"),
+    (dict(first_k_dense_replace=9), "first_k_dense_replace=9 exceeds num_hidden_layers=2"),
     (dict(num_key_value_heads=1), "num_key_value_heads=1 differs from num_attention_heads=4"),
-    (dict(topk_method="magic"), "unknown topk_method 'magic'"),
-    (dict(topk_method="greedy"), "topk_method 'greedy' with n_group=4 is ambiguous"),
-    (dict(norm_topk_prob=False), "norm_topk_prob=False with scoring_func 'sigmoid'"),
+    (dict(topk_method="magic"), 'unknown topk_method "magic"'),
+    (dict(topk_method="greedy"), 'topk_method "greedy" with n_group=4 is ambiguous'),
+    (dict(norm_topk_prob=False), 'norm_topk_prob=false with scoring_func "sigmoid"'),
     (dict(moe_layer_freq=2), "moe_layer_freq=2 is not supported"),
-    (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
-    (dict(rope_scaling={"type": "linear", "factor": 2}), "rope_scaling type 'linear' is not supported"),
-    (dict(routed_scaling_factor=-1), "route_scale must be positive"),
+    (dict(hidden_act="gelu"), 'hidden_act "gelu" is not supported'),
+    (dict(rope_scaling={"type": "linear", "factor": 2}), 'rope_scaling type "linear" is not supported'),
+    (dict(routed_scaling_factor=-1), "routed_scaling_factor must be positive, found -1.0"),
     (dict(quantization_config={"quant_method": "fp8", "weight_block_size": [64, 64]}),
      "weight_block_size [64, 64] is not supported"),
+    (dict(num_hidden_layers=10**9, first_k_dense_replace=1), "num_hidden_layers=1000000000 exceeds this harness's "
+                                                              "bound of 1,024 (61 released)"),
+    (dict(n_routed_experts=10**8, n_group=1, topk_group=1), "n_routed_experts=100000000 exceeds this harness's bound"),
+    (dict(max_position_embeddings=10**9), "max_position_embeddings=1000000000 exceeds this harness's bound"),
 ])
 def test_invalid_configs_are_rejected_with_the_field_named(change, message):
     raw = to_hf_dict(tiny())
     raw.update(change)
     with pytest.raises(ConfigError, match=re.escape(message)):
         from_hf_dict(raw)
+
+
+def test_official_form_messages_use_official_names():
+    with pytest.raises(ConfigError, match=re.escape("dim must be a positive integer, found 0")):
+        from_official_dict({**OFFICIAL_671B, "dim": 0})
+    with pytest.raises(ConfigError, match=re.escape('rope_factor must be a finite number, found "x"')):
+        from_official_dict({**OFFICIAL_671B, "rope_factor": "x"})
 
 
 def test_missing_required_fields_are_listed():

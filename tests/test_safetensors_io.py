@@ -97,3 +97,90 @@ def test_missing_file_and_tensor(tmp_path):
 def test_unsupported_dtype_is_refused_on_write(tmp_path):
     with pytest.raises(SafetensorsError, match="dtype complex128"):
         write_safetensors(tmp_path / "z.safetensors", {"z": np.ones(2, np.complex128)})
+
+
+# --- corrupt files: refused exactly where the safetensors library refuses them ----------------------------------
+
+def _raw(path, header: bytes, data: bytes, pad: bool = True) -> None:
+    header += b" " * (-len(header) % 8) if pad else b""
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+def _entry(dtype="F32", shape=(2,), offsets=(0, 8)) -> dict:
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+_DATA = np.arange(8, dtype=np.float32).tobytes()
+CORRUPT = {
+    "overlapping offsets": ({"a": _entry(shape=(4,), offsets=(0, 16)), "b": _entry(shape=(4,), offsets=(8, 24))},
+                            _DATA[:24]),
+    "gap between tensors": ({"a": _entry(), "b": _entry(offsets=(16, 24))}, _DATA[:24]),
+    "trailing bytes": ({"a": _entry()}, _DATA[:16]),
+    "aliased tensors": ({"a": _entry(), "b": _entry()}, _DATA[:8]),
+    "first tensor not at 0": ({"a": _entry(offsets=(8, 16))}, _DATA[:16]),
+    "non-string metadata": ({"__metadata__": {"format": 1}, "a": _entry()}, _DATA[:8]),
+    "metadata not an object": ({"__metadata__": [1], "a": _entry()}, _DATA[:8]),
+    "unknown dtype": ({"a": _entry(dtype="Q4")}, _DATA[:8]),
+    "shape disagrees with offsets": ({"a": _entry(shape=(3,))}, _DATA[:8]),
+    "negative dimension": ({"a": _entry(shape=(-2,))}, _DATA[:8]),
+    "fractional dimension": ({"a": _entry(shape=(2.0,))}, _DATA[:8]),
+    "reversed offsets": ({"a": _entry(shape=(0,), offsets=(8, 0))}, _DATA[:8]),
+    "truncated data": ({"a": _entry(shape=(4,), offsets=(0, 16))}, _DATA[:8]),
+    "entry not an object": ({"a": [1, 2]}, _DATA[:8]),
+}
+
+
+def _library_refuses(path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as opened:
+            opened.keys()
+    except Exception:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPT))
+def test_corrupt_headers_are_refused_by_both(tmp_path, name):
+    header, data = CORRUPT[name]
+    path = tmp_path / "corrupt.safetensors"
+    _raw(path, json.dumps(header).encode(), data)
+    assert _library_refuses(path), f"the safetensors library accepts the {name} file: the corpus is wrong"
+    with pytest.raises(SafetensorsError, match="corrupt|truncated|unsupported|invalid|refused"):
+        read_all(path)
+
+
+@pytest.mark.parametrize("raw, what", [(b'{"a":', "not valid JSON"), (b"[1, 2]", "not a JSON object"),
+                                       (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}\x00\x00\x00',
+                                        "not valid JSON")])
+def test_malformed_json_is_refused_by_both(tmp_path, raw, what):
+    path = tmp_path / "bad.safetensors"
+    _raw(path, raw, _DATA[:8], pad=False)
+    assert _library_refuses(path)
+    with pytest.raises(SafetensorsError, match=what):
+        read_all(path)
+
+
+def test_what_the_library_accepts_is_read(tmp_path):
+    path = tmp_path / "ok.safetensors"
+    _raw(path, json.dumps({"__metadata__": {"format": "pt"}, "b": _entry(shape=(6,), offsets=(8, 32)),
+                           "a": _entry(dtype="F8_E4M3", shape=(8,))}).encode(), _DATA)
+    assert not _library_refuses(path)
+    assert {name: array.shape for name, array in read_all(path).items()} == {"a": (8,), "b": (6,)}
+
+
+def test_duplicate_names_are_refused_beyond_the_library(tmp_path):
+    """The library keeps the last of two equal names silently; an ambiguous file is refused here."""
+    path = tmp_path / "dup.safetensors"
+    _raw(path, b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+               b'"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', _DATA[:8])
+    with pytest.raises(SafetensorsError, match="tensor name 'a' appears twice"):
+        read_all(path)
+
+
+def test_oversized_headers_are_refused_before_parsing(tmp_path):
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(struct.pack("<Q", (16 << 20) + 8) + b" " * 64)
+    with pytest.raises(SafetensorsError, match="more than the 16777216 this harness reads"):
+        SafetensorsFile(path)

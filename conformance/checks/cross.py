@@ -68,7 +68,8 @@ def _dequantized(dtype: str):
 
 
 def _fp8_path(dtype: str):
-    @examples(model=models(fp8_weights=True, fp8_aligned=True), data=st.data(), max_examples=model_examples())
+    @examples(model=models(fp8_weights=True, fp8_aligned=True), data=st.data(), max_examples=model_examples(),
+              requires=dict(gemm_impl="fp8"))
     def compare(backend, model, data):
         config, weights = model
         numerics = Numerics("fp8", data.draw(st.sampled_from([None, "ue8m0"])))

@@ -17,7 +17,7 @@ COMPONENT = "attention and cache"
 
 
 @check("properties:naive-absorbed", COMPONENT)
-@examples(model=models(), data=st.data(), max_examples=model_examples())
+@examples(model=models(), data=st.data(), max_examples=model_examples(), requires=dict(attention="naive"))
 def naive_attention_equals_absorbed(backend, model, data):
     """Naive MLA (latents expanded per head) and absorbed MLA give the same logits."""
     config, weights = model
@@ -47,7 +47,8 @@ def prefill_equals_stepwise_decode(backend, model, data):
 
 
 @check("properties:prefill-decode-fp8", COMPONENT)
-@examples(model=models(fp8_weights=True, fp8_aligned=True), data=st.data(), max_examples=model_examples())
+@examples(model=models(fp8_weights=True, fp8_aligned=True), data=st.data(), max_examples=model_examples(),
+          requires=dict(gemm_impl="fp8"))
 def prefill_equals_stepwise_decode_fp8_activations(backend, model, data):
     """Activation quantization is per token, so caching must not change it either."""
     config, weights = model

@@ -60,8 +60,12 @@ def check(key: str, component: str, **options) -> Callable[[Callable], Callable]
     return decorate
 
 
-def examples(*strategies, max_examples: int | None = None, **named):
-    """`hypothesis.given` for a check body; an example the backend cannot run (`Unsupported`) is rejected."""
+def examples(*strategies, max_examples: int | None = None, requires: dict | None = None, **named):
+    """`hypothesis.given` for a check body taking (backend, drawn values...).
+
+    `requires` (Backend.require's arguments) is checked before any example is drawn; an example the backend
+    cannot run (`Unsupported`) is rejected.
+    """
     def decorate(body: Callable) -> Callable:
         @functools.wraps(body)
         def tolerant(*args, **kwargs):
@@ -70,6 +74,13 @@ def examples(*strategies, max_examples: int | None = None, **named):
             except Unsupported:
                 hypothesis.reject()
 
-        wrapped = given(*strategies, **named)(tolerant)
-        return settings(max_examples=max_examples)(wrapped) if max_examples else wrapped
+        given_body = given(*strategies, **named)(tolerant)
+        if max_examples:
+            given_body = settings(max_examples=max_examples)(given_body)
+
+        @functools.wraps(body)
+        def check(backend: Backend) -> None:
+            backend.require(**(requires or {}))
+            given_body(backend)
+        return check
     return decorate

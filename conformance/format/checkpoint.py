@@ -21,7 +21,7 @@ from .errors import BadInput
 from .fp8 import BLOCK, E4M3
 from .jsonfile import read_json
 from .safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
-from .weights import ModelWeights, TensorSpec, assemble, expected_tensors
+from .weights import ModelWeights, TensorSpec, assemble
 
 HF_SINGLE = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
@@ -159,6 +159,10 @@ def _open_hf_sharded(folder: Path) -> Checkpoint:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index_path}: not a safetensors index, it has no weight_map object")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or "/" in shard or "\\" in shard or shard in (".", ".."):
+            raise CheckpointError(f"{index_path}: weight_map[{name!r}] must name a shard file in {folder}, "
+                                  f"found {json.dumps(shard)[:80]}")
     files: dict[str, SafetensorsFile] = {}
     for shard in sorted(set(weight_map.values())):
         if not (folder / shard).is_file():
@@ -238,15 +242,29 @@ def _nonfinite(array: np.ndarray) -> int:
     return int(np.count_nonzero(~np.isfinite(array.astype(np.float32))))
 
 
+# Missing tensors are listed up to this many, then loading stops: a config that describes far more than
+# the checkpoint holds fails fast instead of enumerating every tensor it would need.
+MISSING_LISTED = 20
+
+
 class _ValidatingFetch:
     """Fetches tensors for `assemble`, checking each one against its spec."""
 
-    def __init__(self, checkpoint: Checkpoint, check_finite: bool, progress: tqdm | None):
+    def __init__(self, checkpoint: Checkpoint, config: ModelConfig, check_finite: bool, progress: tqdm | None):
         self.checkpoint = checkpoint
+        self.config = config
         self.check_finite = check_finite
         self.progress = progress
         self.missing: list[str] = []
         self.seen: set[str] = set()
+
+    def missing_error(self, stopped: bool) -> CheckpointError:
+        prefix = f"model.layers.{self.config.n_layers}."
+        hint = (" (set num_nextn_predict_layers to 0 to load a checkpoint without its MTP module)"
+                if any(name.startswith(prefix) for name in self.missing) else "")
+        count = f"{len(self.missing)} or more (stopped looking)" if stopped else str(len(self.missing))
+        return CheckpointError(f"{self.checkpoint.path}: missing {count} tensor(s) the config needs: "
+                               f"{_listing(self.missing)}{hint}")
 
     def __call__(self, spec: TensorSpec) -> np.ndarray | None:
         self.seen.add(spec.name)
@@ -254,6 +272,8 @@ class _ValidatingFetch:
             self.progress.update(1)
         if spec.name not in self.checkpoint:
             self.missing.append(spec.name)
+            if len(self.missing) >= MISSING_LISTED:
+                raise self.missing_error(stopped=True)
             return None
         where = f"tensor {spec.name!r} in {self.checkpoint.path / self.checkpoint.where(spec.name)}"
         dtype, shape = self.checkpoint.dtype(spec.name), self.checkpoint.shape(spec.name)
@@ -281,19 +301,16 @@ def load_weights(checkpoint: Checkpoint, config: ModelConfig, layers: Sequence[i
     errors that list them. `layers` loads only those blocks, reading nothing else of the other layers.
     """
     include_mtp = not checkpoint.drops_mtp
-    total = len(expected_tensors(config, include_mtp)) if progress and layers is None else None
+    total = len(checkpoint.names()) if progress and layers is None else None
     bar = tqdm(total=total, desc=f"loading {checkpoint.path.name}", unit="tensor") if progress else None
-    fetch = _ValidatingFetch(checkpoint, check_finite, bar)
+    fetch = _ValidatingFetch(checkpoint, config, check_finite, bar)
     try:
         weights = assemble(fetch, config, layers=layers, include_mtp=include_mtp and layers is None)
     finally:
         if bar is not None:
             bar.close()
     if fetch.missing:
-        hint = (" (set num_nextn_predict_layers to 0 to load a checkpoint without its MTP module)"
-                if any(name.startswith(f"model.layers.{config.n_layers}.") for name in fetch.missing) else "")
-        raise CheckpointError(f"{checkpoint.path}: missing {len(fetch.missing)} tensor(s) the config needs: "
-                              f"{_listing(fetch.missing)}{hint}")
+        raise fetch.missing_error(stopped=False)
     if layers is None:
         unexpected = sorted(set(checkpoint.names()) - fetch.seen)
         if unexpected:

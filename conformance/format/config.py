@@ -8,6 +8,7 @@ validated so that a config the model cannot run is rejected with the offending f
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,9 +70,15 @@ class ModelConfig:
     scale_fmt: Literal["ue8m0"] | None = None
     name: str = ""
     extra_fields: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # How the user's file spells each field (our name -> theirs), for messages; our names by default.
+    spelling: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         validate(self)
+
+    def spelled(self, name: str) -> str:
+        """The field `name` as the user's config file writes it."""
+        return self.spelling.get(name, name)
 
     @property
     def qk_head_dim(self) -> int:
@@ -107,50 +114,119 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def show(value: Any) -> str:
+    """A value as the user wrote it in JSON: "4" (a string) is not 4 (a number)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+# Upper bounds, checked before anything is allocated. Each is far above the released model (in brackets)
+# and keeps the memory a config can ask for finite: a config is refused, never allowed to hang or exhaust memory.
+LIMITS = {
+    "vocab_size": (1 << 22, "129,280 released"),
+    "dim": (1 << 16, "7,168 released"),
+    "inter_dim": (1 << 18, "18,432 released"),
+    "moe_inter_dim": (1 << 18, "2,048 released"),
+    "n_layers": (1024, "61 released"),
+    "n_heads": (1024, "128 released"),
+    "n_routed_experts": (1 << 13, "256 released"),
+    "n_shared_experts": (64, "1 released"),
+    "q_lora_rank": (1 << 16, "1,536 released"),
+    "kv_lora_rank": (1 << 16, "512 released"),
+    "qk_nope_head_dim": (4096, "128 released"),
+    "qk_rope_head_dim": (4096, "64 released"),
+    "v_head_dim": (4096, "128 released"),
+    "max_seq_len": (1 << 24, "163,840 released"),
+    "n_mtp_layers": (16, "1 released"),
+}
+_POSITIVE = ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "n_routed_experts",
+             "n_activated_experts", "n_expert_groups", "n_limited_groups", "kv_lora_rank", "qk_nope_head_dim",
+             "qk_rope_head_dim", "v_head_dim", "max_seq_len")
+_NON_NEGATIVE = ("q_lora_rank", "n_shared_experts", "n_dense_layers", "n_mtp_layers")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def validate(config: ModelConfig) -> None:
-    """Raise ConfigError naming the fields when `config` cannot be run."""
-    for name in ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads",
-                 "n_routed_experts", "n_activated_experts", "n_expert_groups", "n_limited_groups",
-                 "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_seq_len"):
-        value = getattr(config, name)
-        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                 f"{name} must be a positive integer, got {value!r}")
-    for name in ("q_lora_rank", "n_shared_experts", "n_dense_layers", "n_mtp_layers"):
-        value = getattr(config, name)
-        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                 f"{name} must be a non-negative integer, got {value!r}")
+    """Raise ConfigError naming the fields (as the user's file spells them) when `config` cannot be run."""
+    n = config.spelled
+    for name in _POSITIVE + _NON_NEGATIVE:
+        value, floor = getattr(config, name), 1 if name in _POSITIVE else 0
+        _require(_is_int(value) and value >= floor,
+                 f"{n(name)} must be {'a positive' if floor else 'a non-negative'} integer, found {show(value)}")
+        if name in LIMITS:
+            bound, reason = LIMITS[name]
+            _require(value <= bound, f"{n(name)}={value} exceeds this harness's bound of {bound:,} ({reason})")
+    for name in ("route_scale", "rms_norm_eps", "rope_theta"):
+        _require(_is_number(getattr(config, name)), f"{n(name)} must be a finite number, found "
+                                                     f"{show(getattr(config, name))}")
     _require(config.n_dense_layers <= config.n_layers,
-             f"n_dense_layers={config.n_dense_layers} exceeds n_layers={config.n_layers}")
+             f"{n('n_dense_layers')}={config.n_dense_layers} exceeds {n('n_layers')}={config.n_layers}")
     _require(config.score_func in ("sigmoid", "softmax"),
-             f"unknown scoring function {config.score_func!r}: expected 'sigmoid' or 'softmax'")
+             f"unknown {n('score_func')} {show(config.score_func)}: expected \"sigmoid\" or \"softmax\"")
     _require(config.qk_rope_head_dim % 2 == 0,
-             f"qk_rope_head_dim={config.qk_rope_head_dim} must be even: rope rotates pairs of elements")
+             f"{n('qk_rope_head_dim')}={config.qk_rope_head_dim} must be even: rope rotates pairs of elements")
     _require(config.n_routed_experts % config.n_expert_groups == 0,
-             f"n_routed_experts={config.n_routed_experts} is not divisible by "
-             f"n_expert_groups={config.n_expert_groups}")
+             f"{n('n_routed_experts')}={config.n_routed_experts} is not divisible by "
+             f"{n('n_expert_groups')}={config.n_expert_groups}")
     _require(config.n_limited_groups <= config.n_expert_groups,
-             f"n_limited_groups={config.n_limited_groups} exceeds n_expert_groups={config.n_expert_groups}")
+             f"{n('n_limited_groups')}={config.n_limited_groups} exceeds {n('n_expert_groups')}="
+             f"{config.n_expert_groups}")
     reachable = config.n_limited_groups * config.experts_per_group
     _require(config.n_activated_experts <= reachable,
-             f"n_activated_experts={config.n_activated_experts} is larger than the {reachable} experts "
-             f"reachable in n_limited_groups={config.n_limited_groups} groups of {config.experts_per_group}")
+             f"{n('n_activated_experts')}={config.n_activated_experts} is larger than the {reachable} experts "
+             f"reachable in {n('n_limited_groups')}={config.n_limited_groups} groups of {config.experts_per_group}")
     if config.gate_bias and config.n_expert_groups > 1:
         _require(config.experts_per_group >= 2,
                  f"groups of {config.experts_per_group} expert cannot be scored by their top-2 sum "
-                 f"(n_routed_experts={config.n_routed_experts}, n_expert_groups={config.n_expert_groups})")
-    _require(math.isfinite(config.route_scale) and config.route_scale > 0,
-             f"route_scale must be positive and finite, got {config.route_scale!r}")
-    _require(config.rms_norm_eps > 0, f"rms_norm_eps must be positive, got {config.rms_norm_eps!r}")
-    _require(config.rope_theta > 1, f"rope_theta must be greater than 1, got {config.rope_theta!r}")
-    _require(config.scale_fmt in (None, "ue8m0"), f"unknown scale_fmt {config.scale_fmt!r}: expected 'ue8m0' or none")
+                 f"({n('n_routed_experts')}={config.n_routed_experts}, {n('n_expert_groups')}="
+                 f"{config.n_expert_groups})")
+    _require(config.route_scale > 0, f"{n('route_scale')} must be positive, found {show(config.route_scale)}")
+    _require(config.rms_norm_eps > 0, f"{n('rms_norm_eps')} must be positive, found {show(config.rms_norm_eps)}")
+    _require(config.rope_theta > 1, f"{n('rope_theta')} must be greater than 1, found {show(config.rope_theta)}")
+    _require(config.scale_fmt in (None, "ue8m0"),
+             f"unknown {n('scale_fmt')} {show(config.scale_fmt)}: expected \"ue8m0\" or none")
     yarn = config.rope_scaling
     if yarn is not None:
-        _require(yarn.factor >= 1, f"rope_scaling.factor must be >= 1, got {yarn.factor!r}")
-        _require(isinstance(yarn.original_seq_len, int) and yarn.original_seq_len > 0,
-                 f"rope_scaling.original_max_position_embeddings must be a positive integer, "
-                 f"got {yarn.original_seq_len!r}")
+        for name in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+            value = getattr(yarn, name)
+            _require(_is_number(value), f"{n('rope_scaling.' + name)} must be a finite number, found {show(value)}")
+        _require(yarn.factor >= 1, f"{n('rope_scaling.factor')} must be >= 1, found {show(yarn.factor)}")
+        _require(_is_int(yarn.original_seq_len) and yarn.original_seq_len > 0,
+                 f"{n('rope_scaling.original_seq_len')} must be a positive integer, found "
+                 f"{show(yarn.original_seq_len)}")
         _require(yarn.beta_fast > yarn.beta_slow > 0,
-                 f"rope_scaling needs beta_fast > beta_slow > 0, got {yarn.beta_fast!r} and {yarn.beta_slow!r}")
+                 f"{n('rope_scaling.beta_fast')} > {n('rope_scaling.beta_slow')} > 0 is needed, found "
+                 f"{show(yarn.beta_fast)} and {show(yarn.beta_slow)}")
+
+
+# --- raw JSON fields: their types, checked before any conversion -------------------------------------------
+
+_KINDS = {
+    "int": (_is_int, "an integer"),
+    "int?": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "number": (_is_number, "a finite number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str?": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "object?": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+}
+
+
+def _check_types(raw: Mapping[str, Any], schema: Mapping[str, str], prefix: str = "") -> None:
+    for key, kind in schema.items():
+        if key in raw:
+            accepts, description = _KINDS[kind]
+            _require(accepts(raw[key]), f"{prefix}{key} must be {description}, found {show(raw[key])}")
 
 
 # --- Hugging Face config.json ----------------------------------------------------------------------
@@ -195,13 +271,35 @@ _HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermedi
 _TOPK_METHODS = {"noaux_tc": True, "greedy": False, "group_limited_greedy": False}
 
 
+_HF_SCHEMA = {**{key: "int" for key in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                                         "num_hidden_layers", "first_k_dense_replace", "num_attention_heads",
+                                         "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group",
+                                         "topk_group", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                                         "v_head_dim", "max_position_embeddings", "num_nextn_predict_layers",
+                                         "moe_layer_freq", "num_key_value_heads", "head_dim", "qk_head_dim")},
+              "q_lora_rank": "int?", "routed_scaling_factor": "number", "rms_norm_eps": "number",
+              "rope_theta": "number", "scoring_func": "str", "topk_method": "str", "hidden_act": "str",
+              "scale_fmt": "str?", "norm_topk_prob": "bool", "tie_word_embeddings": "bool", "attention_bias": "bool",
+              "rope_scaling": "object?", "quantization_config": "object?"}
+_HF_YARN_SCHEMA = {"type": "str?", "rope_type": "str?", "factor": "number", "original_max_position_embeddings": "int",
+                   "beta_fast": "number", "beta_slow": "number", "mscale": "number", "mscale_all_dim": "number"}
+_HF_QUANT_SCHEMA = {"quant_method": "str", "fmt": "str", "weight_block_size": "list", "activation_scheme": "str",
+                    "scale_fmt": "str?"}
+HF_SPELLING = {**{ours: theirs for theirs, ours in _HF_FIELDS.items()}, "gate_bias": "topk_method",
+               "fp8_weights": "quantization_config", "scale_fmt": "scale_fmt",
+               **{f"rope_scaling.{name}": f"rope_scaling.{name}" for name in
+                  ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")},
+               "rope_scaling.original_seq_len": "rope_scaling.original_max_position_embeddings"}
+
+
 def _yarn_from_hf(rope_scaling: Mapping[str, Any] | None) -> YarnScaling | None:
     if not rope_scaling:
         return None
+    _check_types(rope_scaling, _HF_YARN_SCHEMA, "rope_scaling.")
     kind = rope_scaling.get("type", rope_scaling.get("rope_type"))
     if kind in ("default", None):
         return None
-    _require(kind == "yarn", f"rope_scaling type {kind!r} is not supported: DeepSeek-V3 uses 'yarn' or none")
+    _require(kind == "yarn", f"rope_scaling type {show(kind)} is not supported: DeepSeek-V3 uses \"yarn\" or none")
     _require("factor" in rope_scaling and "original_max_position_embeddings" in rope_scaling,
              "rope_scaling of type yarn needs 'factor' and 'original_max_position_embeddings'")
     return YarnScaling(factor=float(rope_scaling["factor"]),
@@ -215,16 +313,17 @@ def _yarn_from_hf(rope_scaling: Mapping[str, Any] | None) -> YarnScaling | None:
 def _fp8_from_hf(quantization: Mapping[str, Any] | None) -> tuple[bool, str | None]:
     if not quantization:
         return False, None
+    _check_types(quantization, _HF_QUANT_SCHEMA, "quantization_config.")
     method = quantization.get("quant_method")
-    _require(method == "fp8", f"quantization_config.quant_method {method!r} is not supported: expected 'fp8'")
+    _require(method == "fp8", f"quantization_config.quant_method {show(method)} is not supported: expected \"fp8\"")
     _require(quantization.get("fmt", "e4m3") == "e4m3",
-             f"quantization_config.fmt {quantization.get('fmt')!r} is not supported: expected 'e4m3'")
-    block = list(quantization.get("weight_block_size", [BLOCK, BLOCK]))
+             f"quantization_config.fmt {show(quantization.get('fmt'))} is not supported: expected \"e4m3\"")
+    block = quantization.get("weight_block_size", [BLOCK, BLOCK])
     _require(block == [BLOCK, BLOCK],
-             f"quantization_config.weight_block_size {block} is not supported: expected [128, 128]")
+             f"quantization_config.weight_block_size {show(block)} is not supported: expected [128, 128]")
     scheme = quantization.get("activation_scheme", "dynamic")
-    _require(scheme == "dynamic", f"quantization_config.activation_scheme {scheme!r} is not supported: "
-                                  "expected 'dynamic'")
+    _require(scheme == "dynamic", f"quantization_config.activation_scheme {show(scheme)} is not supported: "
+                                  "expected \"dynamic\"")
     return True, quantization.get("scale_fmt")
 
 
@@ -232,6 +331,7 @@ def from_hf_dict(raw: Mapping[str, Any], name: str = "") -> ModelConfig:
     """Build a config from the fields of a Hugging Face DeepSeek-V3 `config.json`."""
     missing = [key for key in _HF_REQUIRED if key not in raw]
     _require(not missing, f"config.json lacks required field(s): {', '.join(missing)}")
+    _check_types(raw, _HF_SCHEMA)
     values: dict[str, Any] = {ours: raw[theirs] for theirs, ours in _HF_FIELDS.items() if theirs in raw}
     values.setdefault("n_dense_layers", 0)
     values.setdefault("n_shared_experts", 0)
@@ -244,20 +344,20 @@ def from_hf_dict(raw: Mapping[str, Any], name: str = "") -> ModelConfig:
 
     topk_method = raw.get("topk_method", "greedy")
     _require(topk_method in _TOPK_METHODS,
-             f"unknown topk_method {topk_method!r}: expected one of {sorted(_TOPK_METHODS)}")
+             f"unknown topk_method {show(topk_method)}: expected one of {sorted(_TOPK_METHODS)}")
     _require(not (topk_method == "greedy" and values["n_expert_groups"] > 1),
-             f"topk_method 'greedy' with n_group={values['n_expert_groups']} is ambiguous: HF ignores the "
-             "groups, the official code limits them; use 'group_limited_greedy' or n_group 1")
+             f"topk_method \"greedy\" with n_group={values['n_expert_groups']} is ambiguous: HF ignores the "
+             "groups, the official code limits them; use \"group_limited_greedy\" or n_group 1")
     values["gate_bias"] = _TOPK_METHODS[topk_method]
     if "norm_topk_prob" in raw and values["score_func"] in ("sigmoid", "softmax"):
-        _require(bool(raw["norm_topk_prob"]) == (values["score_func"] == "sigmoid"),
-                 f"norm_topk_prob={raw['norm_topk_prob']} with scoring_func {values['score_func']!r}: the "
+        _require(raw["norm_topk_prob"] == (values["score_func"] == "sigmoid"),
+                 f"norm_topk_prob={show(raw['norm_topk_prob'])} with scoring_func {show(values['score_func'])}: the "
                  "official code renormalizes exactly when scoring is sigmoid")
     _require(raw.get("moe_layer_freq", 1) == 1,
-             f"moe_layer_freq={raw.get('moe_layer_freq')} is not supported: every layer after "
+             f"moe_layer_freq={show(raw.get('moe_layer_freq'))} is not supported: every layer after "
              "first_k_dense_replace is MoE")
     _require(raw.get("hidden_act", "silu") == "silu",
-             f"hidden_act {raw.get('hidden_act')!r} is not supported: DeepSeek-V3 uses 'silu'")
+             f"hidden_act {show(raw.get('hidden_act'))} is not supported: DeepSeek-V3 uses \"silu\"")
     _require(not raw.get("tie_word_embeddings", False), "tie_word_embeddings=true is not supported: "
                                                         "DeepSeek-V3 has a separate lm_head")
     _require(not raw.get("attention_bias", False), "attention_bias=true is not supported: MLA has no biases")
@@ -278,7 +378,7 @@ def from_hf_dict(raw: Mapping[str, Any], name: str = "") -> ModelConfig:
         values["rope_theta"] = float(values["rope_theta"])
     extra = {key: value for key, value in raw.items()
              if key not in _HF_FIELDS and key not in _HF_SPECIAL and key not in _HF_IGNORED}
-    return ModelConfig(**values, name=name, extra_fields=extra)
+    return ModelConfig(**values, name=name, extra_fields=extra, spelling=HF_SPELLING)
 
 
 # --- the official inference/configs/*.json form ----------------------------------------------------
@@ -294,16 +394,30 @@ _OFFICIAL_DEFAULTS = {"max_seq_len": 16384, "n_dense_layers": 1, "n_shared_exper
                       "rope_theta": 10000.0}
 
 
+_OFFICIAL_SCHEMA = {**{key: "int" for key in ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers",
+                                              "n_dense_layers", "n_heads", "n_routed_experts", "n_shared_experts",
+                                              "n_activated_experts", "n_expert_groups", "n_limited_groups",
+                                              "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                                              "v_head_dim", "max_seq_len", "original_seq_len", "max_batch_size")},
+                    **{key: "number" for key in ("route_scale", "rope_theta", "rope_factor", "beta_fast", "beta_slow",
+                                                 "mscale")},
+                    "score_func": "str", "dtype": "str", "scale_fmt": "str?"}
+OFFICIAL_SPELLING = {"rope_scaling.factor": "rope_factor", "rope_scaling.original_seq_len": "original_seq_len",
+                     "rope_scaling.beta_fast": "beta_fast", "rope_scaling.beta_slow": "beta_slow",
+                     "rope_scaling.mscale": "mscale", "rope_scaling.mscale_all_dim": "mscale"}
+
+
 def from_official_dict(raw: Mapping[str, Any], name: str = "") -> ModelConfig:
     """Build a config from the official `ModelArgs` json form (`dim`, `n_routed_experts`, ...)."""
     required = ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "n_routed_experts",
                 "n_activated_experts")
     missing = [key for key in required if key not in raw]
     _require(not missing, f"official config lacks required field(s): {', '.join(missing)}")
+    _check_types(raw, _OFFICIAL_SCHEMA)
     values = {**_OFFICIAL_DEFAULTS, **{key: raw[key] for key in _OFFICIAL_FIELDS if key in raw}}
     values["route_scale"] = float(values["route_scale"])
     dtype = raw.get("dtype", "bf16")
-    _require(dtype in ("bf16", "fp8"), f"official dtype {dtype!r} is not supported: expected 'bf16' or 'fp8'")
+    _require(dtype in ("bf16", "fp8"), f"official dtype {show(dtype)} is not supported: expected \"bf16\" or \"fp8\"")
     values["fp8_weights"] = dtype == "fp8"
     # The official Gate owns a correction bias only for the V3 width; sigmoid scoring marks V3 configs.
     values["gate_bias"] = values["score_func"] == "sigmoid"
@@ -316,7 +430,7 @@ def from_official_dict(raw: Mapping[str, Any], name: str = "") -> ModelConfig:
     extra = {key: value for key, value in raw.items()
              if key not in _OFFICIAL_FIELDS and key not in _OFFICIAL_YARN and key not in _OFFICIAL_IGNORED
              and key != "dtype"}
-    return ModelConfig(**values, name=name, extra_fields=extra)
+    return ModelConfig(**values, name=name, extra_fields=extra, spelling=OFFICIAL_SPELLING)
 
 
 def is_official_form(raw: Mapping[str, Any]) -> bool:
@@ -334,13 +448,11 @@ def load_config(path: str | Path) -> ModelConfig:
     if path.is_dir():
         path = path / "config.json"
     raw = read_json(path, ConfigError, "config file")
-    _require(isinstance(raw, dict), f"{path}: a config must be a JSON object, got {type(raw).__name__}")
+    _require(isinstance(raw, dict), f"{path}: a config must be a JSON object, found {type(raw).__name__}")
     try:
         return from_dict(raw, name=path.parent.name if path.name == "config.json" else path.stem)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
-    except TypeError as error:
-        raise ConfigError(f"{path}: malformed field ({error})") from None
 
 
 def to_hf_dict(config: ModelConfig) -> dict[str, Any]:

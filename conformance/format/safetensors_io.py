@@ -1,13 +1,19 @@
 """Memory-mapped safetensors files, fp8 included.
 
-The `safetensors` package's NumPy API cannot represent float8, so files are parsed here from the format
-definition (an 8-byte little-endian header length, a JSON header, then the raw data) and tensors are
-returned as read-only NumPy views of a memory map: reading one tensor never reads the rest of the file.
+The `safetensors` package's NumPy API cannot represent float8, so tensors are read here as raw bytes at
+the offsets of the header and returned as read-only NumPy views of a memory map: reading one tensor never
+reads the rest of the file. The header itself is validated twice: by the rules of the format (an 8-byte
+little-endian length, a JSON object of tensors whose byte ranges tile the data exactly: no overlap, no
+gap, no trailing byte; string metadata), with messages that name the tensor, and then by the safetensors
+library's own parser, so that nothing it refuses is read. Two things are refused beyond the library:
+duplicate tensor names (it keeps the last one silently) and headers over 16 MiB (a released shard's
+header is about 100 KB; parsing an 85 MB header took 1.1 GB).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -16,6 +22,7 @@ from typing import Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 from .errors import BadInput
 
@@ -34,11 +41,26 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 16 << 20
 
 
 class SafetensorsError(BadInput):
     """A safetensors file that cannot be read as written."""
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise _Duplicate(next(name for name in names if names.count(name) > 1))
+    return dict(pairs)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass(frozen=True)
@@ -70,36 +92,66 @@ class SafetensorsFile:
                 if len(prefix) < 8:
                     raise self._fail(f"truncated or not a safetensors file ({size} bytes, no header length)")
                 (header_len,) = struct.unpack("<Q", prefix)
-                if header_len > min(size - 8, _MAX_HEADER_BYTES):
+                if header_len > MAX_HEADER_BYTES:
+                    raise self._fail(f"header of {header_len} bytes, more than the {MAX_HEADER_BYTES} this harness "
+                                     "reads")
+                if header_len > size - 8:
                     raise self._fail(f"corrupt or truncated: header claims {header_len} bytes but the file has "
                                      f"{size - 8} after the length field")
                 header_bytes = handle.read(header_len)
         except FileNotFoundError:
             raise SafetensorsError(f"{self.path}: no such file") from None
         try:
-            header = json.loads(header_bytes)
+            header = json.loads(header_bytes, object_pairs_hook=_refuse_duplicates)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise self._fail(f"corrupt header, not valid JSON ({error})") from None
+        except _Duplicate as duplicate:
+            raise self._fail(f"corrupt header: tensor name {duplicate.args[0]!r} appears twice") from None
         if not isinstance(header, dict):
             raise self._fail("corrupt header: not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise self._fail(f"corrupt header: __metadata__ must map strings to strings, found {metadata!r:.200}")
         data_start = 8 + header_len
         data_len = size - data_start
-        tensors: dict[str, TensorInfo] = {}
-        for name, entry in header.items():
-            tensors[name] = self._parse_entry(name, entry, data_len)
+        tensors = {name: self._parse_entry(name, entry, data_len) for name, entry in header.items()}
+        self._check_tiling(tensors, data_len)
+        self._library_check()
         return metadata, tensors, data_start
+
+    def _check_tiling(self, tensors: dict[str, TensorInfo], data_len: int) -> None:
+        """The tensors' byte ranges, in offset order, cover [0, data_len) exactly once."""
+        end = 0
+        for info in sorted(tensors.values(), key=lambda info: (info.begin, info.end)):
+            if info.begin != end:
+                what = "overlaps the tensor before it" if info.begin < end else f"leaves a gap after byte {end}"
+                raise self._fail(f"corrupt header: tensor {info.name!r} at bytes [{info.begin}, {info.end}) {what}")
+            end = info.end
+        if end != data_len:
+            raise self._fail(f"corrupt: {data_len - end} trailing byte(s) after the last tensor (data ends at {end}, "
+                             f"the file holds {data_len})")
+
+    def _library_check(self) -> None:
+        """The safetensors library's parser must accept the header too."""
+        try:
+            with safe_open(self.path, framework="numpy") as opened:
+                opened.keys()
+        except Exception as error:  # SafetensorError, or anything else the parser raises
+            message = str(error).removeprefix("Error while deserializing header: ")
+            raise self._fail(f"refused by the safetensors library: {message}") from None
 
     def _parse_entry(self, name: str, entry: object, data_len: int) -> TensorInfo:
         try:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (TypeError, KeyError, ValueError):
-            raise self._fail(f"corrupt header entry for tensor {name!r}: {entry!r}") from None
-        if dtype not in DTYPES:
-            raise self._fail(f"tensor {name!r} has unsupported dtype {dtype!r}")
-        if any(not isinstance(d, int) or d < 0 for d in shape):
-            raise self._fail(f"tensor {name!r} has an invalid shape {list(shape)}")
-        expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+            raise self._fail(f"corrupt header entry for tensor {name!r}: {entry!r:.200}") from None
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise self._fail(f"tensor {name!r} has unsupported dtype {dtype!r:.40}")
+        if any(not _is_count(d) for d in shape):
+            raise self._fail(f"tensor {name!r} has an invalid shape {list(shape)!r:.200}")
+        if not (_is_count(begin) and _is_count(end)):
+            raise self._fail(f"tensor {name!r} has invalid data_offsets {[begin, end]!r:.200}")
+        expected = math.prod(shape) * DTYPES[dtype].itemsize
         if end - begin != expected or begin < 0:
             raise self._fail(f"corrupt header: tensor {name!r} of {dtype}{list(shape)} needs {expected} bytes "
                              f"but its offsets [{begin}, {end}) span {end - begin}")

@@ -1,0 +1,65 @@
+"""A backend that lives outside the harness runs through the suite, check-golden and report by name.
+
+tests/out_of_tree/dsv3_hf_backend.py wraps transformers' DeepseekV3ForCausalLM. It is registered the way
+a user's package would be: an entry point of group `dsv3_conformance.backends`, here declared by a
+distribution's metadata folder put on the path, so that nothing of the harness is edited.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conformance.paths import ROOT
+
+pytest.importorskip("transformers", reason="the example backend wraps transformers (the oracle extra)")
+PLUGIN = ROOT / "tests" / "out_of_tree"
+
+
+@pytest.fixture(scope="module")
+def environment(tmp_path_factory):
+    """PYTHONPATH with the plugin module and an installed-distribution record declaring its entry point."""
+    site = tmp_path_factory.mktemp("site")
+    info = site / "dsv3_hf_backend-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dsv3-hf-backend\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[dsv3_conformance.backends]\nhf-transformers = dsv3_hf_backend:BACKEND\n")
+    path = os.pathsep.join([str(site), str(PLUGIN), str(ROOT)])
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def _run(environment, *args, timeout=900):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=environment, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_the_suite_runs_the_entry_point_backend(environment):
+    done = _run(environment, "-m", "pytest", "conformance/", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                "--backend", "hf-transformers", "-rs")
+    assert done.returncode == 0, done.stdout[-3000:]
+    summary = done.stdout.strip().splitlines()[-1]
+    assert int(summary.split(" passed")[0].split()[-1]) >= 25, summary
+    assert "hf-transformers: backend hf-transformers has no gemm_impl fp8" in done.stdout
+
+
+def test_check_golden_runs_it_by_module_path(environment, tmp_path):
+    out = tmp_path / "result.json"
+    done = _run(environment, "-m", "conformance.cli", "check-golden", "golden/official/v3-tiny",
+                "--backend", "dsv3_hf_backend:BACKEND", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["backend"] == "hf-transformers" and result["passed"]
+    assert "not run by the backend" in done.stderr and "prefill.logits_last.naive" in done.stderr
+
+
+def test_the_report_runs_it_by_entry_point_name(environment, tmp_path):
+    done = _run(environment, "-m", "conformance.cli", "report", "golden", "--backend", "hf-transformers",
+                "--mutants", "none", "--out", str(tmp_path))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {case["backend"] for case in report["golden"]} == {"hf-transformers"}
+    assert any(row["backend"] == "hf-transformers" and row["outcome"] == "passed" for row in report["checks"])

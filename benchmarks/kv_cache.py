@@ -1,4 +1,4 @@
-"""KV cache of the released 671B config, measured from the TensorFlow cache tensors (SPEC section 6).
+"""KV cache of the released 671B config, measured from the TensorFlow cache tensors (SEMANTICS.md section 6).
 
 MLA caches the normalized kv latent and the rotated rope key: (kv_lora_rank + qk_rope_head_dim) values
 per token per layer. Multi-head attention with the same heads would cache keys and values of every
@@ -30,7 +30,7 @@ def main() -> None:
     gates = [
         gate("MLA cache = (kv_lora_rank + qk_rope_head_dim) x 2 bytes in bf16 = 1152",
              bf16["MLA bytes/token/layer"], bf16["MLA bytes/token/layer"] == expected),
-        gate("1.76% of an MHA cache with the same heads (SPEC section 6)", bf16["MLA / MHA"],
+        gate("1.76% of an MHA cache with the same heads (SEMANTICS.md section 6)", bf16["MLA / MHA"],
              bf16["MLA / MHA"] == "1.76%"),
     ]
     notes = ("Bytes measured from the allocated tf.Variables of one layer's LatentCache for the released config "

@@ -167,24 +167,17 @@ def _report(args: argparse.Namespace) -> int:
     return PASS if report.passed else FAILURE
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {value}")
-    return value
+def _at_least(minimum: int):
+    """An argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, found {text!r}")
+        return value
+    return parse
 
 
 BACKEND_HELP = "a built-in name (reference, tf), an entry-point name, or package.module:object"
@@ -207,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("model_dir", help="checkpoint folder (HF or official layout)")
     generate.add_argument("--prompt", action="append", required=True,
                           help="comma-separated token ids; repeat for a batch of equal-length prompts")
-    generate.add_argument("--steps", type=_non_negative, default=16, help="tokens to generate")
+    generate.add_argument("--steps", type=_at_least(0), default=16, help="tokens to generate")
     generate.add_argument("--config", help="config file (default: MODEL_DIR/config.json)")
     generate.add_argument("--backend", default="tf", help=BACKEND_HELP)
     generate.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default=None)
@@ -233,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     mutants.add_argument("--backend", default=",".join(DEFAULT_BACKENDS), help="comma-separated backends")
     mutants.add_argument("--mutant", action="append", help="only this mutant (repeatable)")
     mutants.add_argument("--first-kill", action="store_true", help="stop each mutant at the first check that kills it")
-    mutants.add_argument("--jobs", type=_positive, default=os.cpu_count() or 1, help="worker processes")
+    mutants.add_argument("--jobs", type=_at_least(1), default=os.cpu_count() or 1, help="worker processes")
     mutants.add_argument("--hypothesis-profile", choices=PROFILES, default=default_profile, help=profile_help)
     mutants.add_argument("--list", action="store_true", help="list the catalogue and exit")
     mutants.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
@@ -246,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--no-suite", action="store_true", help="leave out the pytest suite (golden checks only)")
     report.add_argument("--mutants", choices=("first-kill", "all", "none"), default="first-kill",
                         help="mutation table: stop each mutant at its first kill, run all its checks, or skip")
-    report.add_argument("--jobs", type=_positive, default=os.cpu_count() or 1, help="processes for the mutants")
+    report.add_argument("--jobs", type=_at_least(1), default=os.cpu_count() or 1, help="processes for the mutants")
     report.add_argument("--hypothesis-profile", choices=PROFILES, default=default_profile, help=profile_help)
     report.set_defaults(run=_report)
     return parser

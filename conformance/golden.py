@@ -1,4 +1,4 @@
-"""Golden cases (GOLDEN.md) and checking a backend against them.
+"""Golden cases (SEMANTICS.md section 8) and checking a backend against them.
 
 A case folder holds `config.json`, the weights (`model.safetensors`, shards with an index, or the
 official layout), `expected.safetensors`, an optional `meta.json` and optional `expected-<label>.safetensors`.

@@ -3,7 +3,7 @@
 Each case is a seeded random checkpoint of a small config, a prompt, and what transformers'
 DeepseekV3ForCausalLM (float32, CPU) computes from them: every block's output and the logits of the
 prompt, then a greedy continuation fed one token at a time with the logits of every step. The format is
-that of the official cases (SPEC section 8), so check-golden reads both alike. The official cases are
+that of the official cases (SEMANTICS.md section 8), so check-golden reads both alike. The official cases are
 kept as shipped data and never regenerated.
 """
 

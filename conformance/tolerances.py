@@ -1,6 +1,7 @@
 """The tolerance policy: every bound a check uses, with what it rests on.
 
-The numbers and their justification are written out in TOLERANCES.md beside this file; a check names
+The numbers and their justification are written out in TOLERANCES.md beside this file (section numbers
+in the bases below are its sections); a check names
 the entry it uses so that a failure points at its policy. No check may use a literal tolerance.
 """
 
@@ -23,7 +24,7 @@ _ENTRIES = [
               "official float32 CPU run vs a float32/float64 backend: measured <= 1.2e-6 (TOLERANCES.md section 1)"),
     Tolerance("golden.fp8-path", 1e-1,
               "fp8 activation path end to end, two layers: H100 vs exact emulation measured 4-7e-2 "
-              "(SPEC section 5; TOLERANCES.md section 2)"),
+              "(SEMANTICS.md section 5; TOLERANCES.md section 2)"),
     Tolerance("tokens.exact", 0.0, "greedy tokens are discrete: any difference is a failure"),
     Tolerance("self.float64", 1e-12,
               "two float64 evaluations differing only in rounding order: measured <= 1.3e-15 (section 3)"),
@@ -33,8 +34,8 @@ _ENTRIES = [
               "fp8 activation path evaluated twice in float64: a rounding flip needs a value within 1e-16 of a "
               "boundary (section 3)"),
     Tolerance("self.fp8-path.float32", 1e-1,
-              "fp8 activation path evaluated twice in float32: rounding flips amplify as on the H100 (SPEC section "
-              "5: 4-7e-2 after two layers); measured <= 2.3e-2 (section 6)"),
+              "fp8 activation path evaluated twice in float32: rounding flips amplify as on the H100 (SEMANTICS.md "
+              "section 5: 4-7e-2 after two layers); measured <= 2.3e-2 (section 6)"),
     Tolerance("cross.float32", 1e-5, "float32 backend vs float64 reference, same routing: measured <= 4.6e-7 (section 5)"),
     Tolerance("cross.bfloat16", 5e-2,
               "bfloat16 backend vs float64 reference, same routing: measured <= 1.6e-2 (section 5)"),

@@ -1,6 +1,6 @@
 """FP8 (e4m3fn) numerics: weight blocks, online activation quantization, the blockwise GEMM.
 
-Report section 3.3 and SPEC section 5. Weights: 128x128 blocks with a float32 `scale_inv` = block amax / 448.
+Report section 3.3 and SEMANTICS.md section 5. Weights: 128x128 blocks with a float32 `scale_inv` = block amax / 448.
 Activations: per token per 128 channels, s = max(amax, 1e-4) / 448, optionally rounded up to a power of two
 (ue8m0). GEMM: an exact fp8 x fp8 product per 128-wide slice of K, scaled by both scales and summed.
 

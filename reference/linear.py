@@ -1,4 +1,4 @@
-"""Linear layers in the two official numerics paths (SPEC section 5).
+"""Linear layers in the two official numerics paths (SEMANTICS.md section 5).
 
 `gemm_impl` "bf16": fp8 weights are dequantized and the product is computed in the compute dtype.
 `gemm_impl` "fp8": activations are quantized per token per 128 channels and multiplied in fp8 with

@@ -277,7 +277,7 @@ def test_unaligned_fp8_split_is_refused(tmp_path):
 
 
 def test_expected_tensor_count_of_the_671b_model():
-    """Counted from the structure in SPEC sections 1 and 4: 61 layers (3 dense) + 1 MTP module, fp8 scales."""
+    """Counted from the structure in SEMANTICS.md sections 1 and 4: 61 layers (3 dense) + 1 MTP module, fp8 scales."""
     from conformance.format.config import deepseek_v3_671b
 
     specs = expected_tensors(deepseek_v3_671b())

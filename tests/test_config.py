@@ -1,4 +1,4 @@
-"""Config reading and validation. Expected values come from SPEC section 1 (the released config)."""
+"""Config reading and validation. Expected values come from SEMANTICS.md section 1 (the released config)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from conformance.format.config import (
     to_hf_dict,
 )
 
-# inference/configs/config_671B.json of the official repository (SPEC section 1, official column).
+# inference/configs/config_671B.json of the official repository (SEMANTICS.md section 1, official column).
 OFFICIAL_671B = {"vocab_size": 129280, "dim": 7168, "inter_dim": 18432, "moe_inter_dim": 2048, "n_layers": 61,
                  "n_dense_layers": 3, "n_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
                  "n_activated_experts": 8, "n_expert_groups": 8, "n_limited_groups": 4, "route_scale": 2.5,

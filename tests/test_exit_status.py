@@ -104,7 +104,7 @@ def test_bad_expected_tensors_are_bad_input(case, capsys, change, message):
 
 def test_negative_steps_are_refused(case, capsys):
     status, output = _status(capsys, "generate", case, "--prompt", "1,2", "--steps", "-5")
-    assert status == 2 and "expected an integer >= 0, found -5" in output
+    assert status == 2 and "expected an integer >= 0, found '-5'" in output
 
 
 @pytest.mark.parametrize("field, value, message", [

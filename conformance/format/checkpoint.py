@@ -33,7 +33,7 @@ class CheckpointError(BadInput):
     """A checkpoint that does not hold what the config needs, exactly."""
 
 
-# --- names: Hugging Face <-> official converted layout (SPEC section 9) -------------------------------
+# --- names: Hugging Face <-> official converted layout (SEMANTICS.md section 9) -------------------------------
 
 _HF_TO_OFFICIAL_SEGMENT = {
     "self_attn": "attn", "mlp": "ffn", "embed_tokens": "embed", "input_layernorm": "attn_norm",

@@ -33,7 +33,7 @@ class YarnScaling:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     mscale: float = 1.0
-    # HF-only field; the official code scales attention by `mscale` alone (SPEC section 2).
+    # HF-only field; the official code scales attention by `mscale` alone (SEMANTICS.md section 2).
     mscale_all_dim: float = 1.0
 
 

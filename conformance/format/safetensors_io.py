@@ -59,6 +59,16 @@ def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return dict(pairs)
 
 
+def library_refusal(path: str | Path) -> str | None:
+    """Why the safetensors library's own parser refuses the file's header, or None when it accepts it."""
+    try:
+        with safe_open(path, framework="numpy") as opened:
+            opened.keys()
+    except Exception as error:  # SafetensorError, or anything else the parser raises
+        return str(error).removeprefix("Error while deserializing header: ")
+    return None
+
+
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -133,12 +143,9 @@ class SafetensorsFile:
 
     def _library_check(self) -> None:
         """The safetensors library's parser must accept the header too."""
-        try:
-            with safe_open(self.path, framework="numpy") as opened:
-                opened.keys()
-        except Exception as error:  # SafetensorError, or anything else the parser raises
-            message = str(error).removeprefix("Error while deserializing header: ")
-            raise self._fail(f"refused by the safetensors library: {message}") from None
+        refusal = library_refusal(self.path)
+        if refusal is not None:
+            raise self._fail(f"refused by the safetensors library: {refusal}")
 
     def _parse_entry(self, name: str, entry: object, data_len: int) -> TensorInfo:
         try:

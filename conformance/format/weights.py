@@ -85,7 +85,7 @@ class LayerWeights:
 
 @dataclass(frozen=True)
 class MTPWeights:
-    """One multi-token-prediction module (SPEC section 4): stored as layer n_layers + k."""
+    """One multi-token-prediction module (SEMANTICS.md section 4): stored as layer n_layers + k."""
 
     enorm: np.ndarray
     hnorm: np.ndarray

@@ -24,6 +24,7 @@ import numpy as np
 
 from .format.config import ModelConfig
 from .format.errors import BadInput
+from .format.mtp import MTPOptions
 from .format.numerics import AttentionForm, Numerics
 from .format.weights import ModelWeights
 
@@ -55,6 +56,18 @@ class StepOutput:
         return self.logits[:, -1]
 
 
+@dataclass(frozen=True)
+class MTPStep:
+    """What the MTP modules produced over the new positions: per depth the block outputs before
+    shared_head.norm [B, n, dim], the logits [B, n, V] and the chosen experts [B*n, k]; and the drafts
+    [B, D], each depth's greedy token at the last position."""
+
+    hidden: tuple[np.ndarray, ...]
+    logits: tuple[np.ndarray, ...]
+    experts: tuple[np.ndarray, ...]
+    drafts: np.ndarray
+
+
 Routing = Sequence[np.ndarray] | None
 
 
@@ -74,7 +87,24 @@ class Runner(ABC):
 
     @abstractmethod
     def decode(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
-        """Feed one token per sequence [B] after the cached ones."""
+        """Feed one token per sequence [B] (or q of them, [B, q]) after the cached ones."""
+
+    def mtp(self, following: np.ndarray, options: MTPOptions = MTPOptions(),
+            forced_experts: Routing = None) -> MTPStep:
+        """Run the MTP modules over the main positions they have not seen yet.
+
+        `following` [B, j]: the tokens after the last fed one (j >= 1; the greedy choice, or known tokens);
+        depths beyond j read the drafts of the depths before them. `forced_experts`: one array per depth.
+        """
+        raise Unsupported(f"{type(self).__name__} has no MTP modules")
+
+    def verify(self, following: np.ndarray, drafts: np.ndarray) -> tuple[np.ndarray, int]:
+        """Feed `following` [B] and `drafts` [B, d] in one forward step; keep the accepted drafts.
+
+        Returns the new tokens [B, a+1] (a accepted drafts, then the main model's own next token) and a;
+        the rejected positions are rolled back out of every cache.
+        """
+        raise Unsupported(f"{type(self).__name__} cannot verify drafted tokens")
 
 
 @dataclass(frozen=True)
@@ -140,12 +170,13 @@ def _tf_runner(config, weights, numerics, dtype, attention) -> Runner:
 REFERENCE = Backend(
     "reference", _reference_runner, "reference.components", default_dtype="float64", dtypes=("float64", "float32"),
     mutation_targets={"moe": "reference.moe", "rope": "reference.rope", "attention": "reference.attention",
-                      "fp8": "reference.fp8", "norm": "reference.norm", "model": "reference.model"},
+                      "fp8": "reference.fp8", "norm": "reference.norm", "model": "reference.model",
+                      "mtp": "reference.mtp"},
     description="NumPy reference (reference/), float64 by default")
 TF = Backend(
     "tf", _tf_runner, "impl.components", default_dtype="float32", dtypes=("float32", "bfloat16"),
     mutation_targets={"moe": "impl.moe", "rope": "impl.rope", "attention": "impl.attention", "fp8": "impl.fp8",
-                      "norm": "impl.layers", "model": "impl.model"},
+                      "norm": "impl.layers", "model": "impl.model", "mtp": "impl.mtp"},
     array_namespace="tensorflow.experimental.numpy",
     description="TensorFlow implementation (impl/), XLA-compiled, float32 by default")
 BUILTIN = {backend.name: backend for backend in (REFERENCE, TF)}

@@ -28,14 +28,13 @@ from .golden import CaseResult, GoldenCase, check_case
 from .manifest import verify
 from .profiles import PROFILES
 from .runners import NonFiniteOutput, greedy
+from .speculative import speculative_generate
 
 PASS, FAILURE, BAD_INPUT, INTERNAL = 0, 1, 2, 3
 
 
 def results_table(result: CaseResult) -> str:
-    rows = [(r.name, f"{r.rel_err:.3e}", f"{r.max_abs:.3e}", f"{r.tolerance:.1e}", "pass" if r.passed else "FAIL")
-            for r in result.results]
-    return tabulate(rows, headers=["tensor", "rel_err", "max_abs", "tolerance", "status"], disable_numparse=True)
+    return tabulate([r.table_row() for r in result.results], headers="keys", disable_numparse=True)
 
 
 def report_unknown_fields(config: ModelConfig, source: str) -> None:
@@ -93,13 +92,24 @@ def _generate(args: argparse.Namespace) -> int:
     with open_checkpoint(args.model_dir) as checkpoint:
         weights = load_weights(checkpoint, config, progress=True)
         runner = backend.make_runner(config, weights, Numerics(args.gemm_impl, config.scale_fmt), args.dtype)
+        stats = None
         try:
-            generated = greedy(runner, prompt, args.steps)
+            if args.speculative:
+                generated, stats = speculative_generate(runner, prompt, args.steps, args.speculative)
+            else:
+                generated = greedy(runner, prompt, args.steps)
         except NonFiniteOutput as error:
             print(f"dsv3-conformance: FAILED: backend {backend.name}: {error}", file=sys.stderr)
             return FAILURE
+    if stats is not None:
+        print(f"speculative decoding, depth {args.speculative}: {stats.accepted}/{stats.drafted} drafts accepted "
+              f"({stats.acceptance:.1%}), {stats.steps_per_token:.2f} main-model steps per token", file=sys.stderr)
     if args.json:
-        print(json.dumps({"prompt": prompt.tolist(), "generated": generated.tolist()}))
+        result = {"prompt": prompt.tolist(), "generated": generated.tolist()}
+        if stats is not None:
+            result["speculative"] = {"depth": args.speculative, "drafted": stats.drafted, "accepted": stats.accepted,
+                                     "main_steps": stats.main_steps}
+        print(json.dumps(result))
     else:
         for row in generated:
             print(" ".join(str(int(token)) for token in row))
@@ -206,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default=None)
     generate.add_argument("--gemm-impl", choices=("bf16", "fp8"), default="bf16",
                           help="numerics path for fp8 weights: dequantized (bf16) or fp8 activations")
+    generate.add_argument("--speculative", type=_at_least(1), metavar="DEPTH", default=None,
+                          help="draft DEPTH tokens at a time with the MTP modules and verify them (greedy "
+                               "speculative decoding: the same tokens, fewer main-model steps)")
     generate.add_argument("--json", action="store_true", help="print JSON instead of one line per sequence")
     generate.set_defaults(run=_generate)
 

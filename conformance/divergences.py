@@ -51,7 +51,9 @@ DIVERGENCES = [
     Divergence("official-ue8m0-plain-linear-only", "official inference/model.py at 9b4e978",
                "scale_fmt reaches only the plain linear modules (wq_a, wkv_a, routed experts): the column- and "
                "row-parallel linear modules quantize without it, so wq_b, wkv_b, wo and the dense and shared FFNs "
-               "use unrounded activation scales. This harness applies ue8m0 to every fp8 linear.",
+               "use unrounded activation scales, and the kernel rounds with a float32 log2. DeepGEMM-based serving "
+               "rounds in every fp8 linear. A choice here, not a silent difference: Numerics.ue8m0_scope "
+               "'official' (the default, what golden meta.json's ue8m0_scope defaults to) or 'all'.",
                lambda c: c.scale_fmt == "ue8m0"),
 ]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from .format.checkpoint import load_weights, open_checkpoint
 from .format.config import ModelConfig, load_config
 from .format.errors import BadInput
 from .format.jsonfile import read_json
-from .format.numerics import Numerics
+from .format.numerics import UE8M0_SCOPES, Numerics
 from .format.safetensors_io import read_all
 from .format.weights import ModelWeights
 from .metrics import Comparison
@@ -39,6 +39,7 @@ EXPECTED = "expected.safetensors"
 _EXTRA = re.compile(r"^expected-(?P<label>[A-Za-z0-9_.-]+)\.safetensors$")
 _HIDDEN = re.compile(r"^prefill\.layer\.(\d+)\.hidden$")
 _DECODE = re.compile(r"^decode\.(\d+)\.logits$")
+_MTP = re.compile(r"^mtp\.(\d+)\.(logits|hidden)$")
 _LOGITS = ("prefill.logits_last", "prefill.logits", "prefill.logits_last.naive")
 GEMM_IMPLS = ("bf16", "fp8")
 
@@ -78,6 +79,7 @@ def _read_meta(path: Path) -> dict:
     for name, override in overrides.items():
         _meta_field(override, file, "gemm_impl", GEMM_IMPLS, "bf16")
     _meta_field(meta, file, "gemm_impl", GEMM_IMPLS, "bf16")
+    _meta_field(meta, file, "ue8m0_scope", UE8M0_SCOPES, "official")
     if not isinstance(meta.get("case", ""), str):
         raise GoldenError(f"{file}: field 'case' must be a string, found {meta['case']!r}")
     return meta
@@ -123,13 +125,35 @@ class GoldenCase:
         """Token tensor `name` of `file`, falling back to expected.safetensors."""
         return file.tensors.get(name, self.files[0].tensors.get(name))
 
+    def numerics(self, file: ExpectedFile) -> Numerics:
+        """The settings `file` was made with; ue8m0 applies where meta.json's `ue8m0_scope` says (default:
+        "official", the official code's own modules)."""
+        return Numerics(file.gemm_impl, self.config.scale_fmt, self.meta.get("ue8m0_scope", "official"))
+
+    def device(self, file: ExpectedFile) -> str:
+        """Where `file` was computed: meta.json's expected_files[name].device, else "h100" when its label
+        says so, else the case's `device` (default "cpu")."""
+        override = self.meta.get("expected_files", {}).get(file.path.name, {})
+        default = "h100" if "h100" in file.label else self.meta.get("device", "cpu")
+        return override.get("device", default)
+
     def tolerance_for(self, file: ExpectedFile) -> Tolerance:
-        if file.gemm_impl == "fp8":
-            return tolerance("golden.fp8-path")
         compute = self.meta.get("compute_dtype", "float32")
-        if compute != "float32":
-            raise GoldenError(f"{self.path}: no tolerance policy for goldens computed in {compute!r}")
+        if compute not in ("float32", "bfloat16") or (compute == "bfloat16" and file.gemm_impl == "fp8"):
+            raise GoldenError(f"{self.path}: no tolerance policy for goldens computed in {compute!r} on the "
+                              f"{file.gemm_impl} path")
+        if compute == "bfloat16":
+            return tolerance("golden.bfloat16-path")
+        if file.gemm_impl == "fp8":
+            return tolerance("golden.fp8-path.h100" if self.device(file) == "h100" else "golden.fp8-path.row")
         return tolerance("golden.float32-path")
+
+    def comparer(self, file: ExpectedFile) -> Callable[[str, np.ndarray], Comparison]:
+        """compare(name, output) against file's tensor `name` under the file's policy entry: rows for an fp8
+        activation path computed on a CPU (rounding flips move a minority of tokens), whole tensors otherwise."""
+        entry = self.tolerance_for(file)
+        method = Comparison.of_rows if entry.key == "golden.fp8-path.row" else Comparison.of
+        return lambda name, output: method(file.result_name(name), output, file.tensors[name], entry.value)
 
 
 # --- validation --------------------------------------------------------------------------------------------
@@ -148,6 +172,8 @@ def _expected_shape(name: str, config: ModelConfig, batch: int, prompt: int, dec
         return (batch, prompt, config.dim)
     if (step := _DECODE.match(name)) and decoded is not None and int(step[1]) < decoded:
         return (batch, config.vocab_size)
+    if (mtp := _MTP.match(name)) and int(mtp[1]) < config.n_mtp_layers:
+        return (batch, prompt, config.vocab_size if mtp[2] == "logits" else config.dim)
     return None
 
 
@@ -196,6 +222,14 @@ def _validate(case: GoldenCase, file: ExpectedFile) -> None:
         if bad:
             raise GoldenError(f"{file.path}: tensor {name!r}: expected finite values, found {bad} NaN or Inf")
         compared += 1
+    for name in file.tensors:
+        if (mtp := _MTP.match(name)) and int(mtp[1]) >= config.n_mtp_layers:
+            raise GoldenError(f"{file.path}: tensor {name!r}: expected an MTP depth below num_nextn_predict_layers="
+                              f"{config.n_mtp_layers}, found depth {mtp[1]}")
+    if any(_MTP.match(name) for name in file.tensors) and (decoded is None or
+                                                          decoded.shape[1] < config.n_mtp_layers):
+        raise GoldenError(f"{file.path}: MTP tensors need tokens.decoded with at least num_nextn_predict_layers="
+                          f"{config.n_mtp_layers} tokens (the tokens after the prompt)")
     if compared == 0 and "tokens.decoded" not in file.tensors:
         raise GoldenError(f"{file.path}: holds no expected tensor this harness compares (logits, block outputs, "
                           "decode logits or tokens.decoded)")
@@ -239,40 +273,40 @@ class CaseResult:
 
 
 def _prefill_checks(runner: Runner, file: ExpectedFile, prompt: np.ndarray, capacity: int,
-                    limit: float) -> list[Comparison]:
+                    compare: Callable) -> list[Comparison]:
     output = runner.prefill(prompt, capacity=capacity)
     results = []
-    for name, expected in file.tensors.items():
+    for name in file.tensors:
         if hidden := _HIDDEN.match(name):
-            results.append(Comparison.of(file.result_name(name), output.hidden[int(hidden[1])], expected, limit))
+            results.append(compare(name, output.hidden[int(hidden[1])]))
         elif name == "prefill.logits_last":
-            results.append(Comparison.of(file.result_name(name), output.logits_last, expected, limit))
+            results.append(compare(name, output.logits_last))
         elif name == "prefill.logits":
-            results.append(Comparison.of(file.result_name(name), output.logits, expected, limit))
+            results.append(compare(name, output.logits))
     return results
 
 
-def _decode_checks(runner: Runner, file: ExpectedFile, decoded: np.ndarray, limit: float) -> list[Comparison]:
+def _decode_checks(runner: Runner, file: ExpectedFile, decoded: np.ndarray, compare: Callable) -> list[Comparison]:
     steps = sorted(int(m[1]) for m in map(_DECODE.match, file.tensors) if m)
     results = []
     for step in range(steps[-1] + 1 if steps else 0):
         logits = runner.decode(decoded[:, step]).logits_last
         name = f"decode.{step}.logits"
         if name in file.tensors:
-            results.append(Comparison.of(file.result_name(name), logits, file.tensors[name], limit))
+            results.append(compare(name, logits))
     return results
 
 
 def _compare_file(case: GoldenCase, file: ExpectedFile, backend: Backend, weights: ModelWeights,
                   dtype: str | None) -> list[Comparison]:
-    numerics = Numerics(file.gemm_impl, case.config.scale_fmt)
-    limit = case.tolerance_for(file).value
+    numerics = case.numerics(file)
+    compare = case.comparer(file)
     prompt, decoded = case.tokens(file, "tokens.prompt"), case.tokens(file, "tokens.decoded")
     capacity = prompt.shape[1] + (decoded.shape[1] if decoded is not None else 0)
     runner = backend.make_runner(case.config, weights, numerics, dtype)
-    results = _prefill_checks(runner, file, prompt, capacity, limit)
+    results = _prefill_checks(runner, file, prompt, capacity, compare)
     if decoded is not None:
-        results += _decode_checks(runner, file, decoded, limit)
+        results += _decode_checks(runner, file, decoded, compare)
     if "tokens.decoded" in file.tensors:
         expected_tokens = file.tensors["tokens.decoded"]
         results.append(Comparison.of(file.result_name("tokens.decoded"), greedy(runner, prompt, expected_tokens.shape[1]),
@@ -280,15 +314,29 @@ def _compare_file(case: GoldenCase, file: ExpectedFile, backend: Backend, weight
     return results
 
 
+def _compare_mtp(case: GoldenCase, file: ExpectedFile, backend: Backend, weights: ModelWeights,
+                 dtype: str | None) -> list[Comparison]:
+    """Module k over every prompt position; the tokens after the prompt are the decoded ones."""
+    names = sorted(name for name in file.tensors if _MTP.match(name))
+    if not names:
+        return []
+    prompt, decoded = case.tokens(file, "tokens.prompt"), case.tokens(file, "tokens.decoded")
+    runner = backend.make_runner(case.config, weights, case.numerics(file), dtype)
+    runner.prefill(prompt, capacity=prompt.shape[1] + 1)
+    step = runner.mtp(decoded[:, : case.config.n_mtp_layers])
+    compare = case.comparer(file)
+    return [compare(name, (step.logits if match[2] == "logits" else step.hidden)[int(match[1])])
+            for name in names if (match := _MTP.match(name))]
+
+
 def _compare_naive(case: GoldenCase, file: ExpectedFile, backend: Backend, weights: ModelWeights,
                    dtype: str | None) -> list[Comparison]:
     if "prefill.logits_last.naive" not in file.tensors:
         return []
-    naive = backend.make_runner(case.config, weights, Numerics(file.gemm_impl, case.config.scale_fmt), dtype,
+    naive = backend.make_runner(case.config, weights, case.numerics(file), dtype,
                                 attention="naive")
-    return [Comparison.of(file.result_name("prefill.logits_last.naive"),
-                          naive.prefill(case.tokens(file, "tokens.prompt")).logits_last,
-                          file.tensors["prefill.logits_last.naive"], case.tolerance_for(file).value)]
+    return [case.comparer(file)("prefill.logits_last.naive",
+                                naive.prefill(case.tokens(file, "tokens.prompt")).logits_last)]
 
 
 def check_case(case: GoldenCase, backend: Backend | str, dtype: str | None = None,
@@ -299,12 +347,14 @@ def check_case(case: GoldenCase, backend: Backend | str, dtype: str | None = Non
     compared with the reason; `Unsupported` is raised only when no file could be compared at all.
     """
     backend = resolve_backend(backend)
+    if dtype is None and case.meta.get("compute_dtype") == "bfloat16" and "bfloat16" in backend.dtypes:
+        dtype = "bfloat16"  # a native bfloat16 golden is checked in bfloat16 where the backend computes in it
     weights = weights if weights is not None else case.weights()
     result = CaseResult(case.name, backend.name, [], [])
     reasons = []
     for file in case.files:
         compared = []
-        for part in (_compare_file, _compare_naive):
+        for part in (_compare_file, _compare_mtp, _compare_naive):
             try:
                 compared += part(case, file, backend, weights, dtype)
             except Unsupported as reason:

@@ -19,6 +19,16 @@ def rel_err(out: np.ndarray, expected: np.ndarray) -> float:
     return diff / norm
 
 
+def row_errors(out: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """rel_err of each row (last axis) of [..., width] tensors, flattened to [rows]; inf where a row is off a
+    zero row."""
+    out = np.asarray(out, np.float64).reshape(-1, np.shape(out)[-1])
+    expected = np.asarray(expected, np.float64).reshape(-1, np.shape(expected)[-1])
+    diff, norm = np.linalg.norm(out - expected, axis=1), np.linalg.norm(expected, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(norm > 0, diff / norm, np.where(diff == 0, 0.0, np.inf))
+
+
 def max_abs(out: np.ndarray, expected: np.ndarray) -> float:
     out, expected = np.asarray(out, np.float64), np.asarray(expected, np.float64)
     if out.shape != expected.shape:
@@ -28,13 +38,19 @@ def max_abs(out: np.ndarray, expected: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class Comparison:
-    """One compared tensor: what, the observed errors, the tolerance on rel_err, and the verdict."""
+    """One compared tensor: what, the observed error statistic, its tolerance, and the verdict.
+
+    Most comparisons bound the whole tensor's rel_err. Row comparisons (`of_rows`, the fp8 activation path)
+    bound the median row's rel_err and count the rows beyond it (`rows_off` of `rows`).
+    """
 
     name: str
     rel_err: float
     max_abs: float
     tolerance: float
     passed: bool
+    rows_off: int | None = None
+    rows: int | None = None
 
     @classmethod
     def of(cls, name: str, out: np.ndarray, expected: np.ndarray, tolerance: float) -> "Comparison":
@@ -42,9 +58,35 @@ class Comparison:
         # NaN never passes: `error <= tolerance` is False for NaN.
         return cls(name, error, max_abs(out, expected), tolerance, bool(error <= tolerance))
 
+    @classmethod
+    def of_rows(cls, name: str, out: np.ndarray, expected: np.ndarray, tolerance: float) -> "Comparison":
+        """Passes when at least half of the rows (tokens) are within `tolerance`: the lower median row is.
+
+        On the fp8 activation path a correct evaluation differs from another on a minority of tokens, where
+        an activation on an e4m3 rounding boundary went the other way (TOLERANCES.md section 8); a
+        semantic difference moves every token.
+        """
+        errors = np.sort(row_errors(out, expected)) if np.shape(out) == np.shape(expected) else np.array([np.inf])
+        median = float(errors[(errors.size - 1) // 2])
+        return cls(name, median, max_abs(out, expected), tolerance, bool(median <= tolerance),
+                   int(np.count_nonzero(~(errors <= tolerance))), int(errors.size))
+
     def to_json(self) -> dict:
-        return asdict(self)
+        """The contract fields; a row comparison adds rows_off and rows."""
+        fields = asdict(self)
+        return fields if self.rows is not None else {k: v for k, v in fields.items() if k not in ("rows_off", "rows")}
+
+    def table_row(self) -> dict:
+        """The row of this comparison in the CLI's and the report's tables."""
+        median = "" if self.rows is None else " (median row)"
+        return {"tensor": self.name, "rel_err": f"{self.rel_err:.3e}{median}",
+                "rows off": "" if self.rows is None else f"{self.rows_off}/{self.rows}",
+                "max_abs": f"{self.max_abs:.3e}", "tolerance": f"{self.tolerance:.1e}",
+                "status": "pass" if self.passed else "FAIL"}
 
     def describe(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
-        return f"{self.name}: rel_err {self.rel_err:.3e} vs tolerance {self.tolerance:.1e} ({verdict}), max_abs {self.max_abs:.3e}"
+        statistic = "rel_err" if self.rows is None else "median-row rel_err"
+        rows = "" if self.rows is None else f", {self.rows_off}/{self.rows} rows beyond it"
+        return (f"{self.name}: {statistic} {self.rel_err:.3e} vs tolerance {self.tolerance:.1e} ({verdict}){rows}, "
+                f"max_abs {self.max_abs:.3e}")

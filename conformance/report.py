@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 
 from . import plots
 from .backends import REFERENCE, Unsupported, resolve_backend
+from .checks import CHECKS
 from .divergences import DIVERGENCES
 from .golden import CaseResult, GoldenCase, check_case
 from .manifest import case_dirs, verify
-from .mutation.runner import MutantResult, run_catalogue
+from .mutation.runner import CheckRun, MutantResult, run_catalogue
 from .tolerances import POLICY
 
 # Tests that are not registered checks, by module.
@@ -69,6 +70,13 @@ def run_suite(backends: list[str], results_dir: Path, profile: str) -> tuple[int
     return status, sorted(rows, key=lambda r: (r["component"], r["check"], r["backend"] or ""))
 
 
+def suite_controls(rows: list[dict]) -> dict[tuple[str, str], CheckRun]:
+    """The suite's unmutated runs of registered checks, as control runs for the mutation table."""
+    outcomes = {"passed": "passed", "failed": "failed", "skipped": "unsupported"}
+    return {(row["check"], row["backend"]): CheckRun(row["check"], outcomes.get(row["outcome"], "error"), row["message"])
+            for row in rows if row.get("check") in CHECKS and row.get("backend")}
+
+
 def expert_loads(golden_dir: Path) -> dict[str, np.ndarray]:
     """Tokens per expert per MoE layer when the reference runs each load case's prompt and decoded tokens."""
     loads = {}
@@ -87,6 +95,23 @@ def expert_loads(golden_dir: Path) -> dict[str, np.ndarray]:
 
 
 @dataclass
+class Section:
+    """A table (and its figures) a capability contributes to the report."""
+
+    title: str
+    introduction: str
+    rows: list[dict]
+    figures: dict[str, Path] = field(default_factory=dict)
+
+
+def _extra_sections(golden_dir: Path, backends: list[str], out: Path) -> list[Section]:
+    """The sections of the capabilities beyond the suite, each computed by its own module."""
+    from .speculative import report_section as speculative
+
+    return [speculative(golden_dir, backends, out)]
+
+
+@dataclass
 class Report:
     golden_dir: Path
     manifest_problems: list[str]
@@ -96,6 +121,7 @@ class Report:
     mutants: list[MutantResult] | None = None
     figures: dict[str, Path] = field(default_factory=dict)
     not_run: list[str] = field(default_factory=list)  # golden cases a backend cannot run, with the reason
+    extra: list[Section] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -170,7 +196,8 @@ class Report:
                 "manifest_problems": self.manifest_problems, "golden": [c.to_json() for c in self.cases],
                 "suite_status": self.suite_status, "components": self.component_summary(), "checks": self.suite,
                 "mutants": [m.to_json() for m in self.mutants or []], "known_divergences": self.divergences(),
-                "tolerances": {key: {"value": t.value, "basis": t.basis} for key, t in POLICY.items()}}
+                "tolerances": {key: {"value": t.value, "basis": t.basis} for key, t in POLICY.items()},
+                "sections": {section.title: section.rows for section in self.extra}}
 
     def sections(self) -> list[tuple[str, str, list[dict]]]:
         """(title, introduction, rows) of every table, shared by the markdown and the HTML."""
@@ -194,13 +221,12 @@ class Report:
                              self.mutation_rows()))
         sections.append(("Known divergences", "Where an oracle or the official code departs from the official "
                                               "semantics: recorded, not absorbed by tolerances.", self.divergences()))
+        sections += [(section.title, section.introduction, section.rows) for section in self.extra]
         return sections
 
     def case_sections(self) -> list[tuple[str, list[dict]]]:
-        return [(f"Golden case {case.case} on {case.backend}", [
-            {"tensor": r.name, "rel_err": f"{r.rel_err:.3e}", "max_abs": f"{r.max_abs:.3e}",
-             "tolerance": f"{r.tolerance:.1e}", "status": "pass" if r.passed else "FAIL"} for r in case.results])
-            for case in self.cases]
+        return [(f"Golden case {case.case} on {case.backend}", [r.table_row() for r in case.results])
+                for case in self.cases]
 
     def to_markdown(self) -> str:
         parts = ["# DeepSeek-V3 conformance report", "", f"Overall: **{'PASSED' if self.passed else 'FAILED'}**"]
@@ -267,12 +293,16 @@ def build_report(golden_dir: Path, backends: list[str], out: Path, suite: bool =
     if suite:
         report.suite_status, report.suite = run_suite(backends, out / "suite", profile)
     if mutants != "none":
-        report.mutants = run_catalogue(backends, first_kill=mutants == "first-kill", jobs=jobs, profile=profile)
+        report.mutants = run_catalogue(backends, first_kill=mutants == "first-kill", jobs=jobs, profile=profile,
+                                       known_controls=suite_controls(report.suite))
     report.figures["Error per layer"] = plots.error_per_layer(report.cases, out / "error_per_layer.png")
     if report.suite:
         report.figures["Errors against tolerances"] = plots.error_against_tolerance(
             report.suite, out / "error_vs_tolerance.png")
     report.figures["Expert load per layer"] = plots.expert_load(expert_loads(golden_dir), out / "expert_load.png")
+    report.extra = _extra_sections(golden_dir, backends, out)
+    for section in report.extra:
+        report.figures.update(section.figures)
     (out / "report.json").write_text(json.dumps(report.to_json(), indent=2))
     (out / "report.md").write_text(report.to_markdown())
     (out / "report.html").write_text(report.to_html())

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backends import Routing, Runner, StepOutput, Unsupported
+from .backends import MTPStep, Routing, Runner, StepOutput, Unsupported
 from .format.config import ModelConfig
 from .format.inputs import InputError
+from .format.mtp import MTPOptions
 from .format.numerics import AttentionForm, Numerics
 from .format.weights import ModelWeights
 
@@ -22,19 +23,21 @@ class ReferenceRunner(Runner):
 
         self.config = config
         self.model = Transformer(config, weights, numerics, np.dtype(dtype), attention)
-        self.caches = None
-
-    def _step(self, result) -> StepOutput:
-        self.caches = result.caches
-        return StepOutput(result.logits, result.hidden, result.experts)
 
     def prefill(self, tokens: np.ndarray, forced_experts: Routing = None, capacity: int | None = None) -> StepOutput:
-        return self._step(self.model.prefill(tokens, forced_experts))
+        result = self.model.prefill(tokens, forced_experts)
+        return StepOutput(result.logits, result.hidden, result.experts)
 
     def decode(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
-        if self.caches is None:
-            raise InputError("decode called before prefill")
-        return self._step(self.model.decode(tokens, self.caches, forced_experts))
+        result = self.model.decode(tokens, forced_experts)
+        return StepOutput(result.logits, result.hidden, result.experts)
+
+    def mtp(self, following: np.ndarray, options: MTPOptions = MTPOptions(), forced_experts: Routing = None) -> MTPStep:
+        result = self.model.mtp(following, options, forced_experts)
+        return MTPStep(result.hidden, result.logits, result.experts, result.drafts)
+
+    def verify(self, following: np.ndarray, drafts: np.ndarray) -> tuple[np.ndarray, int]:
+        return self.model.verify(following, drafts)
 
 
 class TFRunner(Runner):
@@ -42,10 +45,10 @@ class TFRunner(Runner):
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics, dtype: str,
                  attention: AttentionForm):
-        from impl.model import TFTransformer
+        from impl.model import Transformer
 
         self.config = config
-        self.model = TFTransformer(config, weights, numerics, dtype, attention)
+        self.model = Transformer(config, weights, numerics, dtype, attention)
 
     @staticmethod
     def _step(result, forced_experts: Routing) -> StepOutput:
@@ -58,6 +61,14 @@ class TFRunner(Runner):
 
     def decode(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
         return self._step(self.model.decode(tokens), forced_experts)
+
+    def mtp(self, following: np.ndarray, options: MTPOptions = MTPOptions(), forced_experts: Routing = None) -> MTPStep:
+        if forced_experts is not None:
+            raise Unsupported("the tf backend routes by itself: forced routing is a reference-only input")
+        return MTPStep(*self.model.mtp(following, options))
+
+    def verify(self, following: np.ndarray, drafts: np.ndarray) -> tuple[np.ndarray, int]:
+        return self.model.verify(following, drafts)
 
 
 def _finite(logits: np.ndarray, where: str) -> np.ndarray:

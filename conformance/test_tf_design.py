@@ -20,20 +20,31 @@ def _tf_selected(request):
 
 
 def _model(config, dtype="float32"):
-    from impl.model import TFTransformer
+    from impl.model import Transformer
 
-    return TFTransformer(config, build_weights(config, seed=5), dtype=dtype)
+    return Transformer(config, build_weights(config, seed=5), dtype=dtype)
 
 
 def test_decode_never_retraces_over_a_generation():
-    model = _model(tiny())
+    model = _model(tiny(vocab_size=301))  # a config no other test compiles
     prompt = np.arange(10).reshape(2, 5)
     model.prefill(prompt)
     for step in range(20):
         model.decode(np.array([step, step + 1]))
     model.prefill(prompt + 1)
-    assert model.decode_step.experimental_get_tracing_count() == 1
-    assert model.prefill_step.experimental_get_tracing_count() == 1
+    assert model.program.decode.experimental_get_tracing_count() == 1
+    assert model.program.prefill.experimental_get_tracing_count() == 1
+
+
+def test_models_of_one_structure_share_their_compilations():
+    """Weights are arguments of the compiled steps: a second model of the same config traces nothing."""
+    config = tiny(vocab_size=302)
+    first, second = _model(config), _model(config)
+    assert first.program is second.program
+    prompt = np.arange(6).reshape(2, 3)
+    first.prefill(prompt)
+    second.prefill(prompt + 1)
+    assert first.program.prefill.experimental_get_tracing_count() == 1
 
 
 def test_steps_are_xla_compiled():
@@ -42,8 +53,9 @@ def test_steps_are_xla_compiled():
 
     model = _model(tiny())
     model.prefill(np.zeros((1, 3), np.int64))
-    hlo = model.decode_step.experimental_get_compiler_ir(tf.constant([1], tf.int32), tf.constant(3, tf.int32),
-                                                          model.caches)(stage="hlo")
+    hlo = model.program.decode.experimental_get_compiler_ir(model.leaves, tf.constant([[1]], tf.int32),
+                                                             tf.constant(3, tf.int32), model.caches,
+                                                             model.history)(stage="hlo")
     assert "HloModule" in hlo
 
 
@@ -74,10 +86,10 @@ def test_671b_cache_against_mha_is_1_76_percent():
 
 
 def test_fp8_weights_stay_fp8_in_memory():
-    from impl.model import TFTransformer
+    from impl.model import Transformer
 
     config = tiny_fp8()
-    model = TFTransformer(config, build_weights(config, seed=1))
+    model = Transformer(config, build_weights(config, seed=1))
     moe = model.weights.layers[1].ffn
     for linear in (model.weights.layers[0].attn.q_b_proj, model.weights.layers[0].ffn.down_proj,
                    moe.experts.gate_proj, moe.shared.up_proj):

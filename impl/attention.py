@@ -49,10 +49,10 @@ def project_queries(x: tf.Tensor, weights: AttentionWeights, config: ModelConfig
                     numerics: Numerics) -> tuple[tf.Tensor, tf.Tensor]:
     """Per-head q_nope [B,S,H,n] and unrotated q_rope [B,S,H,r]."""
     if config.q_lora_rank:
-        query_latent = rms_norm(linear(x, weights.q_a_proj, numerics), weights.q_a_norm, config.rms_norm_eps)
-        q = linear(query_latent, weights.q_b_proj, numerics)
+        query_latent = rms_norm(linear(x, weights.q_a_proj, numerics, "q_a_proj"), weights.q_a_norm, config.rms_norm_eps)
+        q = linear(query_latent, weights.q_b_proj, numerics, "q_b_proj")
     else:
-        q = linear(x, weights.q_proj, numerics)
+        q = linear(x, weights.q_proj, numerics, "q_proj")
     return split_query_heads(tf.reshape(q, tf.concat([tf.shape(x)[:2], [config.n_heads, config.qk_head_dim]], 0)),
                              config)
 
@@ -60,7 +60,7 @@ def project_queries(x: tf.Tensor, weights: AttentionWeights, config: ModelConfig
 def project_latent(x: tf.Tensor, weights: AttentionWeights, config: ModelConfig,
                    numerics: Numerics) -> tuple[tf.Tensor, tf.Tensor]:
     """The normalized kv latent [B,S,c] and the unrotated shared rope key [B,S,r]."""
-    compressed = linear(x, weights.kv_a_proj, numerics)
+    compressed = linear(x, weights.kv_a_proj, numerics, "kv_a_proj")
     kv_latent = rms_norm(compressed[..., : config.kv_lora_rank], weights.kv_a_norm, config.rms_norm_eps)
     return kv_latent, compressed[..., config.kv_lora_rank:]
 
@@ -81,7 +81,7 @@ def naive_attention(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, 
                     weights: AttentionWeights, config: ModelConfig, numerics: Numerics, mask: tf.Tensor,
                     scale: float) -> tf.Tensor:
     """Latents expanded to per-head keys and values, then attention: [B,S,H,v]."""
-    expanded = linear(kv_latent, weights.kv_b_proj, numerics)
+    expanded = linear(kv_latent, weights.kv_b_proj, numerics, "kv_b_proj")
     expanded = tf.reshape(expanded, tf.concat([tf.shape(kv_latent)[:2], [config.n_heads, -1]], 0))
     k_nope, values = expanded[..., : config.qk_nope_head_dim], expanded[..., config.qk_nope_head_dim:]
     scores = tf.einsum("bshd,bthd->bsht", q_nope, k_nope) + tf.einsum("bshr,btr->bsht", q_rope, rope_key)
@@ -111,4 +111,4 @@ def attend(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, rope_key:
 
 def output(heads: tf.Tensor, weights: AttentionWeights, numerics: Numerics) -> tf.Tensor:
     merged = tf.reshape(heads, tf.concat([tf.shape(heads)[:2], [heads.shape[2] * heads.shape[3]]], 0))
-    return linear(merged, weights.o_proj, numerics)
+    return linear(merged, weights.o_proj, numerics, "o_proj")

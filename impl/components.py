@@ -6,6 +6,8 @@ import numpy as np
 import tensorflow as tf
 
 from conformance.format.config import ModelConfig
+from conformance.format.fp8 import FP8Error
+from conformance.format.numerics import ScaleFormat
 from conformance.format.weights import GateWeights
 
 from . import fp8, moe
@@ -22,7 +24,11 @@ def to_e4m3(x: np.ndarray) -> np.ndarray:
     return fp8.to_e4m3(tf.constant(x)).numpy()
 
 
-def quantize_activation(x: np.ndarray, scale_fmt: str | None) -> tuple[np.ndarray, np.ndarray]:
+def quantize_activation(x: np.ndarray, scale_fmt: ScaleFormat) -> tuple[np.ndarray, np.ndarray]:
+    # Inside the compiled model a NaN reaches the output and the runner refuses it; here it is refused at once.
+    if not np.isfinite(x).all():
+        raise FP8Error(f"non-finite activation ({np.count_nonzero(~np.isfinite(x))} NaN or Inf values) cannot be "
+                       "quantized")
     quantized, scales = fp8.quantize_activation(tf.constant(x, tf.float32), scale_fmt)
     return quantized.numpy(), scales.numpy()
 

@@ -7,9 +7,12 @@ harness rule is saturate to +-448, keep NaN, round to nearest even.
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
 from conformance.format.fp8 import BLOCK, E4M3_MAX, FP8Error
+from conformance.format.numerics import ScaleFormat
 
 E4M3 = tf.as_dtype("float8_e4m3fn")
 # The official activation quantizer never divides by less than this amax (zero rows get a finite scale).
@@ -34,7 +37,7 @@ def dequantize_weight(weight: tf.Tensor, scale_inv: tf.Tensor, dtype: tf.DType) 
 
 
 def round_up_to_power_of_two(scales: tf.Tensor) -> tf.Tensor:
-    """The smallest power of two >= each positive float32 scale, from its bits (exact)."""
+    """The smallest power of two >= each positive float32 scale, from its bits (exact; ue8m0 "all")."""
     bits = tf.bitcast(scales, tf.int32)
     exponent = tf.bitwise.right_shift(bits, 23)
     has_fraction = tf.bitwise.bitwise_and(bits, 0x7FFFFF) != 0
@@ -42,8 +45,19 @@ def round_up_to_power_of_two(scales: tf.Tensor) -> tf.Tensor:
     return tf.bitcast(tf.bitwise.left_shift(exponent, 23), tf.float32)
 
 
-def activation_scales(x: tf.Tensor, scale_fmt: str | None) -> tf.Tensor:
-    """Float32 scales [..., K/128]: max(amax, 1e-4)/448 per token per 128 channels; ue8m0 rounds up to 2^k."""
+def round_up_as_official(scales: tf.Tensor) -> tf.Tensor:
+    """2^ceil(log2 s) with log2 s first rounded to float32, as the official kernel computes it.
+
+    log2 comes from a float64 natural log, then float32; the power of two is built from its bits (scales
+    here are normal floats: at least 1e-4/448).
+    """
+    log2 = tf.cast(tf.math.log(tf.cast(scales, tf.float64)) / math.log(2.0), tf.float32)
+    biased = tf.cast(tf.math.ceil(log2), tf.int32) + 127
+    return tf.bitcast(tf.bitwise.left_shift(biased, 23), tf.float32)
+
+
+def activation_scales(x: tf.Tensor, scale_fmt: ScaleFormat) -> tf.Tensor:
+    """Float32 scales [..., K/128]: max(amax, 1e-4)/448 per token per 128 channels, rounded by `scale_fmt`."""
     width = x.shape[-1]
     if width % BLOCK:
         raise FP8Error(f"activation width {width} is not a multiple of {BLOCK}, as the fp8 path needs")
@@ -51,12 +65,14 @@ def activation_scales(x: tf.Tensor, scale_fmt: str | None) -> tf.Tensor:
     scales = tf.maximum(tf.reduce_max(grouped, axis=-1), ACT_AMAX_FLOOR) / E4M3_MAX
     if scale_fmt == "ue8m0":
         return round_up_to_power_of_two(scales)
+    if scale_fmt == "ue8m0-log2f":
+        return round_up_as_official(scales)
     if scale_fmt is not None:
-        raise FP8Error(f"unknown scale_fmt {scale_fmt!r}: expected 'ue8m0' or none")
+        raise FP8Error(f"unknown scale format {scale_fmt!r}: expected 'ue8m0', 'ue8m0-log2f' or none")
     return scales
 
 
-def quantize_activation(x: tf.Tensor, scale_fmt: str | None) -> tuple[tf.Tensor, tf.Tensor]:
+def quantize_activation(x: tf.Tensor, scale_fmt: ScaleFormat) -> tuple[tf.Tensor, tf.Tensor]:
     """e4m3 activations [..., K] and their float32 scales [..., K/128]."""
     scales = activation_scales(x, scale_fmt)
     shape = tf.shape(x)

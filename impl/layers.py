@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from conformance.format.numerics import Numerics
+from conformance.format.numerics import LinearModule, Numerics
 from conformance.format.weights import FFNWeights, LinearWeight
 
 from .fp8 import dequantize_weight, fp8_gemm, quantize_activation
@@ -24,17 +24,17 @@ def dense_weight(weight: LinearWeight, dtype: tf.DType) -> tf.Tensor:
     return dequantize_weight(weight.weight, weight.scale_inv, dtype)
 
 
-def linear(x: tf.Tensor, weight: LinearWeight, numerics: Numerics) -> tf.Tensor:
-    """x W^T for x [..., in] in x's dtype, through the numerics path for fp8 weights."""
+def linear(x: tf.Tensor, weight: LinearWeight, numerics: Numerics, module: LinearModule) -> tf.Tensor:
+    """x W^T for x [..., in] in x's dtype, through the numerics path for fp8 weights (`module`: scale format)."""
     if weight.scale_inv is not None and numerics.gemm_impl == "fp8":
         rows = tf.reshape(x, [-1, x.shape[-1]])
-        x_q, x_scale = quantize_activation(rows, numerics.scale_fmt)
+        x_q, x_scale = quantize_activation(rows, numerics.scale_format(module))
         out = fp8_gemm(x_q, x_scale, weight.weight, weight.scale_inv)
         return tf.cast(tf.reshape(out, tf.concat([tf.shape(x)[:-1], [weight.weight.shape[0]]], 0)), x.dtype)
     return tf.einsum("...k,nk->...n", x, dense_weight(weight, x.dtype))
 
 
-def swiglu_ffn(x: tf.Tensor, weights: FFNWeights, numerics: Numerics) -> tf.Tensor:
-    """down(silu(gate(x)) * up(x))."""
-    hidden = tf.nn.silu(linear(x, weights.gate_proj, numerics)) * linear(x, weights.up_proj, numerics)
-    return linear(hidden, weights.down_proj, numerics)
+def swiglu_ffn(x: tf.Tensor, weights: FFNWeights, numerics: Numerics, module: LinearModule) -> tf.Tensor:
+    """down(silu(gate(x)) * up(x)) of the dense FFN or the shared experts (`module`)."""
+    hidden = tf.nn.silu(linear(x, weights.gate_proj, numerics, module)) * linear(x, weights.up_proj, numerics, module)
+    return linear(hidden, weights.down_proj, numerics, module)

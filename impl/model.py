@@ -1,22 +1,29 @@
-"""The TensorFlow model: XLA-compiled prefill and decode step over a preallocated latent cache.
+"""The TensorFlow model: XLA-compiled steps over preallocated latent caches.
 
 Weights become TensorFlow variables in the compute dtype (float32 or bfloat16); fp8 weights stay e4m3
 with their float32 block scales and are dequantized inside the compiled step. The router and its bias
 stay float32. A decode step takes its position as a tensor, so a whole generation runs one trace. The
-cache holds as many positions as the caller asks for (at most max_position_embeddings), and its size is
-checked against a memory budget before anything is allocated.
+caches hold as many positions as the caller asks for (at most max_position_embeddings), and their size
+is checked against a memory budget before anything is allocated.
+
+Besides prefill and decode, the session runs the MTP modules over the positions they have not seen
+(each depth with its own cache), and verifies drafted tokens in one compiled step: the next token and
+the drafts are fed together, the model's own predictions and the accepted prefix are computed in the
+same XLA call, and the rejected positions are rolled back (SEMANTICS.md section 4).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import functools
+from typing import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
 
 from conformance.format.config import ModelConfig
 from conformance.format.inputs import InputError, check_tokens
+from conformance.format.mtp import MTPOptions
 from conformance.format.numerics import AttentionForm, Numerics
 from conformance.format.weights import FFNWeights, GateWeights, LinearWeight, ModelWeights, MoEWeights
 
@@ -25,6 +32,7 @@ from .attention import LatentCache
 from .fp8 import E4M3
 from .layers import rms_norm, swiglu_ffn
 from .moe import StackedMoE, moe
+from .mtp import accepted_prefix, chained, mtp_embedding, mtp_head, mtp_input, mtp_source, tokens_ahead
 from .rope import apply_rope, rotation_angles, softmax_scale
 
 Store = Callable[[LatentCache, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
@@ -68,52 +76,108 @@ def to_tf(weights, dtype: tf.DType):
     return type(weights)(**{f.name: to_tf(getattr(weights, f.name), dtype) for f in dataclasses.fields(weights)})
 
 
-class TFTransformer:
-    """DeepSeek-V3 in TensorFlow. `prefill` starts a batch; `decode` feeds one token per sequence."""
+def _leaves(tree) -> list:
+    """The variables of a weight tree, depth first (the order `_rebuild` consumes them in)."""
+    if tree is None:
+        return []
+    if isinstance(tree, (tf.Variable, tf.Tensor)):
+        return [tree]
+    if isinstance(tree, tuple):
+        return [leaf for item in tree for leaf in _leaves(item)]
+    return [leaf for f in dataclasses.fields(tree) for leaf in _leaves(getattr(tree, f.name))]
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics = Numerics(),
-                 dtype: str = "float32", attention_form: AttentionForm = "absorbed"):
-        if weights.mtp:
-            weights = dataclasses.replace(weights, mtp=())
+
+def _structure(tree):
+    """A hashable description of a weight tree's shape: which containers, which fields are absent."""
+    if tree is None or isinstance(tree, (tf.Variable, tf.Tensor)):
+        return tree is not None
+    if isinstance(tree, tuple):
+        return tuple(_structure(item) for item in tree)
+    return (type(tree), tuple(_structure(getattr(tree, f.name)) for f in dataclasses.fields(tree)))
+
+
+def _rebuild(structure, leaves: Iterator):
+    if isinstance(structure, bool):
+        return next(leaves) if structure else None
+    if isinstance(structure, tuple) and structure and isinstance(structure[0], type):
+        kind, children = structure
+        return kind(*(_rebuild(child, leaves) for child in children))
+    return tuple(_rebuild(child, leaves) for child in structure)
+
+
+class Program:
+    """The XLA-compiled steps of one model structure (config, numerics, dtype, attention form, weight tree).
+
+    Weights are arguments, not captured, so every session of the same structure shares these functions
+    and their compilations: a second model of the same config compiles nothing.
+    """
+
+    def __init__(self, config: ModelConfig, numerics: Numerics, dtype: tf.DType, attention_form: AttentionForm,
+                 structure):
         self.config = config
         self.numerics = numerics
-        self.dtype = tf.as_dtype(dtype)
+        self.dtype = dtype
         self.attention_form = attention_form
-        self.weights = to_tf(weights, self.dtype)
+        self.structure = structure
         self.scale = softmax_scale(config)
-        self.caches: tuple[LatentCache, ...] = ()
-        self.length = 0
-        self.prefill_step = tf.function(self._prefill, jit_compile=True)
-        self.decode_step = tf.function(self._decode, jit_compile=True)
+        self.prefill = tf.function(self._prefill, jit_compile=True)
+        self.decode = tf.function(self._decode, jit_compile=True)
+        self.verify = tf.function(self._verify, jit_compile=True)
+        self.mtp = tf.function(self._mtp, jit_compile=True)
 
-    def _forward(self, tokens: tf.Tensor, positions: tf.Tensor, mask: tf.Tensor, caches: tuple[LatentCache, ...],
-                 store: Store):
+    def unflatten(self, leaves: list) -> ModelWeights:
+        return _rebuild(self.structure, iter(leaves))
+
+    def _rope(self, positions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        angles = rotation_angles(self.config, positions)
+        return tf.cast(tf.cos(angles), tf.float32), tf.cast(tf.sin(angles), tf.float32)
+
+    def _block(self, h: tf.Tensor, layer, cache: LatentCache, cos: tf.Tensor, sin: tf.Tensor, mask: tf.Tensor,
+               store: Store) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """h + attn(attn_norm(h)), then + ffn(ffn_norm(.)); also the chosen experts of a MoE block."""
         config, numerics = self.config, self.numerics
-        angles = rotation_angles(config, positions)
-        cos, sin = tf.cast(tf.cos(angles), tf.float32), tf.cast(tf.sin(angles), tf.float32)
-        h = tf.gather(self.weights.embed, tokens)
-        hidden, experts = [], []
-        for layer, cache in zip(self.weights.layers, caches):
-            x = rms_norm(h, layer.attn_norm, config.rms_norm_eps)
-            q_nope, q_rope = attention.project_queries(x, layer.attn, config, numerics)
-            q_rope = apply_rope(q_rope, cos[None, :, None], sin[None, :, None])
-            kv_latent, rope_key = attention.project_latent(x, layer.attn, config, numerics)
-            keys_latent, keys_rope = store(cache, kv_latent, apply_rope(rope_key, cos[None], sin[None]))
-            heads = attention.attend(q_nope, q_rope, keys_latent, keys_rope, layer.attn, config, numerics, mask,
-                                     self.scale, self.attention_form)
-            h = h + attention.output(heads, layer.attn, numerics)
-            x = rms_norm(h, layer.ffn_norm, config.rms_norm_eps)
-            if isinstance(layer.ffn, StackedMoE):
-                flat, chosen = moe(tf.reshape(x, [-1, config.dim]), layer.ffn, config, numerics)
-                h = h + tf.reshape(flat, tf.shape(h))
-                experts.append(chosen)
-            else:
-                h = h + swiglu_ffn(x, layer.ffn, numerics)
-            hidden.append(h)
-        logits = tf.einsum("bsd,vd->bsv", rms_norm(h, self.weights.norm, config.rms_norm_eps), self.weights.head)
-        return tf.cast(logits, tf.float32), tf.stack(hidden), experts
+        x = rms_norm(h, layer.attn_norm, config.rms_norm_eps)
+        q_nope, q_rope = attention.project_queries(x, layer.attn, config, numerics)
+        q_rope = apply_rope(q_rope, cos[None, :, None], sin[None, :, None])
+        kv_latent, rope_key = attention.project_latent(x, layer.attn, config, numerics)
+        keys_latent, keys_rope = store(cache, kv_latent, apply_rope(rope_key, cos[None], sin[None]))
+        heads = attention.attend(q_nope, q_rope, keys_latent, keys_rope, layer.attn, config, numerics, mask,
+                                 self.scale, self.attention_form)
+        h = h + attention.output(heads, layer.attn, numerics)
+        x = rms_norm(h, layer.ffn_norm, config.rms_norm_eps)
+        if isinstance(layer.ffn, StackedMoE):
+            flat, chosen = moe(tf.reshape(x, [-1, config.dim]), layer.ffn, config, numerics)
+            return h + tf.reshape(flat, tf.shape(h)), chosen
+        return h + swiglu_ffn(x, layer.ffn, numerics, "dense_ffn"), None
 
-    def _prefill(self, tokens: tf.Tensor, caches: tuple[LatentCache, ...]):
+    def _forward(self, weights: ModelWeights, tokens: tf.Tensor, positions: tf.Tensor, mask: tf.Tensor,
+                 caches: tuple[LatentCache, ...], store: Store):
+        cos, sin = self._rope(positions)
+        h = tf.gather(weights.embed, tokens)
+        hidden, experts = [], []
+        for layer, cache in zip(weights.layers, caches):
+            h, chosen = self._block(h, layer, cache, cos, sin, mask, store)
+            hidden.append(h)
+            if chosen is not None:
+                experts.append(chosen)
+        normed = rms_norm(h, weights.norm, self.config.rms_norm_eps)
+        logits = tf.einsum("bsd,vd->bsv", normed, weights.head)
+        return tf.cast(logits, tf.float32), tf.stack(hidden), experts, mtp_source(h, normed)
+
+    @staticmethod
+    def _slots(start: tf.Tensor, batch: int, count: int) -> tf.Tensor:
+        """(sequence, position) of `count` positions from `start` for every sequence: [batch * count, 2]."""
+        rows = tf.repeat(tf.range(batch), count)
+        return tf.stack([rows, tf.tile(start + tf.range(count), [batch])], axis=1)
+
+    def _writer(self, slots: tf.Tensor) -> Store:
+        def store(cache: LatentCache, kv_latent: tf.Tensor, rope_key: tf.Tensor):
+            cache.kv_latent.scatter_nd_update(slots, tf.reshape(kv_latent, [-1, kv_latent.shape[-1]]))
+            cache.rope_key.scatter_nd_update(slots, tf.reshape(rope_key, [-1, rope_key.shape[-1]]))
+            return cache.kv_latent, cache.rope_key
+        return store
+
+    def _prefill(self, leaves: list, tokens: tf.Tensor, caches: tuple[LatentCache, ...], history: tf.Variable):
         length = tokens.shape[1]
         padding = [[0, 0], [0, caches[0].kv_latent.shape[1] - length], [0, 0]]
 
@@ -122,19 +186,81 @@ class TFTransformer:
             cache.rope_key.assign(tf.pad(rope_key, padding))
             return kv_latent, rope_key
 
-        return self._forward(tokens, tf.range(length), attention.causal_mask(0, length, length), caches, store)
+        logits, hidden, experts, source = self._forward(self.unflatten(leaves), tokens, tf.range(length),
+                                                        attention.causal_mask(0, length, length), caches, store)
+        history.assign(tf.pad(source, padding))
+        return logits, hidden, experts
 
-    def _decode(self, tokens: tf.Tensor, position: tf.Tensor, caches: tuple[LatentCache, ...]):
-        batch = tokens.shape[0]
-        slots = tf.stack([tf.range(batch), tf.fill([batch], position)], axis=1)
+    def _decode(self, leaves: list, tokens: tf.Tensor, position: tf.Tensor, caches: tuple[LatentCache, ...],
+                history: tf.Variable):
+        """Feed tokens [B, q] at positions position.. over the cache."""
+        batch, count = tokens.shape
+        slots = self._slots(position, batch, count)
+        mask = attention.causal_mask(position, count, caches[0].kv_latent.shape[1])
+        logits, hidden, experts, source = self._forward(self.unflatten(leaves), tokens, position + tf.range(count), mask,
+                                                        caches, self._writer(slots))
+        history.scatter_nd_update(slots, tf.reshape(source, [-1, source.shape[-1]]))
+        return logits, hidden, experts
 
-        def store(cache: LatentCache, kv_latent: tf.Tensor, rope_key: tf.Tensor):
-            cache.kv_latent.scatter_nd_update(slots, kv_latent[:, 0])
-            cache.rope_key.scatter_nd_update(slots, rope_key[:, 0])
-            return cache.kv_latent, cache.rope_key
+    def _verify(self, leaves: list, tokens: tf.Tensor, position: tf.Tensor, caches: tuple[LatentCache, ...],
+                history: tf.Variable):
+        """Decode [next, drafts...] and, in the same step, the model's predictions and the accepted prefix."""
+        logits, _, _ = self._decode(leaves, tokens, position, caches, history)
+        predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+        return predicted, accepted_prefix(tokens[:, 1:], predicted[:, :-1])
 
-        visible = attention.causal_mask(position, 1, caches[0].kv_latent.shape[1])
-        return self._forward(tokens[:, None], position[None], visible, caches, store)
+    def _mtp(self, leaves: list, stream: tf.Tensor, start: tf.Tensor, count: int, options: MTPOptions,
+             caches: tuple[LatentCache, ...], history: tf.Variable):
+        """Every depth over `count` positions start..; stream [B, w] = t(start), t(start+1), ... (drafts fill the
+        rest)."""
+        positions = start + tf.range(count)
+        cos, sin = self._rope(positions)
+        mask = attention.causal_mask(start, count, caches[0].kv_latent.shape[1])
+        store = self._writer(self._slots(start, stream.shape[0], count))
+        state = tf.gather(history, positions, axis=1)
+        hidden, logits, experts, drafts = [], [], [], []
+        for depth, (module, cache) in enumerate(zip(self.unflatten(leaves).mtp, caches), start=1):
+            tokens = tokens_ahead(stream, depth, count)
+            if tokens.shape[1] < count:
+                tokens = tf.concat([tokens, tf.stack(drafts, axis=1)[:, : count - tokens.shape[1]]], axis=1)
+            x = mtp_input(mtp_embedding(module.embed, tokens, positions, options), state, module, self.config,
+                          options)
+            y, chosen = self._block(x, module.block, cache, cos, sin, mask, store)
+            normed, depth_logits = mtp_head(y, module, self.config)
+            hidden.append(tf.cast(y, tf.float32))
+            logits.append(depth_logits)
+            experts.append(chosen)
+            drafts.append(tf.argmax(depth_logits[:, -1], axis=-1, output_type=tf.int32))
+            state = chained(y, normed, options)
+        return hidden, logits, experts, tf.stack(drafts, axis=1)
+
+
+@functools.lru_cache(maxsize=32)
+def program(config: ModelConfig, numerics: Numerics, dtype: tf.DType, attention_form: AttentionForm,
+            structure) -> Program:
+    """The shared compiled steps of a model structure (planting a mutant clears this cache: conformance.mutation)."""
+    return Program(config, numerics, dtype, attention_form, structure)
+
+
+class Transformer:
+    """DeepSeek-V3 in TensorFlow, holding one batch's state: caches, the tokens fed, the normed outputs."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics = Numerics(),
+                 dtype: str = "float32", attention_form: AttentionForm = "absorbed"):
+        self.config = config
+        self.dtype = tf.as_dtype(dtype)
+        self.weights = to_tf(weights, self.dtype)
+        self.leaves = _leaves(self.weights)
+        self.program = program(config, numerics, self.dtype, attention_form, _structure(self.weights))
+        self.caches: tuple[LatentCache, ...] = ()
+        self.mtp_caches: tuple[LatentCache, ...] = ()
+        self.history: tf.Variable | None = None  # the main model's state for the MTP modules [B, capacity, dim]
+        self.tokens = np.zeros((0, 0), np.int64)  # every token fed to the main model, on the host
+        self.mtp_length = 0
+
+    @property
+    def length(self) -> int:
+        return self.tokens.shape[1]
 
     @staticmethod
     def _numpy(result) -> tuple[np.ndarray, tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
@@ -145,19 +271,27 @@ class TFTransformer:
         """Caches for `batch` sequences of up to `capacity` positions (kept when they already fit exactly)."""
         if self.caches and tuple(self.caches[0].kv_latent.shape[:2]) == (batch, capacity):
             return
-        per_position = (self.config.kv_lora_rank + self.config.qk_rope_head_dim) * self.dtype.size
-        needed = len(self.weights.layers) * batch * capacity * per_position
+        layers = len(self.weights.layers) + len(self.weights.mtp)
+        per_position = (self.config.kv_lora_rank + self.config.qk_rope_head_dim + self.config.dim) * self.dtype.size
+        needed = layers * batch * capacity * per_position
         if needed > CACHE_BUDGET_BYTES:
-            raise InputError(f"a latent cache for {batch} sequence(s) of {capacity} positions needs {needed:,} bytes, "
-                             f"more than the budget of {CACHE_BUDGET_BYTES:,}: lower max_position_embeddings or the "
+            raise InputError(f"caches for {batch} sequence(s) of {capacity} positions need {needed:,} bytes, more "
+                             f"than the budget of {CACHE_BUDGET_BYTES:,}: lower max_position_embeddings or the "
                              "positions asked for")
-        self.caches = ()
+        self.caches = self.mtp_caches = ()
         self.caches = tuple(LatentCache.allocate(self.config, batch, self.dtype, capacity) for _ in self.weights.layers)
+        self.mtp_caches = tuple(LatentCache.allocate(self.config, batch, self.dtype, capacity)
+                                for _ in self.weights.mtp)
+        self.history = tf.Variable(tf.zeros([batch, capacity, self.config.dim], self.dtype), trainable=False)
+
+    @property
+    def capacity(self) -> int:
+        return self.caches[0].kv_latent.shape[1] if self.caches else 0
 
     def prefill(self, tokens: np.ndarray, capacity: int | None = None):
-        """Logits [B,S,V], block outputs, chosen experts per MoE block; the cache then holds the prompt.
+        """Logits [B,S,V], block outputs, chosen experts per MoE block; the caches then hold the prompt.
 
-        `capacity`: positions the cache must hold in all (prompt and later decode steps); default
+        `capacity`: positions the caches must hold in all (prompt and later steps); default
         max_position_embeddings.
         """
         tokens = check_tokens(tokens, self.config)
@@ -166,23 +300,63 @@ class TFTransformer:
             raise InputError(f"cache capacity {capacity} must lie between the prompt length {tokens.shape[1]} and "
                              f"max_position_embeddings={self.config.max_seq_len}")
         self._reserve(tokens.shape[0], capacity)
-        self.length = tokens.shape[1]
-        return self._numpy(self.prefill_step(tf.constant(tokens, tf.int32), self.caches))
+        self.tokens, self.mtp_length = tokens, 0
+        return self._numpy(self.program.prefill(self.leaves, tf.constant(tokens, tf.int32), self.caches, self.history))
 
-    def decode(self, tokens: np.ndarray):
-        """Feed one token per sequence [B] at the next position."""
+    def _check_next(self, tokens: np.ndarray) -> np.ndarray:
+        """Tokens [B, q] to feed after the cached ones, checked against the batch and the capacity."""
         if not self.caches:
             raise InputError("decode called before prefill")
-        tokens = check_tokens(np.asarray(tokens).reshape(-1, 1), self.config, self.length)
-        if self.length >= self.caches[0].kv_latent.shape[1]:
-            raise InputError(f"the cache holds {self.length} positions, its capacity: prefill with a larger capacity")
+        tokens = np.asarray(tokens)
+        tokens = check_tokens(tokens.reshape(len(tokens), -1), self.config, self.length)
         if tokens.shape[0] != self.caches[0].kv_latent.shape[0]:
-            raise InputError(f"decode got {tokens.shape[0]} sequences, the cache holds "
-                             f"{self.caches[0].kv_latent.shape[0]}")
-        result = self.decode_step(tf.constant(tokens[:, 0], tf.int32), tf.constant(self.length, tf.int32),
-                                  self.caches)
-        self.length += 1
+            raise InputError(f"got {tokens.shape[0]} sequences, the cache holds {self.caches[0].kv_latent.shape[0]}")
+        if self.length + tokens.shape[1] > self.capacity:
+            raise InputError(f"the cache holds {self.capacity} positions: prefill with a larger capacity")
+        return tokens
+
+    def decode(self, tokens: np.ndarray):
+        """Feed one token per sequence [B] (or q of them, [B, q]) at the next positions."""
+        tokens = self._check_next(tokens)
+        result = self.program.decode(self.leaves, tf.constant(tokens, tf.int32), tf.constant(self.length, tf.int32),
+                                     self.caches, self.history)
+        self.tokens = np.concatenate([self.tokens, tokens], axis=1)
         return self._numpy(result)
+
+    def mtp(self, following: np.ndarray, options: MTPOptions = MTPOptions()):
+        """The MTP depths over the positions they have not seen; following [B, j] the tokens after the last
+        fed one. Returns per depth hidden [B,n,dim] and logits [B,n,V], the experts, and the drafts [B, D]."""
+        if not self.weights.mtp:
+            raise InputError("this config has no MTP module (num_nextn_predict_layers is 0)")
+        if self.mtp_length == self.length:
+            raise InputError("the MTP modules have seen every position: feed the main model first")
+        following = check_tokens(np.asarray(following).reshape(self.tokens.shape[0], -1), self.config, self.length)
+        stream = np.concatenate([self.tokens[:, self.mtp_length:], following], axis=1)
+        hidden, logits, experts, drafts = self.program.mtp(self.leaves, tf.constant(stream, tf.int32),
+                                                           tf.constant(self.mtp_length, tf.int32),
+                                                           self.length - self.mtp_length, options, self.mtp_caches,
+                                                           self.history)
+        # An entry computed from a draft token is recomputed once that token is known.
+        self.mtp_length = self.length if following.shape[1] >= len(self.weights.mtp) else self.length - 1
+        return (tuple(h.numpy() for h in hidden), tuple(l.numpy() for l in logits),
+                tuple(e.numpy() for e in experts), drafts.numpy())
+
+    def verify(self, following: np.ndarray, drafts: np.ndarray) -> tuple[np.ndarray, int]:
+        """Feed the next token and the drafts in one compiled step; keep the accepted ones (see the module)."""
+        length = self.length
+        fed = self._check_next(np.concatenate([np.asarray(following).reshape(-1, 1), drafts], axis=1))
+        predicted, accepted = self.program.verify(self.leaves, tf.constant(fed, tf.int32),
+                                                  tf.constant(length, tf.int32), self.caches, self.history)
+        predicted, accepted = predicted.numpy(), int(accepted)
+        self.tokens = np.concatenate([self.tokens, fed], axis=1)
+        self.truncate(length + accepted + 1)
+        return np.concatenate([drafts[:, :accepted], predicted[:, accepted:accepted + 1]], axis=1), accepted
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on: later steps overwrite those cache slots, and the masks
+        never show a slot at or beyond the current length."""
+        self.tokens = self.tokens[:, :length]
+        self.mtp_length = min(self.mtp_length, length)
 
     def cache_bytes_per_token_per_layer(self) -> int:
         """Measured from the allocated cache tensors of one layer."""

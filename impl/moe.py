@@ -105,7 +105,7 @@ def _tile_linear(tiles: tf.Tensor, weight: LinearWeight, tile_expert: tf.Tensor,
         return tf.einsum("gmk,gnk->gmn", tiles, gathered)
     scales = tf.gather(weight.scale_inv, tile_expert)
     if numerics.gemm_impl == "fp8":
-        tiles_q, tiles_scale = quantize_activation(tiles, numerics.scale_fmt)
+        tiles_q, tiles_scale = quantize_activation(tiles, numerics.scale_format("expert"))
         return tf.cast(fp8_gemm(tiles_q, tiles_scale, gathered, scales), tiles.dtype)
     return tf.einsum("gmk,gnk->gmn", tiles, dequantize_weight(gathered, scales, tiles.dtype))
 
@@ -151,4 +151,4 @@ def moe(x: tf.Tensor, weights: StackedMoE, config: ModelConfig, numerics: Numeri
 
 def shared_experts(x: tf.Tensor, shared: FFNWeights | None, numerics: Numerics) -> tf.Tensor:
     """The shared experts' output, zero when there are none."""
-    return tf.zeros_like(x) if shared is None else swiglu_ffn(x, shared, numerics)
+    return tf.zeros_like(x) if shared is None else swiglu_ffn(x, shared, numerics, "shared_expert")

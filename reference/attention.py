@@ -38,6 +38,10 @@ class LatentCache:
     def length(self) -> int:
         return self.kv_latent.shape[1]
 
+    def truncate(self, length: int) -> "LatentCache":
+        """The cache of the first `length` positions."""
+        return LatentCache(self.kv_latent[:, :length], self.rope_key[:, :length])
+
     def append(self, kv_latent: np.ndarray, rope_key: np.ndarray) -> "LatentCache":
         return LatentCache(np.concatenate([self.kv_latent, kv_latent], axis=1),
                            np.concatenate([self.rope_key, rope_key], axis=1))
@@ -52,17 +56,17 @@ def project_queries(x: np.ndarray, weights: AttentionWeights, config: ModelConfi
                     numerics: Numerics) -> tuple[np.ndarray, np.ndarray]:
     """Per-head query parts (eq. 6-8): q_nope [B,S,H,nope] and the unrotated q_rope [B,S,H,rope]."""
     if config.q_lora_rank:
-        query_latent = rms_norm(linear(x, weights.q_a_proj, numerics), weights.q_a_norm, config.rms_norm_eps)
-        q = linear(query_latent, weights.q_b_proj, numerics)
+        query_latent = rms_norm(linear(x, weights.q_a_proj, numerics, "q_a_proj"), weights.q_a_norm, config.rms_norm_eps)
+        q = linear(query_latent, weights.q_b_proj, numerics, "q_b_proj")
     else:
-        q = linear(x, weights.q_proj, numerics)
+        q = linear(x, weights.q_proj, numerics, "q_proj")
     return split_query_heads(q.reshape(*x.shape[:2], config.n_heads, config.qk_head_dim), config)
 
 
 def project_latent(x: np.ndarray, weights: AttentionWeights, config: ModelConfig,
                    numerics: Numerics) -> tuple[np.ndarray, np.ndarray]:
     """The normalized kv latent c_kv [B,S,r] (eq. 1) and the unrotated shared rope key [B,S,rope] (eq. 3)."""
-    compressed = linear(x, weights.kv_a_proj, numerics)
+    compressed = linear(x, weights.kv_a_proj, numerics, "kv_a_proj")
     kv_latent = rms_norm(compressed[..., : config.kv_lora_rank], weights.kv_a_norm, config.rms_norm_eps)
     return kv_latent, compressed[..., config.kv_lora_rank:]
 
@@ -84,7 +88,7 @@ def naive_attention(q_nope: np.ndarray, q_rope: np.ndarray, cache: LatentCache, 
                     config: ModelConfig, numerics: Numerics, mask: np.ndarray) -> np.ndarray:
     """Expand latents to per-head keys and values (eq. 2, 4, 5), then attend: [B,S,H,v_head_dim]."""
     batch, keys = cache.kv_latent.shape[:2]
-    expanded = linear(cache.kv_latent, weights.kv_b_proj, numerics)
+    expanded = linear(cache.kv_latent, weights.kv_b_proj, numerics, "kv_b_proj")
     expanded = expanded.reshape(batch, keys, config.n_heads, config.qk_nope_head_dim + config.v_head_dim)
     k_nope, values = expanded[..., : config.qk_nope_head_dim], expanded[..., config.qk_nope_head_dim:]
     scores = (np.einsum("bshd,bthd->bsht", q_nope, k_nope)
@@ -123,4 +127,4 @@ def mla(x: np.ndarray, weights: AttentionWeights, config: ModelConfig, numerics:
         heads = absorbed_attention(q_nope, q_rope, cache, weights, config, mask)
     else:
         raise ValueError(f"unknown attention form {form!r}: expected 'naive' or 'absorbed'")
-    return linear(heads.reshape(*x.shape[:2], -1), weights.o_proj, numerics), cache
+    return linear(heads.reshape(*x.shape[:2], -1), weights.o_proj, numerics, "o_proj"), cache

@@ -2,7 +2,8 @@
 
 route(x [T, dim], GateWeights, config) -> (weights [T, k], experts [T, k])
 to_e4m3(x) -> x cast by the harness rule (saturate to +-448, keep NaN, round to nearest even)
-quantize_activation(x [..., K], scale_fmt) -> (e4m3 [..., K], float32 scales [..., K/128])
+quantize_activation(x [..., K], scale format None | 'ue8m0' | 'ue8m0-log2f') -> (e4m3 [..., K], float32 scales
+    [..., K/128]); FP8Error on NaN or Inf
 fp8_gemm(x_q, x_scale, w_q, w_scale) -> x @ w.T with 128-wide K promotion
 """
 

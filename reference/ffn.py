@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from conformance.format.numerics import Numerics
+from conformance.format.numerics import LinearModule, Numerics
 from conformance.format.weights import FFNWeights
 
 from .linear import linear
@@ -14,7 +14,7 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1 + np.exp(-x))
 
 
-def swiglu_ffn(x: np.ndarray, weights: FFNWeights, numerics: Numerics) -> np.ndarray:
-    """down(silu(gate(x)) * up(x)); official names w2(silu(w1 x) * w3 x)."""
-    hidden = silu(linear(x, weights.gate_proj, numerics)) * linear(x, weights.up_proj, numerics)
-    return linear(hidden, weights.down_proj, numerics)
+def swiglu_ffn(x: np.ndarray, weights: FFNWeights, numerics: Numerics, module: LinearModule) -> np.ndarray:
+    """down(silu(gate(x)) * up(x)); official names w2(silu(w1 x) * w3 x). `module`: which FFN this is."""
+    hidden = silu(linear(x, weights.gate_proj, numerics, module)) * linear(x, weights.up_proj, numerics, module)
+    return linear(hidden, weights.down_proj, numerics, module)

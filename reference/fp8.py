@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from conformance.format.fp8 import BLOCK, E4M3, E4M3_MAX, FP8Error, scale_shape
+from conformance.format.numerics import ScaleFormat
 
 # Smallest activation amax used for a scale (official act_quant); avoids a zero scale for zero rows.
 ACT_AMAX_FLOOR = 1e-4
@@ -54,29 +55,41 @@ def dequantize_weight(quantized: np.ndarray, scale_inv: np.ndarray, dtype=np.flo
 
 
 def round_up_to_power_of_two(scales: np.ndarray) -> np.ndarray:
-    """The smallest power of two >= each positive scale (ue8m0), exactly.
-
-    Computed from the binary exponent, not as 2^ceil(log2(s)) in float32 (the official kernel's form), which
-    rounds down for s within an ulp above a power of two and lets |x/s| exceed 448.
-    """
+    """The smallest power of two >= each positive scale (ue8m0 "all"), exactly, from the binary exponent."""
     mantissa, exponent = np.frexp(scales)
     return np.where(mantissa == 0.5, scales, np.ldexp(np.ones_like(scales), exponent)).astype(scales.dtype)
 
 
-def activation_scales(x: np.ndarray, scale_fmt: str | None = None) -> np.ndarray:
-    """Float32 scales per token per 128 channels: max(amax, 1e-4)/448, ue8m0 rounds up to 2^k."""
+def round_up_as_official(scales: np.ndarray) -> np.ndarray:
+    """The official kernel's ue8m0: 2^ceil(log2 s) with log2 rounded to float32 ("ue8m0-log2f").
+
+    For s just above a power of two 2^e, log2 s = e + (tiny) rounds to exactly e in float32, so the scale
+    becomes 2^e < s and the block's amax quantizes beyond 448 (it saturates). Modelled here as a correctly
+    rounded float32 log2 (float64 log2, then float32).
+    """
+    exponent = np.ceil(np.log2(scales.astype(np.float64)).astype(np.float32))
+    return np.exp2(exponent.astype(np.float64)).astype(scales.dtype)
+
+
+def activation_scales(x: np.ndarray, scale_fmt: ScaleFormat = None) -> np.ndarray:
+    """Float32 scales per token per 128 channels: max(amax, 1e-4)/448, rounded by `scale_fmt`."""
     if x.shape[-1] % BLOCK:
         raise FP8Error(f"activation width {x.shape[-1]} is not a multiple of {BLOCK}, as the fp8 path needs")
+    if scale_fmt not in (None, "ue8m0", "ue8m0-log2f"):
+        raise FP8Error(f"unknown scale format {scale_fmt!r}: expected 'ue8m0', 'ue8m0-log2f' or none")
+    if not np.all(np.isfinite(x)):
+        raise FP8Error(f"non-finite activation ({np.count_nonzero(~np.isfinite(x))} NaN or Inf values) cannot be "
+                       "quantized: its block scale would be NaN or Inf")
     grouped = np.abs(x.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)).astype(np.float32)
     scales = np.maximum(grouped.max(axis=-1), np.float32(ACT_AMAX_FLOOR)) / np.float32(E4M3_MAX)
     if scale_fmt == "ue8m0":
         scales = round_up_to_power_of_two(scales)
-    elif scale_fmt is not None:
-        raise FP8Error(f"unknown scale_fmt {scale_fmt!r}: expected 'ue8m0' or none")
+    elif scale_fmt == "ue8m0-log2f":
+        scales = round_up_as_official(scales)
     return scales.astype(np.float32)
 
 
-def quantize_activation(x: np.ndarray, scale_fmt: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def quantize_activation(x: np.ndarray, scale_fmt: ScaleFormat = None) -> tuple[np.ndarray, np.ndarray]:
     """Quantize activations [..., K] to e4m3 with per-token per-128 scales [..., K/128]."""
     scales = activation_scales(x, scale_fmt)
     grouped = x.reshape(*x.shape[:-1], -1, BLOCK) / scales[..., None].astype(x.dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from conformance.format.numerics import Numerics
+from conformance.format.numerics import LinearModule, Numerics
 from conformance.format.weights import LinearWeight
 
 from .fp8 import dequantize_weight, fp8_gemm, quantize_activation
@@ -22,9 +22,9 @@ def dense(weight: LinearWeight, dtype: np.dtype) -> np.ndarray:
     return weight.weight.astype(dtype, copy=False)
 
 
-def linear(x: np.ndarray, weight: LinearWeight, numerics: Numerics) -> np.ndarray:
-    """y = x W^T in x's dtype, through the numerics path for fp8 weights."""
+def linear(x: np.ndarray, weight: LinearWeight, numerics: Numerics, module: LinearModule) -> np.ndarray:
+    """y = x W^T in x's dtype, through the numerics path for fp8 weights (`module` picks the scale format)."""
     if weight.quantized and numerics.gemm_impl == "fp8":
-        x_q, x_scale = quantize_activation(x, numerics.scale_fmt)
+        x_q, x_scale = quantize_activation(x, numerics.scale_format(module))
         return fp8_gemm(x_q, x_scale, weight.weight, weight.scale_inv, x.dtype)
     return x @ dense(weight, x.dtype).T

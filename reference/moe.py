@@ -91,10 +91,10 @@ def moe(x: np.ndarray, weights: MoEWeights, config: ModelConfig, numerics: Numer
     out = np.zeros_like(x)
     for expert in np.unique(experts):
         tokens, slot = np.nonzero(experts == expert)
-        out[tokens] += gating[tokens, slot, None] * swiglu_ffn(x[tokens], weights.experts[expert], numerics)
+        out[tokens] += gating[tokens, slot, None] * swiglu_ffn(x[tokens], weights.experts[expert], numerics, "expert")
     return out + shared_experts(x, weights.shared, numerics), experts
 
 
 def shared_experts(x: np.ndarray, shared: FFNWeights | None, numerics: Numerics) -> np.ndarray:
     """The shared experts' output (one FFN of width n_shared * moe_inter), zero when there are none."""
-    return np.zeros_like(x) if shared is None else swiglu_ffn(x, shared, numerics)
+    return np.zeros_like(x) if shared is None else swiglu_ffn(x, shared, numerics, "shared_expert")

@@ -2,7 +2,8 @@
 
 Projections ~ N(0, 1/fan_in), embeddings ~ N(0, 1), norm weights ~ 1 + N(0, 0.1^2), correction biases
 ~ N(bias_mean, bias_std^2) with a negative mean by default, so that masking with 0 instead of -inf
-changes the routing. fp8 configs get e4m3 weights with their block scales.
+changes the routing. fp8 configs get e4m3 weights with their block scales. MTP modules hold copies of
+the main embedding and head, as the released checkpoint does.
 """
 
 from __future__ import annotations
@@ -39,4 +40,9 @@ def random_tensors(config: ModelConfig, seed: int, bias_mean: float = -1.0, bias
             tensors[spec.name], tensors[f"{spec.name}_scale_inv"] = quantize_weight(values)
         else:
             tensors[spec.name] = values
+    # The MTP modules' embedding and head are stored copies of the main model's (SEMANTICS.md section 4).
+    for depth in range(config.n_mtp_layers if include_mtp else 0):
+        prefix = f"model.layers.{config.n_layers + depth}"
+        tensors[f"{prefix}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"]
+        tensors[f"{prefix}.shared_head.head.weight"] = tensors["lm_head.weight"]
     return tensors

@@ -294,3 +294,12 @@ def test_malformed_index(tmp_path, content, message):
     (tmp_path / "model.safetensors.index.json").write_text(content)
     with pytest.raises(CheckpointError, match=f"model.safetensors.index.json: .*{message}"):
         open_checkpoint(tmp_path)
+
+
+def test_an_mtp_embedding_that_differs_from_the_main_one_is_refused(tmp_path):
+    """The MTP module shares the main embedding and head; the checkpoint's copies must equal them."""
+    config = FLOAT.replace(n_mtp_layers=1)
+    tensors = random_tensors(config, seed=0)
+    name = f"model.layers.{config.n_layers}.shared_head.head.weight"
+    tensors[name] = tensors[name] + 1
+    assert f"tensor '{name}' differs from 'lm_head.weight'" in _error(tmp_path, config, tensors)

@@ -58,10 +58,21 @@ def test_unknown_expected_tensors_are_reported(tmp_path, capsys):
     case = tmp_path / "case"
     shutil.copytree(TINY, case)
     expected = read_all(case / "expected.safetensors")
-    expected["mtp.0.logits"] = np.zeros((2, 512), np.float32)
+    expected["router.scores"] = np.zeros((2, 512), np.float32)
     write_safetensors(case / "expected.safetensors", expected)
     assert main(["check-golden", str(case)]) == 0
-    assert "not run by the backend): mtp.0.logits" in capsys.readouterr().err
+    assert "not run by the backend): router.scores" in capsys.readouterr().err
+
+
+def test_mtp_tensors_without_an_mtp_module_are_refused(tmp_path, capsys):
+    case = tmp_path / "case"
+    shutil.copytree(TINY, case)
+    expected = read_all(case / "expected.safetensors")
+    expected["mtp.0.logits"] = np.zeros((2, 512), np.float32)
+    write_safetensors(case / "expected.safetensors", expected)
+    assert main(["check-golden", str(case)]) == 2
+    assert "tensor 'mtp.0.logits': expected an MTP depth below num_nextn_predict_layers=0, found depth 0" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "add"])

@@ -13,7 +13,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from ..backends import REFERENCE, Runner, Unsupported
-from ..format.numerics import Numerics
+from ..format.numerics import UE8M0_SCOPES, Numerics
 from ..verdict import expect_close
 from .registry import examples, register
 from .strategies import model_examples, models, prompt_and_continuation
@@ -72,7 +72,7 @@ def _fp8_path(dtype: str):
               requires=dict(gemm_impl="fp8"))
     def compare(backend, model, data):
         config, weights = model
-        numerics = Numerics("fp8", data.draw(st.sampled_from([None, "ue8m0"])))
+        numerics = Numerics("fp8", data.draw(st.sampled_from([None, "ue8m0"])), data.draw(st.sampled_from(UE8M0_SCOPES)))
         _compare(backend, dtype, config, weights, data, numerics, f"cross.fp8-path.{dtype}")
 
     def matches_reference_on_fp8_activation_path(backend):

@@ -61,6 +61,106 @@ def activation_scales_per_token_per_128(backend, tokens, blocks, scale_fmt, magn
                  expected.astype(np.float32))
 
 
+def _quantize(backend, x: np.ndarray, scale_fmt) -> tuple[np.ndarray, np.ndarray]:
+    q, scales = backend.component("quantize_activation")(x, scale_fmt)
+    return np.asarray(q).astype(np.float64), np.asarray(scales).astype(np.float64)
+
+
+@check("fp8:round-trip-error", COMPONENT)
+@examples(st.integers(1, 4), st.integers(1, 3), st.sampled_from([None, "ue8m0", "ue8m0-log2f"]),
+          st.floats(1e-6, 1e4), st.integers(0, 2**31 - 1))
+def round_trip_within_half_an_e4m3_step(backend, tokens, blocks, scale_fmt, magnitude, seed):
+    """|q s - x| is at most half an e4m3 step at |x/s| (2^-4 relative for normals, 2^-10 s below 2^-6 s)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((tokens, 128 * blocks)) * 10.0 ** rng.uniform(-2, 0, (tokens, 1)) * magnitude)
+    x = x.astype(np.float32)
+    q, scales = _quantize(backend, x, scale_fmt)
+    scale = np.repeat(scales, 128, axis=-1)
+    ratio = np.abs(x / scale)
+    step = np.where(ratio >= 2.0 ** -6, 2.0 ** (np.floor(np.log2(np.maximum(ratio, 2.0 ** -6))) - 3), 2.0 ** -9)
+    # Saturation (official float32-log2 scales may put |x/s| just past 448) is the cast rule's business.
+    bound = np.where(ratio <= 448, step / 2, ratio - 448) * scale * (1 + 1e-6)
+    error = np.abs(q * scale - x)
+    expect(bool(np.all(error <= bound)),
+           f"round-trip error beyond half an e4m3 step: worst excess {float((error - bound).max()):.3e}")
+
+
+@check("fp8:scale-bounds", COMPONENT)
+@examples(st.integers(1, 4), st.integers(1, 3), st.floats(1e-7, 1e6), st.integers(0, 2**31 - 1))
+def ue8m0_scales_are_powers_of_two_never_below_amax_over_448(backend, tokens, blocks, magnitude, seed):
+    """Exact ue8m0: a power of two in [amax/448, 2 amax/448); the official float32-log2 form: a power of two
+    equal to it or half of it."""
+    x = (np.random.default_rng(seed).standard_normal((tokens, 128 * blocks)) * magnitude).astype(np.float32)
+    _, exact = _quantize(backend, x, "ue8m0")
+    _, official = _quantize(backend, x, "ue8m0-log2f")
+    plain = np.maximum(np.abs(x.reshape(tokens, blocks, 128)).max(-1), np.float32(1e-4)) / np.float32(448)
+    for name, scales in (("ue8m0", exact), ("ue8m0-log2f", official)):
+        mantissa, _ = np.frexp(scales)
+        expect(bool(np.all(mantissa == 0.5)), f"{name} scales are not powers of two: {scales[mantissa != 0.5][:4]}")
+    expect(bool(np.all(exact >= plain) and np.all(exact < 2 * plain)),
+           "exact ue8m0 scales must be the least power of two >= max(amax, 1e-4)/448")
+    expect(bool(np.all((official == exact) | (official == exact / 2))),
+           "official ue8m0 scales must equal the exact ones or, within a float32 ulp of log2, half of them")
+
+
+@check("fp8:ue8m0-official-log2f", COMPONENT)
+def official_rounding_rounds_down_just_above_a_power_of_two(backend):
+    """amax = 0.875 + 2^-24 makes s = 2^-9 (1 + 2^-23): exact ue8m0 gives 2^-8; the official float32
+    ceil(log2 s) is ceil(-9.0) and gives 2^-9, and the amax element then saturates to 448."""
+    x = np.zeros((1, 128), np.float32)
+    x[0, 0] = np.float32(0.875) + np.float32(2.0 ** -24)
+    x[0, 1] = -0.25
+    _, exact = _quantize(backend, x, "ue8m0")
+    q, official = _quantize(backend, x, "ue8m0-log2f")
+    expect_equal("exact ue8m0 scale", exact, np.array([[2.0 ** -8]]))
+    expect_equal("official (float32 log2) ue8m0 scale", official, np.array([[2.0 ** -9]]))
+    expect_equal("e4m3 values under the official scale", q[0, :2], np.array([448.0, -128.0]))
+
+
+@check("fp8:zero-and-denormal-blocks", COMPONENT)
+@examples(st.sampled_from([None, "ue8m0", "ue8m0-log2f"]))
+def zero_and_denormal_blocks_take_the_floor_scale(backend, scale_fmt):
+    """A zero block and a block of float32 denormals both use the 1e-4 amax floor and quantize to zeros."""
+    x = np.zeros((2, 256), np.float32)
+    x[1, :128] = np.float32(1e-40) * np.arange(1, 129, dtype=np.float32)  # denormal float32 values
+    x[1, 128:] = 1.0
+    q, scales = _quantize(backend, x, scale_fmt)
+    floor = np.float64(np.float32(1e-4) / np.float32(448))
+    expected_floor = {None: floor, "ue8m0": 2.0 ** np.ceil(np.log2(floor)), "ue8m0-log2f": 2.0 ** np.ceil(np.log2(floor))}
+    expect_equal("scales of the zero and denormal blocks", np.array([scales[0, 0], scales[0, 1], scales[1, 0]]),
+                 np.full(3, np.float32(expected_floor[scale_fmt]), np.float64))
+    expect(bool(np.all(q[0] == 0) and np.all(q[1, :128] == 0)), "zero and denormal blocks must quantize to zeros")
+
+
+@check("fp8:requantize-identity", COMPONENT)
+@examples(st.integers(1, 4), st.integers(1, 3), st.sampled_from([None, "ue8m0", "ue8m0-log2f"]),
+          st.integers(-20, 10), st.integers(0, 2**31 - 1))
+def quantize_of_dequantized_is_identity(backend, tokens, blocks, scale_fmt, exponent, seed):
+    """Blocks of e4m3 values holding +-448, times a power-of-two scale, quantize back to the same bits."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((tokens, blocks, 128)).astype(np.float32) * 100
+    q = np.clip(q, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    q[..., 0] = 448.0 * rng.choice([-1.0, 1.0], (tokens, blocks))
+    scale = np.float32(2.0 ** exponent)
+    back, scales = _quantize(backend, (q * scale).reshape(tokens, -1), scale_fmt)
+    expect_equal("scales of dequantized blocks", scales, np.full((tokens, blocks), scale, np.float64))
+    expect_equal("e4m3 values after quantize(dequantize(q))", back.reshape(tokens, blocks, 128), q.astype(np.float64))
+
+
+@check("fp8:non-finite-refused", COMPONENT)
+@examples(st.sampled_from([np.nan, np.inf, -np.inf]), st.sampled_from([None, "ue8m0", "ue8m0-log2f"]))
+def non_finite_activations_are_refused(backend, value, scale_fmt):
+    """NaN or Inf in an activation block is refused with FP8Error naming it, never quantized silently."""
+    x = np.ones((2, 256), np.float32)
+    x[1, 130] = value
+    try:
+        backend.component("quantize_activation")(x, scale_fmt)
+    except FP8Error as error:
+        expect("non-finite" in str(error), f"the FP8Error does not say the input is non-finite: {error}")
+        return
+    raise CheckFailed(f"an activation holding {value} was quantized without an error")
+
+
 @check("fp8:gemm", COMPONENT)
 @examples(st.sampled_from([1, 7, 40]), st.integers(1, 3), st.sampled_from([1, 100, 128, 129, 256, 300]),
           st.integers(0, 2**31 - 1))

@@ -29,12 +29,13 @@ def routing_shapes(draw, max_groups: int = 8) -> dict:
 
 @st.composite
 def configs(draw, fp8_weights: bool | None = None, fp8_aligned: bool = False, max_groups: int = 8,
-            oracle_compatible: bool = False) -> ModelConfig:
+            oracle_compatible: bool = False, mtp: bool = False) -> ModelConfig:
     """A small config: q_lora 0 or not, sigmoid+bias or softmax, 1 to 8 groups, YaRN on or off.
 
     `fp8_aligned` makes every width a multiple of 128, as the fp8 activation path needs.
     `oracle_compatible` keeps to what the transformers class implements as the official code does
-    (sigmoid with a bias; YaRN either active or absent; mscale equal to mscale_all_dim).
+    (sigmoid with a bias; YaRN either active or absent; mscale equal to mscale_all_dim). `mtp` adds one
+    or two MTP modules.
     """
     sigmoid = True if oracle_compatible else draw(st.booleans())
     fp8 = draw(st.booleans()) if fp8_weights is None else fp8_weights
@@ -62,6 +63,7 @@ def configs(draw, fp8_weights: bool | None = None, fp8_aligned: bool = False, ma
                        n_shared_experts=draw(st.integers(0, 2)), score_func="sigmoid" if sigmoid else "softmax",
                        gate_bias=sigmoid, route_scale=draw(st.sampled_from([1.0, 2.5])) if sigmoid else 1.0,
                        max_seq_len=max_seq_len, rope_scaling=rope_scaling, fp8_weights=fp8,
+                       n_mtp_layers=draw(st.integers(1, 2)) if mtp else 0,
                        name="generated", **widths, **draw(routing_shapes(max_groups)))
 
 

@@ -311,12 +311,27 @@ def load_weights(checkpoint: Checkpoint, config: ModelConfig, layers: Sequence[i
             bar.close()
     if fetch.missing:
         raise fetch.missing_error(stopped=False)
+    for depth, module in enumerate(weights.mtp):
+        for name, copy, main in (("embed_tokens", module.embed, "model.embed_tokens.weight"),
+                                 ("shared_head.head", module.head, "lm_head.weight")):
+            if not _bitwise_equal(copy, checkpoint.get(main)):
+                raise CheckpointError(f"{checkpoint.path}: tensor 'model.layers.{config.n_layers + depth}.{name}.weight'"
+                                      f" differs from {main!r}: the MTP module shares the main model's {name}, of "
+                                      "which the checkpoint stores a copy")
     if layers is None:
         unexpected = sorted(set(checkpoint.names()) - fetch.seen)
         if unexpected:
             raise CheckpointError(f"{checkpoint.path}: unexpected tensor(s) the config does not describe: "
                                   f"{_listing(unexpected)} (in {checkpoint.where(unexpected[0])})")
     return weights
+
+
+def _bitwise_equal(a: np.ndarray, b: np.ndarray, rows: int = 4096) -> bool:
+    """Same shape, dtype and bytes, compared a few thousand rows at a time (bounded memory on a 2 GB embedding)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return all(np.asarray(a[i:i + rows]).tobytes() == np.asarray(b[i:i + rows]).tobytes()
+               for i in range(0, len(a), rows))
 
 
 def _listing(names: Sequence[str], limit: int = 6) -> str:

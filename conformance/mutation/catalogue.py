@@ -215,6 +215,67 @@ def _ue8m0_down(original, ctx: Context):
     return round_up_to_power_of_two
 
 
+def _exact_official_rounding(original, ctx: Context):
+    def round_up_as_official(scales):
+        return ctx.module.round_up_to_power_of_two(scales)
+    return round_up_as_official
+
+
+def _ue8m0_everywhere(original, ctx: Context):
+    def linear(x, weight, numerics, module):
+        return original(x, weight, dataclasses.replace(numerics, ue8m0_scope="all"), module)
+    return linear
+
+
+def _naive_kv_b_dequantized(original, ctx: Context):
+    def linear(x, weight, numerics, module):
+        if module == "kv_b_proj":
+            numerics = dataclasses.replace(numerics, gemm_impl="bf16")
+        return original(x, weight, numerics, module)
+    return linear
+
+
+def _option(**changes):
+    """Call the original with these MTP options, whatever the caller asked for."""
+    def make(original, ctx: Context):
+        def with_options(*args):
+            *rest, options = args
+            return original(*rest, dataclasses.replace(options, **changes))
+        return with_options
+    return make
+
+
+def _swapped_concat(original, ctx: Context):
+    def mtp_input(embedding, hidden, weights, config, options):
+        flipped = "hidden-first" if options.concat == "embedding-first" else "embedding-first"
+        return original(embedding, hidden, weights, config, dataclasses.replace(options, concat=flipped))
+    return mtp_input
+
+
+def _pre_norm_source(original, ctx: Context):
+    def mtp_source(hidden, normed):
+        return hidden
+    return mtp_source
+
+
+def _unshifted_tokens(original, ctx: Context):
+    def tokens_ahead(stream, depth, count):
+        return original(stream, depth - 1, count)
+    return tokens_ahead
+
+
+def _accept_everything(original, ctx: Context):
+    def accepted_prefix(drafts, predicted):
+        return drafts.shape[1]
+    return accepted_prefix
+
+
+def _no_rollback(original, ctx: Context):
+    def truncate(self, length):
+        return None
+    return truncate
+
+
 def _pass_through(original, ctx: Context):
     def same(*args, **kwargs):
         return original(*args, **kwargs)
@@ -233,6 +294,9 @@ DECODE = ("properties:prefill-decode",)
 CROSS = ("cross:dequantized[float32]",)
 FP8 = ("fp8:activation-scales", "fp8:h100-activations[ue8m0]", "fp8:h100-gemm[k4096]", "fp8:gemm",
        "fp8:h100-nearer-fp8")
+FP8_ACT = ("golden:official/v3-tiny-fp8-act",)
+MTP = ("golden:official/v3-tiny-mtp",)
+SPECULATIVE = ("mtp:speculative-equals-greedy",)
 
 
 def _one(target: str, make: Maker) -> tuple[Patch, ...]:
@@ -246,7 +310,7 @@ def _without_norm(projection: str, field_name: str) -> tuple[Patch, ...]:
 
 CATALOGUE = [
     Mutant("gate-weights-from-biased-scores", "gating weights taken from s + bias instead of s", HISTORICAL,
-           _one("moe:route", _weights_from_choice), ROUTING + TINY + GROUPS),
+           _one("moe:route", _weights_from_choice), ROUTING + TINY),
     Mutant("group-score-max-with-bias", "group score = max instead of the top-2 sum when a bias exists", HISTORICAL,
            _one("moe:group_scores", _group_max), ROUTING + TINY + GROUPS),
     Mutant("masked-groups-zero", "experts of dropped groups set to 0 instead of -inf", HISTORICAL,
@@ -254,15 +318,15 @@ CATALOGUE = [
     Mutant("rope-half-split", "rotate-half RoPE applied to interleaved weights", HISTORICAL,
            _one("rope:apply_rope", _half_split), TINY + CROSS),
     Mutant("yarn-mscale-missing", "YaRN attention scale m^2 left out", HISTORICAL,
-           _one("rope:yarn_mscale", _no_mscale), TINY + ("golden:oracle/yarn-on-mscale",) + CROSS),
+           _one("rope:yarn_mscale", _no_mscale), TINY + ("golden:oracle/yarn-on-mscale",)),
     Mutant("yarn-mscale-applied-twice", "YaRN m^2 applied twice (m^4)", HISTORICAL,
-           _one("rope:yarn_mscale", _mscale_squared), TINY + ("golden:oracle/yarn-on-mscale",) + CROSS),
+           _one("rope:yarn_mscale", _mscale_squared), TINY + ("golden:oracle/yarn-on-mscale",)),
     Mutant("route-scale-missing", "routed_scaling_factor not applied", HISTORICAL,
-           _one("moe:gate_weights", _no_route_scale), ROUTING + TINY + GROUPS),
+           _one("moe:gate_weights", _no_route_scale), ROUTING + TINY),
     Mutant("scoring-func-swapped", "sigmoid and softmax scoring swapped (scoring_func ignored)", HISTORICAL,
            _one("moe:affinities", _swapped_scoring), ROUTING + TINY),
     Mutant("yarn-ramp-betas-swapped", "YaRN ramp computed with beta_fast and beta_slow swapped", HARNESS,
-           _one("rope:yarn_ramp", _ramp_betas_swapped), TINY + CROSS),
+           _one("rope:yarn_ramp", _ramp_betas_swapped), TINY + ("golden:oracle/yarn-on-mscale",)),
     Mutant("softmax-scale-nope-only", "attention scale 1/sqrt(qk_nope_head_dim) instead of 1/sqrt(nope + rope)",
            HARNESS, _one("rope:softmax_scale", _scale_over_nope_only), TINY + CROSS),
     Mutant("rope-on-nope-part", "query heads split [rope; nope]: RoPE rotates the first elements, part of nope",
@@ -292,12 +356,33 @@ CATALOGUE = [
            ("fp8:h100-gemm[k4096]", "fp8:gemm", "golden:official/v3-tiny-fp8", "golden:oracle/fp8-weights")),
     Mutant("ue8m0-rounds-down", "ue8m0 scales rounded down to a power of two instead of up", HARNESS,
            _one("fp8:round_up_to_power_of_two", _ue8m0_down), FP8),
+    Mutant("ue8m0-in-every-linear", "ue8m0 applied in every fp8 linear where the official code rounds only in "
+           "wq_a, wkv_a and the routed experts", HARNESS, _one("attention:linear", _ue8m0_everywhere), FP8_ACT),
+    Mutant("ue8m0-official-rounding-exact", "the official float32 ceil(log2 s) replaced by the exact power of two",
+           HARNESS, _one("fp8:round_up_as_official", _exact_official_rounding), ("fp8:ue8m0-official-log2f",)),
+    Mutant("fp8-naive-kv-b-dequantized", "naive attention multiplies wkv_b dequantized instead of quantizing its "
+           "input (the absorbed form's numerics)", HARNESS, _one("attention:linear", _naive_kv_b_dequantized),
+           FP8_ACT),
+    Mutant("mtp-concat-swapped", "MTP input concatenated [hidden; embedding] (the report's order) on released weights",
+           HARNESS, _one("mtp:mtp_input", _swapped_concat), MTP),
+    Mutant("mtp-hidden-before-final-norm", "MTP fed the main model's last block output before the final norm",
+           HARNESS, _one("mtp:mtp_source", _pre_norm_source), MTP),
+    Mutant("mtp-unshifted-tokens", "MTP depth k embeds t(i+k-1) instead of t(i+k): the unshifted prompt", HARNESS,
+           _one("mtp:tokens_ahead", _unshifted_tokens), MTP),
+    Mutant("mtp-zero-position-0-by-default", "the embedding at position 0 zeroed whatever the option says", HARNESS,
+           _one("mtp:mtp_embedding", _option(zero_first_position=True)), MTP),
+    Mutant("mtp-head-norm-skipped", "shared_head.norm not applied before the MTP head", HARNESS,
+           (Patch("mtp:mtp_head", _drop_norm("head_norm")), Patch("norm:rms_norm", _norm_tolerating_none)), MTP),
+    Mutant("mtp-drafts-unverified", "drafted tokens accepted without the main model's verification", HARNESS,
+           _one("mtp:accepted_prefix", _accept_everything), SPECULATIVE),
+    Mutant("mtp-no-rollback", "rejected draft positions left in the caches", HARNESS,
+           _one("model:Transformer.truncate", _no_rollback), SPECULATIVE),
     Mutant("control-pass-through", "pass-through wrappers around route, RoPE, the mask and the activation "
            "quantizer", CONTROL,
            tuple(Patch(target, _pass_through) for target in ("moe:route", "rope:apply_rope", "attention:causal_mask",
                                                              "fp8:quantize_activation")),
-           ROUTING + TINY + DECODE + ("fp8:gemm",)),
+           ROUTING + TINY + ("fp8:gemm",)),
     Mutant("control-same-constant", "the masked-group constant replaced by an equal value", CONTROL,
-           _one("moe:MASKED_CHOICE", _constant(float("-inf"))), ROUTING + GROUPS),
+           _one("moe:MASKED_CHOICE", _constant(float("-inf"))), ROUTING),
 ]
 MUTANTS = {mutant.key: mutant for mutant in CATALOGUE}

@@ -6,7 +6,8 @@ packages is imported, so that a function imported by name elsewhere (`from .moe 
 found and replaced there too: a mutant targets the function where it is used, not only where it is
 defined. Functions and classes are replaced in every module and class that holds the same object;
 constants (numbers) only where they are defined, since equal small numbers are shared objects.
-Leaving the context restores every holder, whatever happened inside.
+Leaving the context restores every holder, whatever happened inside. Caches of the backend's modules
+(functools caches, such as the TensorFlow backend's compiled programs) are emptied on entry and exit.
 """
 
 from __future__ import annotations
@@ -76,6 +77,16 @@ def _holders(original: object, packages: tuple[str, ...]) -> list[tuple[object, 
     return found
 
 
+def clear_caches(backend: Backend) -> None:
+    """Empty every functools cache of the backend's modules (compiled programs built before or during a
+    planting must not outlive it)."""
+    for name, module in list(sys.modules.items()):
+        if module is not None and name.split(".")[0] in backend.packages:
+            for value in list(vars(module).values()):
+                if callable(getattr(value, "cache_clear", None)):
+                    value.cache_clear()
+
+
 @contextlib.contextmanager
 def replaced(backend: Backend, target: str, make: Maker) -> Iterator[None]:
     owner, attribute, module = resolve(backend, target)
@@ -85,7 +96,9 @@ def replaced(backend: Backend, target: str, make: Maker) -> Iterator[None]:
     holders = _holders(original, backend.packages) if shared else []
     if (owner, attribute) not in holders:
         holders.append((owner, attribute))
+    clear_caches(backend)
     with contextlib.ExitStack() as stack:
+        stack.callback(clear_caches, backend)
         for holder, name in holders:
             stack.callback(setattr, holder, name, original)
             setattr(holder, name, new)

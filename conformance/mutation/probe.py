@@ -3,8 +3,9 @@
 It answers two questions. Does a mutant change the backend at all (an equivalent mutant tests
 nothing)? And after mutants were planted and removed, does the whole backend compute exactly what it
 did before (nothing leaked)? The inputs touch every mutation target: the router on biased grouped and
-softmax gates, the fp8 components, and small models with YaRN active, a V2-style gate, and fp8 weights
-on both numerics paths, in both attention forms, prefill and decode.
+softmax gates, the fp8 components, small models with YaRN active, a V2-style gate, and fp8 weights on
+both numerics paths, in both attention forms, prefill and decode; and two MTP modules over a prompt and
+in a speculative generation.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..checks.strategies import build_weights
 from ..format.config import YarnScaling, tiny, tiny_fp8, tiny_v2
 from ..format.numerics import Numerics
 from ..format.weights import GateWeights
+from ..speculative import speculative_generate
 
 Output = tuple[str, np.ndarray]
 
@@ -46,7 +48,9 @@ def _component_outputs(backend: Backend) -> Iterator[Output]:
     rng = np.random.default_rng(8)
     x = (rng.standard_normal((4, 256)) * np.array([[1e-6], [0.7], [3.0], [300.0]])).astype(np.float32)
     x[0] = 0.0
-    for scale_fmt in (None, "ue8m0"):
+    x[1, :128] *= np.float32(0.5) / np.abs(x[1, :128]).max()
+    x[1, 0] = np.float32(0.875) + np.float32(2.0 ** -24)  # amax/448 just above 2^-9: the two ue8m0 roundings differ
+    for scale_fmt in (None, "ue8m0", "ue8m0-log2f"):
         x_q, x_scale = backend.component("quantize_activation")(x, scale_fmt)
         yield f"quantize_activation[{scale_fmt}]", np.asarray(x_q).view(np.uint8)
         yield f"activation_scales[{scale_fmt}]", x_scale
@@ -64,6 +68,7 @@ _MODELS: list[tuple[str, object, Numerics, str]] = [
     ("yarn-naive", _YARN, Numerics(), "naive"),
     ("v2", tiny_v2(name="probe-v2"), Numerics(), "absorbed"),
     ("fp8-path-ue8m0", tiny_fp8(name="probe-fp8"), Numerics("fp8", "ue8m0"), "absorbed"),
+    ("fp8-path-ue8m0-naive", tiny_fp8(name="probe-fp8"), Numerics("fp8", "ue8m0"), "naive"),
     ("fp8-dequantized", tiny_fp8(name="probe-fp8"), Numerics(), "absorbed"),
 ]
 
@@ -86,12 +91,39 @@ def _model_outputs(backend: Backend) -> Iterator[Output]:
                 yield f"{name}.step{index}.experts{layer}", experts
 
 
+_MTP = tiny(n_mtp_layers=2, name="probe-mtp")
+
+
+def _mtp_outputs(backend: Backend) -> Iterator[Output]:
+    """Both MTP depths over a prompt, then a speculative generation (drafts, verification, rollback); each
+    output is yielded as soon as it exists, so that a mutant changing an early one stops the probe there."""
+    weights = build_weights(_MTP, seed=11, bias_mean=-2.0)
+    stream = np.random.default_rng(12).integers(0, _MTP.vocab_size, (2, 8))
+    try:
+        runner = backend.make_runner(_MTP, weights)
+    except Unsupported:
+        return
+    yield "mtp.main.logits", runner.prefill(stream[:, :6], capacity=7).logits
+    try:
+        step = runner.mtp(stream[:, 6:])
+    except Unsupported:
+        return
+    for depth in range(_MTP.n_mtp_layers):
+        yield f"mtp.depth{depth}.hidden", step.hidden[depth]
+        yield f"mtp.depth{depth}.logits", step.logits[depth]
+    yield "mtp.drafts", step.drafts
+    tokens, stats = speculative_generate(backend.make_runner(_MTP, weights), stream[:, :6], 8, 2)
+    yield "speculative.tokens", tokens
+    yield "speculative.accepted", np.array([stats.accepted, stats.main_steps])
+
+
 def outputs(backend: Backend) -> Iterator[Output]:
     """Every probe output of `backend`, cheapest first."""
     try:
         yield from _component_outputs(backend)
     except Unsupported:
         pass
+    yield from _mtp_outputs(backend)  # early: most model mutants already change the main logits here
     yield from _model_outputs(backend)
 
 
@@ -105,9 +137,17 @@ def fingerprint(backend: Backend) -> dict[str, np.ndarray]:
 
 
 def first_difference(backend: Backend, reference: dict[str, np.ndarray]) -> str | None:
-    """The first probe output of `backend` that differs from `reference` in any bit (None: all equal)."""
-    for name, value in outputs(backend):
-        if name not in reference or not _same(value, reference[name]):
-            return name
+    """The first probe output of `backend` that differs from `reference` in any bit (None: all equal).
+
+    A probe that now raises where the unmutated backend did not is a difference too.
+    """
+    seen = []
+    try:
+        for name, value in outputs(backend):
+            if name not in reference or not _same(value, reference[name]):
+                return name
+            seen.append(name)
+    except Exception as error:
+        return f"raised {type(error).__name__} after {seen[-1] if seen else 'nothing'}"
     return None
 

@@ -26,7 +26,7 @@ from .catalogue import CATALOGUE, MUTANTS, Mutant
 from .planting import NotApplicable, import_backend, replaced
 
 # Tasks a worker runs before it is replaced by a fresh process.
-TASKS_PER_WORKER = 6
+TASKS_PER_WORKER = 20
 
 
 @dataclass
@@ -174,8 +174,10 @@ def _mutant_task(key: str, backend_spec: str, unmutated: dict, first_kill: bool)
     return plant_and_run(MUTANTS[key], resolve_backend(backend_spec), unmutated, first_kill)
 
 
-def _worker_init(profile: str) -> None:
+def _worker_init(profile: str, threads: int) -> None:
     os.environ["HYPOTHESIS_PROFILE"] = profile
+    # The workers share the machine's cores: each runs TensorFlow on its share (set before TF is imported).
+    os.environ["TF_NUM_INTRAOP_THREADS"] = os.environ["TF_NUM_INTEROP_THREADS"] = str(threads)
     from .. import profiles
 
     profiles.load(profile)
@@ -189,31 +191,43 @@ def select(keys: list[str] | None) -> list[Mutant]:
 
 
 def run_catalogue(backend_specs: list[str], keys: list[str] | None = None, first_kill: bool = False,
-                  jobs: int = 1, profile: str = "ci") -> list[MutantResult]:
-    """Control runs and mutant runs of the selected mutants on each backend, in `jobs` fresh-process workers."""
+                  jobs: int = 1, profile: str = "ci",
+                  known_controls: dict[tuple[str, str], CheckRun] | None = None) -> list[MutantResult]:
+    """Mutant runs of the selected mutants on each backend, and the control run of every check they ran, in
+    `jobs` fresh-process workers. `known_controls` ((check, backend name) -> run) are unmutated runs made
+    already, by the suite in the same session: they are not repeated."""
     from tqdm.auto import tqdm
 
     mutants = select(keys)
     names = {spec: resolve_backend(spec).name for spec in backend_specs}
-    control_jobs = sorted({(key, spec) for spec in backend_specs for mutant in mutants for key in mutant.checks})
-    controls: dict[tuple[str, str], CheckRun] = {}
+    controls: dict[tuple[str, str], CheckRun] = {
+        (key, spec): run for (key, name), run in (known_controls or {}).items() for spec in backend_specs
+        if names[spec] == name}
     runs: dict[tuple[str, str], MutantRun] = {}
     finished: queue.Queue = queue.Queue()
-    progress = tqdm(total=len(backend_specs) * (1 + len(mutants)) + len(control_jobs), desc="controls and mutants",
-                    unit="task")
+    progress = tqdm(total=len(backend_specs) * (1 + len(mutants)), desc="controls and mutants", unit="task")
     # multiprocessing.Pool, not ProcessPoolExecutor: its worker recycling (maxtasksperchild) is reliable on 3.11.
-    with multiprocessing.get_context("spawn").Pool(max(jobs, 1), initializer=_worker_init, initargs=(profile,),
+    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    with multiprocessing.get_context("spawn").Pool(max(jobs, 1), initializer=_worker_init, initargs=(profile, threads),
                                                    maxtasksperchild=TASKS_PER_WORKER) as pool:
+        pending = 0
+
         def submit(kind: str, key: str, spec: str, task, *args) -> None:
+            nonlocal pending
+            pending += 1
             pool.apply_async(task, args, callback=lambda result: finished.put((kind, key, spec, result, None)),
                              error_callback=lambda error: finished.put((kind, key, spec, None, error)))
 
-        # Unmutated fingerprints first: every mutant of a backend is probed against the same one.
+        # Unmutated fingerprints first: every mutant of a backend is probed against the same one. Every control
+        # run is queued at once; with --first-kill, only those of the checks some mutant did run.
         for spec in backend_specs:
             submit("fingerprint", "", spec, _fingerprint_task, spec)
-        for key, spec in control_jobs:
-            submit("control", key, spec, _control_task, key, spec)
-        pending = len(backend_specs) + len(control_jobs)
+        if not first_kill:
+            for key, spec in sorted({(key, spec) for spec in backend_specs for m in mutants for key in m.checks}):
+                if (key, spec) not in controls:
+                    controls[(key, spec)] = None  # scheduled
+                    progress.total += 1
+                    submit("control", key, spec, _control_task, key, spec)
         while pending:
             kind, key, spec, result, error = finished.get()
             pending -= 1
@@ -223,9 +237,15 @@ def run_catalogue(backend_specs: list[str], keys: list[str] | None = None, first
             if kind == "fingerprint":
                 for mutant in mutants:
                     submit("mutant", mutant.key, spec, _mutant_task, mutant.key, spec, result, first_kill)
-                pending += len(mutants)
+            elif kind == "mutant":
+                runs[(key, spec)] = result
+                for check in result.checks:
+                    if (check.check, spec) not in controls:
+                        controls[(check.check, spec)] = None  # scheduled
+                        progress.total += 1
+                        submit("control", check.check, spec, _control_task, check.check, spec)
             else:
-                (controls if kind == "control" else runs)[(key, spec)] = result
+                controls[(key, spec)] = result
     progress.close()
     results = []
     for spec in backend_specs:

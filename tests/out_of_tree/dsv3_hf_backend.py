@@ -67,11 +67,15 @@ class Components:
         x = torch.as_tensor(np.asarray(x, np.float32))
         if x.shape[-1] % BLOCK:
             raise FP8Error(f"activation width {x.shape[-1]} is not a multiple of {BLOCK}")
+        if not torch.isfinite(x).all():
+            raise FP8Error("non-finite activation values cannot be quantized")
         blocks = x.reshape(*x.shape[:-1], -1, BLOCK)
         scales = blocks.abs().amax(dim=-1).clamp(min=1e-4) / E4M3_MAX
         if scale_fmt == "ue8m0":
             mantissa, exponent = torch.frexp(scales)
             scales = torch.where(mantissa == 0.5, scales, torch.ldexp(torch.ones_like(scales), exponent))
+        elif scale_fmt == "ue8m0-log2f":  # the official kernel's float32 2^ceil(log2 s)
+            scales = torch.exp2(torch.ceil(torch.log2(scales.double()).float()).double()).float()
         quantized = (blocks / scales[..., None]).clamp(-E4M3_MAX, E4M3_MAX).reshape(x.shape)
         return Components.to_e4m3(quantized.numpy()), scales.numpy()
 

@@ -10,10 +10,18 @@ import contextlib
 import pytest
 
 from conformance.backends import REFERENCE, TF
-from conformance.mutation.catalogue import CATALOGUE, CONTROL, HISTORICAL, MUTANTS, Mutant, Patch
+from conformance.mutation.catalogue import CATALOGUE, CONTROL, HISTORICAL, Mutant, Patch
 from conformance.mutation.planting import NotApplicable, import_backend, replaced
 from conformance.mutation.probe import fingerprint, first_difference
-from conformance.mutation.runner import CheckRun, MutantRun, classify, plant_and_run, run_check
+from conformance.mutation.runner import (
+    CheckRun,
+    MutantResult,
+    MutantRun,
+    classify,
+    plant_and_run,
+    run_catalogue,
+    run_check,
+)
 
 BACKENDS = [REFERENCE, TF]
 
@@ -90,28 +98,12 @@ def test_a_missing_target_is_not_applicable():
 
 # --- the real catalogue -----------------------------------------------------------------------------------------
 
-_FINGERPRINTS: dict[str, dict] = {}
-_CONTROLS: dict[tuple[str, str], CheckRun] = {}
-
-
-def _fingerprint(backend):
-    if backend.name not in _FINGERPRINTS:
-        _FINGERPRINTS[backend.name] = fingerprint(backend)
-    return _FINGERPRINTS[backend.name]
-
-
-def _control(key: str, backend) -> CheckRun:
-    if (key, backend.name) not in _CONTROLS:
-        _CONTROLS[key, backend.name] = run_check(key, backend)
-    return _CONTROLS[key, backend.name]
-
-
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 def test_planting_every_mutant_leaves_the_whole_backend_bit_for_bit_unchanged(backend):
     """Plant each mutant in turn in one process (exercising the backend under it), then the backend's
     outputs on every probe input equal the unmutated ones bit for bit: nothing leaked."""
     import_backend(backend)
-    before = _fingerprint(backend)
+    before = fingerprint(backend)
     for mutant in CATALOGUE:
         with contextlib.ExitStack() as stack:
             for patch in mutant.patches:
@@ -121,12 +113,24 @@ def test_planting_every_mutant_leaves_the_whole_backend_bit_for_bit_unchanged(ba
     assert first_difference(backend, before) is None
 
 
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+_RESULTS: dict[str, dict[str, MutantResult]] = {}
+
+
+def _catalogue_results(backend) -> dict[str, MutantResult]:
+    """The whole catalogue on one backend, as `dsv3-conformance mutants --first-kill` runs it: in fresh worker
+    processes recycled every TASKS_PER_WORKER tasks (one long-lived process compiling every mutant's XLA
+    programs has crashed TensorFlow). Once per backend per pytest process; the xdist group keeps a backend's
+    tests on one worker."""
+    if backend.name not in _RESULTS:
+        _RESULTS[backend.name] = {r.mutant: r for r in run_catalogue([backend.name], first_kill=True, jobs=1)}
+    return _RESULTS[backend.name]
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, id=b.name, marks=pytest.mark.xdist_group(f"mutants-{b.name}"))
+                                     for b in BACKENDS])
 @pytest.mark.parametrize("mutant", CATALOGUE, ids=lambda m: m.key)
 def test_mutant_is_killed_by_an_assertion(mutant, backend):
-    run = plant_and_run(mutant, backend, _fingerprint(backend), first_kill=not mutant.control)
-    controls = {check.check: _control(check.check, backend) for check in run.checks}
-    result = classify(MUTANTS[mutant.key], run, controls)
+    result = _catalogue_results(backend)[mutant.key]
     expected = "survived (control)" if mutant.control else "killed"
     assert result.verdict == expected, (f"{mutant.key} on {backend.name}: {result.verdict}; killed by {result.killed_by}"
                                         f", errors {result.errors}, survived {result.survived}")

@@ -174,6 +174,45 @@ def _mutant_task(key: str, backend_spec: str, unmutated: dict, first_kill: bool)
     return plant_and_run(MUTANTS[key], resolve_backend(backend_spec), unmutated, first_kill)
 
 
+# Mutants planted in turn in one process by the planting check: enough to show that removal is complete
+# across many plantings, few enough that TensorFlow's compiled programs stay bounded (it has segfaulted
+# after every mutant's programs were compiled in one process).
+PLANTING_GROUP = 12
+
+
+def plant_in_turn(keys: list[str], backend_spec: str) -> list[str]:
+    """Plant each mutant in turn in this process, exercising the whole backend under it, then compare the
+    whole backend with its unmutated fingerprint. Problems: a real mutant that changed no output, a control
+    that changed one, and any output still different after all were removed."""
+    from .probe import fingerprint, first_difference
+
+    backend = resolve_backend(backend_spec)
+    import_backend(backend)
+    before = fingerprint(backend)
+    problems = []
+    for key in keys:
+        mutant = MUTANTS[key]
+        with contextlib.ExitStack() as stack:
+            for patch in mutant.patches:
+                stack.enter_context(replaced(backend, patch.target, patch.make))
+            changed = first_difference(backend, before)
+        if (changed is None) != mutant.control:
+            problems.append(f"{key}: first changed output {changed}")
+    if (left := first_difference(backend, before)) is not None:
+        problems.append(f"after planting and removing {', '.join(keys)}: {left} differs from before")
+    return problems
+
+
+def check_planting(backend_spec: str, profile: str = "ci") -> list[str]:
+    """`plant_in_turn` over the whole catalogue, PLANTING_GROUP mutants per fresh process."""
+    keys = [mutant.key for mutant in CATALOGUE]
+    groups = [keys[i:i + PLANTING_GROUP] for i in range(0, len(keys), PLANTING_GROUP)]
+    with multiprocessing.get_context("spawn").Pool(1, initializer=_worker_init, initargs=(profile, os.cpu_count() or 1),
+                                                   maxtasksperchild=1) as pool:
+        return [problem for problems in pool.starmap(plant_in_turn, [(group, backend_spec) for group in groups])
+                for problem in problems]
+
+
 def _worker_init(profile: str, threads: int) -> None:
     os.environ["HYPOTHESIS_PROFILE"] = profile
     # The workers share the machine's cores: each runs TensorFlow on its share (set before TF is imported).

@@ -33,6 +33,7 @@ from .format.safetensors_io import read_all
 from .format.weights import ModelWeights
 from .metrics import Comparison
 from .runners import greedy
+from .speculative import speculative_generate
 from .tolerances import Tolerance, tolerance
 
 EXPECTED = "expected.safetensors"
@@ -329,6 +330,21 @@ def _compare_mtp(case: GoldenCase, file: ExpectedFile, backend: Backend, weights
             for name in names if (match := _MTP.match(name))]
 
 
+def _compare_speculative(case: GoldenCase, file: ExpectedFile, backend: Backend, weights: ModelWeights,
+                         dtype: str | None) -> list[Comparison]:
+    """A case with MTP modules and greedy tokens: greedy speculative decoding (every module drafting, the main
+    model verifying) must return exactly `tokens.decoded`."""
+    if not case.config.n_mtp_layers or not any(_MTP.match(name) for name in file.tensors) \
+            or "tokens.decoded" not in file.tensors:
+        return []
+    expected = file.tensors["tokens.decoded"]
+    runner = backend.make_runner(case.config, weights, case.numerics(file), dtype)
+    tokens, _ = speculative_generate(runner, case.tokens(file, "tokens.prompt"), expected.shape[1],
+                                     case.config.n_mtp_layers)
+    return [Comparison.of(file.result_name("speculative.tokens.decoded"), tokens, expected,
+                          tolerance("tokens.exact").value)]
+
+
 def _compare_naive(case: GoldenCase, file: ExpectedFile, backend: Backend, weights: ModelWeights,
                    dtype: str | None) -> list[Comparison]:
     if "prefill.logits_last.naive" not in file.tensors:
@@ -354,7 +370,7 @@ def check_case(case: GoldenCase, backend: Backend | str, dtype: str | None = Non
     reasons = []
     for file in case.files:
         compared = []
-        for part in (_compare_file, _compare_mtp, _compare_naive):
+        for part in (_compare_file, _compare_mtp, _compare_speculative, _compare_naive):
             try:
                 compared += part(case, file, backend, weights, dtype)
             except Unsupported as reason:

@@ -12,12 +12,11 @@ from conformance.mutation.catalogue import CATALOGUE, CONTROL, HISTORICAL, Mutan
 from conformance.mutation.planting import NotApplicable, replaced
 from conformance.mutation.runner import (
     CheckRun,
-    MutantResult,
     MutantRun,
-    check_planting,
+    Session,
     classify,
     plant_and_run,
-    run_catalogue,
+    plant_in_turn,
     run_check,
 )
 
@@ -94,34 +93,28 @@ def test_a_missing_target_is_not_applicable():
             pass
 
 
-# --- the real catalogue -----------------------------------------------------------------------------------------
+# --- the real catalogue ---------------------------------------------------------------------------------------
+
+def test_planting_every_mutant_in_one_process_leaves_the_whole_backend_bit_for_bit_unchanged():
+    """Plant the whole catalogue in turn in this process (exercising the backend under each), then the backend's
+    outputs on every probe input equal the unmutated ones bit for bit: nothing leaked; and every real mutant
+    changed some output while the controls changed none. (The runner never depends on this: each of its
+    mutants runs in a fresh process. The reference shows the planting machinery itself, which is the same
+    for every backend.)"""
+    assert plant_in_turn(REFERENCE.name) == []
+
+
+# One session per pytest worker: each backend's fingerprint and each check's control run are made once there
+# and shared by the mutants this worker draws; the mutants themselves spread over the workers.
+_SESSION = Session(jobs=1)
+
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
-def test_planting_every_mutant_leaves_the_whole_backend_bit_for_bit_unchanged(backend):
-    """Plant the mutants in turn, PLANTING_GROUP per process (exercising the backend under each), then the
-    backend's outputs on every probe input equal the unmutated ones bit for bit: nothing leaked; and every
-    real mutant changed some output while the controls changed none."""
-    assert check_planting(backend.name) == []
-
-
-_RESULTS: dict[str, dict[str, MutantResult]] = {}
-
-
-def _catalogue_results(backend) -> dict[str, MutantResult]:
-    """The whole catalogue on one backend, as `dsv3-conformance mutants --first-kill` runs it: in fresh worker
-    processes recycled every TASKS_PER_WORKER tasks (one long-lived process compiling every mutant's XLA
-    programs has crashed TensorFlow). Once per backend per pytest process; the xdist group keeps a backend's
-    tests on one worker."""
-    if backend.name not in _RESULTS:
-        _RESULTS[backend.name] = {r.mutant: r for r in run_catalogue([backend.name], first_kill=True, jobs=1)}
-    return _RESULTS[backend.name]
-
-
-@pytest.mark.parametrize("backend", [pytest.param(b, id=b.name, marks=pytest.mark.xdist_group(f"mutants-{b.name}"))
-                                     for b in BACKENDS])
 @pytest.mark.parametrize("mutant", CATALOGUE, ids=lambda m: m.key)
 def test_mutant_is_killed_by_an_assertion(mutant, backend):
-    result = _catalogue_results(backend)[mutant.key]
+    """As `dsv3-conformance mutants --first-kill` runs it: planted in a fresh process, probed for a change,
+    killed only by a check that passed unmutated; controls survive."""
+    result, = _SESSION.run([backend.name], [mutant.key], first_kill=True)
     expected = "survived (control)" if mutant.control else "killed"
     assert result.verdict == expected, (f"{mutant.key} on {backend.name}: {result.verdict}; killed by {result.killed_by}"
                                         f", errors {result.errors}, survived {result.survived}")

@@ -296,7 +296,7 @@ FP8 = ("fp8:activation-scales", "fp8:h100-activations[ue8m0]", "fp8:h100-gemm[k4
        "fp8:h100-nearer-fp8")
 FP8_ACT = ("golden:official/v3-tiny-fp8-act",)
 MTP = ("golden:official/v3-tiny-mtp",)
-SPECULATIVE = ("mtp:speculative-equals-greedy",)
+SPECULATIVE = MTP + ("mtp:speculative-equals-greedy",)
 
 
 def _one(target: str, make: Maker) -> tuple[Patch, ...]:

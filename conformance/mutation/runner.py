@@ -4,30 +4,29 @@ Every check a mutant names first runs unmutated (the control run) and must pass.
 only by a check that passed its control run and then raised `CheckFailed`, the check's own assertion on
 compared values; any other exception is an `error`, never a kill. Before its checks, every mutant is
 probed (probe.py): a mutant that changes no output of the backend is equivalent, which a real mutant
-must not be and a control mutant must be. Every task runs in a worker process that is replaced after a
-few tasks, so XLA compilations cannot pile up in one process (bounded memory), and every worker loads
-the same hypothesis profile as pytest.
+must not be and a control mutant must be. Every task (a mutant, a control run, a fingerprint) runs in a
+fresh process forked from a server that preloaded the backends and never had anything planted: no mutant
+can leak into another, XLA compilations cannot pile up in one process (bounded memory), and every worker
+loads the same hypothesis profile as pytest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import multiprocessing
 import os
+import pkgutil
 import queue
 import time
 import traceback
 from dataclasses import dataclass, field
 
-from ..backends import Backend, Unsupported, resolve_backend
+from ..backends import BUILTIN, Backend, Unsupported, resolve_backend
 from ..verdict import CheckFailed
 from .catalogue import CATALOGUE, MUTANTS, Mutant
 from .planting import NotApplicable, import_backend, replaced
-
-# Tasks a worker runs before it is replaced by a fresh process.
-TASKS_PER_WORKER = 20
-
 
 @dataclass
 class CheckRun:
@@ -174,52 +173,66 @@ def _mutant_task(key: str, backend_spec: str, unmutated: dict, first_kill: bool)
     return plant_and_run(MUTANTS[key], resolve_backend(backend_spec), unmutated, first_kill)
 
 
-# Mutants planted in turn in one process by the planting check: enough to show that removal is complete
-# across many plantings, few enough that TensorFlow's compiled programs stay bounded (it has segfaulted
-# after every mutant's programs were compiled in one process).
-PLANTING_GROUP = 12
-
-
-def plant_in_turn(keys: list[str], backend_spec: str) -> list[str]:
+def plant_in_turn(backend_spec: str, keys: list[str] | None = None) -> list[str]:
     """Plant each mutant in turn in this process, exercising the whole backend under it, then compare the
     whole backend with its unmutated fingerprint. Problems: a real mutant that changed no output, a control
-    that changed one, and any output still different after all were removed."""
+    that changed one, and any output still different after all were removed.
+
+    The runner never relies on this (each of its mutants runs in a process of its own); it shows that
+    planting alone, in one process, also undoes itself completely."""
     from .probe import fingerprint, first_difference
 
     backend = resolve_backend(backend_spec)
     import_backend(backend)
     before = fingerprint(backend)
     problems = []
-    for key in keys:
-        mutant = MUTANTS[key]
+    for mutant in select(keys):
         with contextlib.ExitStack() as stack:
             for patch in mutant.patches:
                 stack.enter_context(replaced(backend, patch.target, patch.make))
             changed = first_difference(backend, before)
         if (changed is None) != mutant.control:
-            problems.append(f"{key}: first changed output {changed}")
+            problems.append(f"{mutant.key}: first changed output {changed}")
     if (left := first_difference(backend, before)) is not None:
-        problems.append(f"after planting and removing {', '.join(keys)}: {left} differs from before")
+        problems.append(f"after planting and removing {len(select(keys))} mutants: {left} differs from before")
     return problems
-
-
-def check_planting(backend_spec: str, profile: str = "ci") -> list[str]:
-    """`plant_in_turn` over the whole catalogue, PLANTING_GROUP mutants per fresh process."""
-    keys = [mutant.key for mutant in CATALOGUE]
-    groups = [keys[i:i + PLANTING_GROUP] for i in range(0, len(keys), PLANTING_GROUP)]
-    with multiprocessing.get_context("spawn").Pool(1, initializer=_worker_init, initargs=(profile, os.cpu_count() or 1),
-                                                   maxtasksperchild=1) as pool:
-        return [problem for problems in pool.starmap(plant_in_turn, [(group, backend_spec) for group in groups])
-                for problem in problems]
 
 
 def _worker_init(profile: str, threads: int) -> None:
     os.environ["HYPOTHESIS_PROFILE"] = profile
-    # The workers share the machine's cores: each runs TensorFlow on its share (set before TF is imported).
+    # The workers share the machine's cores: each runs TensorFlow on its share.
     os.environ["TF_NUM_INTRAOP_THREADS"] = os.environ["TF_NUM_INTEROP_THREADS"] = str(threads)
     from .. import profiles
 
     profiles.load(profile)
+
+
+def _preload(backend_specs: list[str]) -> list[str]:
+    """Modules the fork server imports once, so that every fresh worker starts with them (TensorFlow's import
+    alone takes seconds): the checks, the probe, and every module of the built-in and the selected backends.
+    Nothing is ever planted in the server."""
+    modules = ["numpy", "hypothesis", "conformance.checks", "conformance.mutation.probe"]
+    backends = {backend.name: backend for backend in BUILTIN.values()}
+    backends.update({resolve_backend(spec).name: resolve_backend(spec) for spec in backend_specs})
+    for backend in backends.values():
+        for package_name in backend.packages:
+            spec = importlib.util.find_spec(package_name)
+            if spec is None or not spec.submodule_search_locations:
+                continue
+            modules.append(package_name)
+            modules += [info.name for info in pkgutil.walk_packages(spec.submodule_search_locations,
+                                                                     prefix=f"{package_name}.")]
+    return list(dict.fromkeys(modules))
+
+
+def _pool(jobs: int, profile: str, backend_specs: list[str]):
+    """`jobs` workers, each task in a fresh process forked from a server that preloaded the backends: a mutant
+    can never leak into another task, and XLA compilations never pile up in one process (bounded memory)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_preload(backend_specs))
+    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    # multiprocessing.Pool, not ProcessPoolExecutor: its one-task workers (maxtasksperchild) are reliable on 3.11.
+    return context.Pool(max(jobs, 1), initializer=_worker_init, initargs=(profile, threads), maxtasksperchild=1)
 
 
 def select(keys: list[str] | None) -> list[Mutant]:
@@ -229,68 +242,87 @@ def select(keys: list[str] | None) -> list[Mutant]:
     return [mutant for mutant in CATALOGUE if not keys or mutant.key in keys]
 
 
+class Session:
+    """Mutant runs with shared unmutated work: each backend's fingerprint and each check's control run are made
+    once per session and reused by every later run (the report hands in the suite's own runs as controls)."""
+
+    def __init__(self, jobs: int = 1, profile: str = "ci",
+                 known_controls: dict[tuple[str, str], CheckRun] | None = None):
+        self.jobs, self.profile = jobs, profile
+        self.controls: dict[tuple[str, str], CheckRun] = dict(known_controls or {})  # (check, backend name)
+        self.fingerprints: dict[str, dict] = {}  # backend name -> fingerprint
+
+    def run(self, backend_specs: list[str], keys: list[str] | None = None,
+            first_kill: bool = False) -> list[MutantResult]:
+        """The selected mutants on each backend, with the control run of every check they ran, in fresh
+        processes (`jobs` at a time)."""
+        from tqdm.auto import tqdm
+
+        mutants = select(keys)
+        names = {spec: resolve_backend(spec).name for spec in backend_specs}
+        runs: dict[tuple[str, str], MutantRun] = {}
+        finished: queue.Queue = queue.Queue()
+        progress = tqdm(total=len(backend_specs) * len(mutants), desc="controls and mutants", unit="task")
+        with _pool(self.jobs, self.profile, backend_specs) as pool:
+            pending = 0
+
+            def submit(kind: str, key: str, spec: str, task, *args) -> None:
+                nonlocal pending
+                pending += 1
+                pool.apply_async(task, args, callback=lambda result: finished.put((kind, key, spec, result, None)),
+                                 error_callback=lambda error: finished.put((kind, key, spec, None, error)))
+
+            def mutants_of(spec: str) -> None:
+                for mutant in mutants:
+                    submit("mutant", mutant.key, spec, _mutant_task, mutant.key, spec, self.fingerprints[names[spec]],
+                           first_kill)
+
+            def control(key: str, spec: str) -> None:
+                if (key, names[spec]) not in self.controls:
+                    self.controls[(key, names[spec])] = None  # scheduled
+                    progress.total += 1
+                    submit("control", key, spec, _control_task, key, spec)
+
+            # Every mutant of a backend is probed against the same unmutated fingerprint. Without --first-kill
+            # every control run is queued at once; with it, only those of the checks some mutant did run.
+            for spec in backend_specs:
+                if names[spec] in self.fingerprints:
+                    mutants_of(spec)
+                else:
+                    progress.total += 1
+                    submit("fingerprint", "", spec, _fingerprint_task, spec)
+            if not first_kill:
+                for key, spec in sorted({(key, spec) for spec in backend_specs for m in mutants for key in m.checks}):
+                    control(key, spec)
+            while pending:
+                kind, key, spec, result, error = finished.get()
+                pending -= 1
+                progress.update()
+                if error is not None:
+                    raise RuntimeError(f"{kind} task {key or spec} on {spec} died in its worker: {error!r}") from error
+                if kind == "fingerprint":
+                    self.fingerprints[names[spec]] = result
+                    mutants_of(spec)
+                elif kind == "mutant":
+                    runs[(key, spec)] = result
+                    for check in result.checks:
+                        control(check.check, spec)
+                else:
+                    self.controls[(key, names[spec])] = result
+        progress.close()
+        results = []
+        for spec in backend_specs:
+            backend_controls = {key: run for (key, name), run in self.controls.items() if name == names[spec]}
+            for mutant in mutants:
+                result = classify(mutant, runs[(mutant.key, spec)], backend_controls)
+                result.backend = names[spec]
+                results.append(result)
+        return results
+
+
 def run_catalogue(backend_specs: list[str], keys: list[str] | None = None, first_kill: bool = False,
                   jobs: int = 1, profile: str = "ci",
                   known_controls: dict[tuple[str, str], CheckRun] | None = None) -> list[MutantResult]:
-    """Mutant runs of the selected mutants on each backend, and the control run of every check they ran, in
-    `jobs` fresh-process workers. `known_controls` ((check, backend name) -> run) are unmutated runs made
-    already, by the suite in the same session: they are not repeated."""
-    from tqdm.auto import tqdm
-
-    mutants = select(keys)
-    names = {spec: resolve_backend(spec).name for spec in backend_specs}
-    controls: dict[tuple[str, str], CheckRun] = {
-        (key, spec): run for (key, name), run in (known_controls or {}).items() for spec in backend_specs
-        if names[spec] == name}
-    runs: dict[tuple[str, str], MutantRun] = {}
-    finished: queue.Queue = queue.Queue()
-    progress = tqdm(total=len(backend_specs) * (1 + len(mutants)), desc="controls and mutants", unit="task")
-    # multiprocessing.Pool, not ProcessPoolExecutor: its worker recycling (maxtasksperchild) is reliable on 3.11.
-    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
-    with multiprocessing.get_context("spawn").Pool(max(jobs, 1), initializer=_worker_init, initargs=(profile, threads),
-                                                   maxtasksperchild=TASKS_PER_WORKER) as pool:
-        pending = 0
-
-        def submit(kind: str, key: str, spec: str, task, *args) -> None:
-            nonlocal pending
-            pending += 1
-            pool.apply_async(task, args, callback=lambda result: finished.put((kind, key, spec, result, None)),
-                             error_callback=lambda error: finished.put((kind, key, spec, None, error)))
-
-        # Unmutated fingerprints first: every mutant of a backend is probed against the same one. Every control
-        # run is queued at once; with --first-kill, only those of the checks some mutant did run.
-        for spec in backend_specs:
-            submit("fingerprint", "", spec, _fingerprint_task, spec)
-        if not first_kill:
-            for key, spec in sorted({(key, spec) for spec in backend_specs for m in mutants for key in m.checks}):
-                if (key, spec) not in controls:
-                    controls[(key, spec)] = None  # scheduled
-                    progress.total += 1
-                    submit("control", key, spec, _control_task, key, spec)
-        while pending:
-            kind, key, spec, result, error = finished.get()
-            pending -= 1
-            progress.update()
-            if error is not None:
-                raise RuntimeError(f"{kind} task {key or spec} on {spec} died in its worker: {error!r}") from error
-            if kind == "fingerprint":
-                for mutant in mutants:
-                    submit("mutant", mutant.key, spec, _mutant_task, mutant.key, spec, result, first_kill)
-            elif kind == "mutant":
-                runs[(key, spec)] = result
-                for check in result.checks:
-                    if (check.check, spec) not in controls:
-                        controls[(check.check, spec)] = None  # scheduled
-                        progress.total += 1
-                        submit("control", check.check, spec, _control_task, check.check, spec)
-            else:
-                controls[(key, spec)] = result
-    progress.close()
-    results = []
-    for spec in backend_specs:
-        backend_controls = {key: run for (key, s), run in controls.items() if s == spec}
-        for mutant in mutants:
-            result = classify(mutant, runs[(mutant.key, spec)], backend_controls)
-            result.backend = names[spec]
-            results.append(result)
-    return results
+    """One session's run of the selected mutants on each backend. `known_controls` ((check, backend name) ->
+    run) are unmutated runs made already, by the suite in the same session: they are not repeated."""
+    return Session(jobs, profile, known_controls).run(backend_specs, keys, first_kill)

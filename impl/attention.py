@@ -53,7 +53,7 @@ def project_queries(x: tf.Tensor, weights: AttentionWeights, config: ModelConfig
         q = linear(query_latent, weights.q_b_proj, numerics, "q_b_proj")
     else:
         q = linear(x, weights.q_proj, numerics, "q_proj")
-    return split_query_heads(tf.reshape(q, tf.concat([tf.shape(x)[:2], [config.n_heads, config.qk_head_dim]], 0)),
+    return split_query_heads(tf.reshape(q, [*x.shape[:2], config.n_heads, config.qk_head_dim]),
                              config)
 
 
@@ -82,7 +82,7 @@ def naive_attention(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, 
                     scale: float) -> tf.Tensor:
     """Latents expanded to per-head keys and values, then attention: [B,S,H,v]."""
     expanded = linear(kv_latent, weights.kv_b_proj, numerics, "kv_b_proj")
-    expanded = tf.reshape(expanded, tf.concat([tf.shape(kv_latent)[:2], [config.n_heads, -1]], 0))
+    expanded = tf.reshape(expanded, [*kv_latent.shape[:2], config.n_heads, -1])
     k_nope, values = expanded[..., : config.qk_nope_head_dim], expanded[..., config.qk_nope_head_dim:]
     scores = tf.einsum("bshd,bthd->bsht", q_nope, k_nope) + tf.einsum("bshr,btr->bsht", q_rope, rope_key)
     return tf.einsum("bsht,bthd->bshd", masked_softmax(scores, mask, scale, q_nope.dtype), values)
@@ -110,5 +110,5 @@ def attend(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, rope_key:
 
 
 def output(heads: tf.Tensor, weights: AttentionWeights, numerics: Numerics) -> tf.Tensor:
-    merged = tf.reshape(heads, tf.concat([tf.shape(heads)[:2], [heads.shape[2] * heads.shape[3]]], 0))
+    merged = tf.reshape(heads, [*heads.shape[:2], heads.shape[2] * heads.shape[3]])
     return linear(merged, weights.o_proj, numerics, "o_proj")

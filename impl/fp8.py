@@ -61,7 +61,7 @@ def activation_scales(x: tf.Tensor, scale_fmt: ScaleFormat) -> tf.Tensor:
     width = x.shape[-1]
     if width % BLOCK:
         raise FP8Error(f"activation width {width} is not a multiple of {BLOCK}, as the fp8 path needs")
-    grouped = tf.reshape(tf.abs(tf.cast(x, tf.float32)), tf.concat([tf.shape(x)[:-1], [width // BLOCK, BLOCK]], 0))
+    grouped = tf.reshape(tf.abs(tf.cast(x, tf.float32)), [*x.shape[:-1], width // BLOCK, BLOCK])
     scales = tf.maximum(tf.reduce_max(grouped, axis=-1), ACT_AMAX_FLOOR) / E4M3_MAX
     if scale_fmt == "ue8m0":
         return round_up_to_power_of_two(scales)
@@ -75,9 +75,8 @@ def activation_scales(x: tf.Tensor, scale_fmt: ScaleFormat) -> tf.Tensor:
 def quantize_activation(x: tf.Tensor, scale_fmt: ScaleFormat) -> tuple[tf.Tensor, tf.Tensor]:
     """e4m3 activations [..., K] and their float32 scales [..., K/128]."""
     scales = activation_scales(x, scale_fmt)
-    shape = tf.shape(x)
-    grouped = tf.reshape(tf.cast(x, tf.float32), tf.concat([shape[:-1], [x.shape[-1] // BLOCK, BLOCK]], 0))
-    return tf.reshape(to_e4m3(grouped / scales[..., None]), shape), scales
+    grouped = tf.reshape(tf.cast(x, tf.float32), [*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK])
+    return tf.reshape(to_e4m3(grouped / scales[..., None]), x.shape), scales
 
 
 def fp8_gemm(x_q: tf.Tensor, x_scale: tf.Tensor, w_q: tf.Tensor, w_scale: tf.Tensor) -> tf.Tensor:
@@ -91,8 +90,8 @@ def fp8_gemm(x_q: tf.Tensor, x_scale: tf.Tensor, w_q: tf.Tensor, w_scale: tf.Ten
     if k % BLOCK or w_q.shape[-1] != k:
         raise FP8Error(f"the fp8 GEMM needs equal K divisible by {BLOCK}, got {k} and {w_q.shape[-1]}")
     blocks = k // BLOCK
-    x_blocks = tf.reshape(tf.cast(x_q, tf.float32), tf.concat([tf.shape(x_q)[:-1], [blocks, BLOCK]], 0))
-    w_blocks = tf.reshape(tf.cast(w_q, tf.float32), tf.concat([tf.shape(w_q)[:-1], [blocks, BLOCK]], 0))
+    x_blocks = tf.reshape(tf.cast(x_q, tf.float32), [*x_q.shape[:-1], blocks, BLOCK])
+    w_blocks = tf.reshape(tf.cast(w_q, tf.float32), [*w_q.shape[:-1], blocks, BLOCK])
     grouped = len(w_q.shape) == 3
     partial = tf.einsum("gmbk,gnbk->gmnb" if grouped else "mbk,nbk->mnb", x_blocks, w_blocks)
     column_scale = tf.repeat(w_scale, BLOCK, axis=-2)[..., : w_q.shape[-2], :]

@@ -30,7 +30,7 @@ def linear(x: tf.Tensor, weight: LinearWeight, numerics: Numerics, module: Linea
         rows = tf.reshape(x, [-1, x.shape[-1]])
         x_q, x_scale = quantize_activation(rows, numerics.scale_format(module))
         out = fp8_gemm(x_q, x_scale, weight.weight, weight.scale_inv)
-        return tf.cast(tf.reshape(out, tf.concat([tf.shape(x)[:-1], [weight.weight.shape[0]]], 0)), x.dtype)
+        return tf.cast(tf.reshape(out, [*x.shape[:-1], weight.weight.shape[0]]), x.dtype)
     return tf.einsum("...k,nk->...n", x, dense_weight(weight, x.dtype))
 
 

@@ -60,7 +60,7 @@ def rotation_angles(config: ModelConfig, positions: tf.Tensor) -> tf.Tensor:
 def apply_rope(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor) -> tf.Tensor:
     """Rotate interleaved pairs of x[..., d] in float32; cos and sin broadcast to x[..., d/2]."""
     wide = tf.cast(x, tf.float32)
-    pairs = tf.reshape(wide, tf.concat([tf.shape(x)[:-1], [x.shape[-1] // 2, 2]], 0))
+    pairs = tf.reshape(wide, [*x.shape[:-1], x.shape[-1] // 2, 2])
     real, imag = pairs[..., 0], pairs[..., 1]
     rotated = tf.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
-    return tf.cast(tf.reshape(rotated, tf.shape(x)), x.dtype)
+    return tf.cast(tf.reshape(rotated, x.shape), x.dtype)

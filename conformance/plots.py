@@ -8,10 +8,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from .golden import CaseResult  # noqa: E402
+from .golden import CaseResult
 
 _LAYER = re.compile(r"^prefill\.layer\.(\d+)\.hidden$")
 
@@ -73,6 +73,44 @@ def expert_load(loads: dict[str, np.ndarray], path: Path) -> Path:
         axis.set_yticks(range(len(counts)), [f"{i} (MaxVio {v:.2f})" for i, v in enumerate(max_violation)],
                         fontsize=7)
         figure.colorbar(image, ax=axis, label="tokens")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+_PIPELINE_COLOURS = {"F": "#4c72b0", "B": "#dd8452", "Bzb": "#f2b38a", "W": "#55a868", "FB": "#8172b3"}
+
+
+def _label(op: list) -> tuple[str, str]:
+    if op[0] == "FB":
+        return "FB", f"{op[1][2]}|{op[2][2]}"
+    if op[0] == "W":
+        return "W", ""
+    kind = "Bzb" if op[0] == "B" and op[3] else op[0]
+    return kind, str(op[2])
+
+
+def gantt(timelines: list, times, path: Path) -> Path:
+    """One chart per pipeline schedule timeline (conformance/pipeline/simulator.py), simulated at `times`: a row
+    per rank, a box per operation (micro-batch number inside)."""
+    figure, axes = plt.subplots(len(timelines), 1, figsize=(13, 2.1 * len(timelines)), squeeze=False)
+    for axis, timeline in zip(axes[:, 0], timelines):
+        for interval in timeline.intervals:
+            kind, text = _label(interval.op)
+            axis.barh(interval.rank, interval.end - interval.start, left=interval.start, color=_PIPELINE_COLOURS[kind],
+                      edgecolor="white", height=0.8)
+            if text:
+                axis.text((interval.start + interval.end) / 2, interval.rank, text, ha="center", va="center",
+                          fontsize=6, color="white")
+        axis.set_yticks(range(timeline.ranks), [f"rank {r}" for r in range(timeline.ranks)])
+        axis.invert_yaxis()
+        axis.set_title(f"{timeline.method}: step {timeline.step_time:g}, bubble "
+                       f"{max(timeline.idle(r) for r in range(timeline.ranks)):g}", fontsize=9)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _PIPELINE_COLOURS.values()]
+    axes[0, 0].legend(handles, ["forward", "backward", "backward (input grad, zero bubble)", "weight grad",
+                                "overlapped F&B"], ncol=5, fontsize=7, loc="lower right", bbox_to_anchor=(1, 1.15))
+    axes[-1, 0].set_xlabel(f"time (F={times.F:g}, B={times.B:g}, W={times.W:g}, F&B={times.FB:g})")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

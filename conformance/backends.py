@@ -167,6 +167,16 @@ def _tf_runner(config, weights, numerics, dtype, attention) -> Runner:
     return TFRunner(config, weights, numerics, dtype, attention)
 
 
+# Devices of the expert-parallel variant of the tf backend (logical CPUs unless the process configured others).
+EXPERT_PARALLEL_DEVICES = 4
+
+
+def _tf_expert_parallel_runner(config, weights, numerics, dtype, attention) -> Runner:
+    from .runners import TFRunner
+
+    return TFRunner(config, weights, numerics, dtype, attention, expert_devices=EXPERT_PARALLEL_DEVICES)
+
+
 REFERENCE = Backend(
     "reference", _reference_runner, "reference.components", default_dtype="float64", dtypes=("float64", "float32"),
     mutation_targets={"moe": "reference.moe", "rope": "reference.rope", "attention": "reference.attention",
@@ -179,8 +189,13 @@ TF = Backend(
                       "norm": "impl.layers", "model": "impl.model", "mtp": "impl.mtp"},
     array_namespace="tensorflow.experimental.numpy",
     description="TensorFlow implementation (impl/), XLA-compiled, float32 by default")
-BUILTIN = {backend.name: backend for backend in (REFERENCE, TF)}
-DEFAULT_BACKENDS = tuple(BUILTIN)
+TF_EXPERT_PARALLEL = Backend(
+    "tf-ep", _tf_expert_parallel_runner, "impl.components", default_dtype="float32", dtypes=("float32",),
+    description=f"the tf backend with every MoE block expert-parallel over {EXPERT_PARALLEL_DEVICES} devices "
+                "(impl/expert_parallel.py, DTensor); its steps run eagerly around the mesh")
+BUILTIN = {backend.name: backend for backend in (REFERENCE, TF, TF_EXPERT_PARALLEL)}
+# The suite's default: the two independent implementations (tf-ep is tf's math, distributed).
+DEFAULT_BACKENDS = (REFERENCE.name, TF.name)
 
 
 def _from_entry_points(name: str) -> Backend | None:

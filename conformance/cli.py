@@ -26,6 +26,8 @@ from .format.inputs import InputError
 from .format.numerics import Numerics
 from .golden import CaseResult, GoldenCase, check_case
 from .manifest import verify
+from .pipeline.command import add_command as schedule_command
+from .pipeline.execution import add_command as pipeline_step_command
 from .profiles import PROFILES
 from .runners import NonFiniteOutput, greedy
 from .speculative import speculative_generate
@@ -166,12 +168,20 @@ def _mutants(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import build_report
+    from .report import CAPABILITIES, build_report
 
     specs = [spec.strip() for spec in args.backend.split(",")]
     resolve_backends(specs)
+    chosen = args.sections.strip()
+    capabilities = list(CAPABILITIES) if chosen == "all" else [] if chosen == "none" else \
+        [name.strip() for name in chosen.split(",") if name.strip()]
+    unknown = sorted(set(capabilities) - set(CAPABILITIES))
+    if unknown:
+        raise BadInput(f"--sections: unknown section(s) {unknown}: expected 'all', 'none' or a comma-separated "
+                       f"list of {', '.join(CAPABILITIES)}")
     report = build_report(Path(args.golden_dir), specs, Path(args.out), suite=not args.no_suite,
-                          mutants=args.mutants, jobs=args.jobs, profile=args.hypothesis_profile)
+                          mutants=args.mutants, jobs=args.jobs, profile=args.hypothesis_profile,
+                          capabilities=capabilities)
     print(f"wrote {Path(args.out) / 'report.html'}, report.md and report.json")
     print(report.summary())
     return PASS if report.passed else FAILURE
@@ -190,6 +200,8 @@ def _at_least(minimum: int):
     return parse
 
 
+# Subcommands of the capabilities that live in their own packages: each registers itself.
+CAPABILITY_COMMANDS = (schedule_command, pipeline_step_command)
 BACKEND_HELP = "a built-in name (reference, tf), an entry-point name, or package.module:object"
 
 
@@ -254,7 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mutation table: stop each mutant at its first kill, run all its checks, or skip")
     report.add_argument("--jobs", type=_at_least(1), default=os.cpu_count() or 1, help="processes for the mutants")
     report.add_argument("--hypothesis-profile", choices=PROFILES, default=default_profile, help=profile_help)
+    report.add_argument("--sections", default="all",
+                        help="capability sections: all (default), none, or a comma-separated list (mtp, pipeline, "
+                             "expert-parallel, ...)")
     report.set_defaults(run=_report)
+
+    for add_command in CAPABILITY_COMMANDS:
+        add_command(commands, _at_least)
     return parser
 
 

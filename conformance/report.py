@@ -102,13 +102,20 @@ class Section:
     introduction: str
     rows: list[dict]
     figures: dict[str, Path] = field(default_factory=dict)
+    passed: bool = True  # a capability's own verdict; a failed section fails the report
 
 
-def _extra_sections(golden_dir: Path, backends: list[str], out: Path) -> list[Section]:
-    """The sections of the capabilities beyond the suite, each computed by its own module."""
-    from .speculative import report_section as speculative
+# The sections of the capabilities beyond the suite: name -> module whose report_section(golden_dir,
+# backends, out) computes it.
+CAPABILITIES = {"mtp": "conformance.speculative", "pipeline": "conformance.pipeline.report",
+                "expert-parallel": "conformance.ep.report"}
 
-    return [speculative(golden_dir, backends, out)]
+
+def _extra_sections(golden_dir: Path, backends: list[str], out: Path, names) -> list[Section]:
+    import importlib
+
+    return [importlib.import_module(CAPABILITIES[name]).report_section(golden_dir, backends, out)
+            for name in tqdm(names, desc="capability sections", unit="section")]
 
 
 @dataclass
@@ -126,7 +133,8 @@ class Report:
     @property
     def passed(self) -> bool:
         return (not self.manifest_problems and all(case.passed for case in self.cases)
-                and self.suite_status in (None, 0) and all(m.ok for m in self.mutants or []))
+                and self.suite_status in (None, 0) and all(m.ok for m in self.mutants or [])
+                and all(section.passed for section in self.extra))
 
     def divergences(self) -> list[dict]:
         observed = {row["nodeid"].split("[")[-1].rstrip("]"): row["outcome"] for row in self.suite
@@ -278,8 +286,9 @@ def _css_class(value: object) -> str:
 
 
 def build_report(golden_dir: Path, backends: list[str], out: Path, suite: bool = True, mutants: str = "first-kill",
-                 jobs: int = 1, profile: str = "ci") -> Report:
-    """Everything above, written to `out` (report.md, report.json, report.html and the figures)."""
+                 jobs: int = 1, profile: str = "ci", capabilities=tuple(CAPABILITIES)) -> Report:
+    """Everything above, written to `out` (report.md, report.json, report.html and the figures);
+    `capabilities`: which sections of CAPABILITIES to add."""
     out.mkdir(parents=True, exist_ok=True)
     report = Report(golden_dir, [str(problem) for problem in verify(golden_dir)])
     cases = [GoldenCase.load(path) for path in case_dirs(golden_dir)]
@@ -300,7 +309,7 @@ def build_report(golden_dir: Path, backends: list[str], out: Path, suite: bool =
         report.figures["Errors against tolerances"] = plots.error_against_tolerance(
             report.suite, out / "error_vs_tolerance.png")
     report.figures["Expert load per layer"] = plots.expert_load(expert_loads(golden_dir), out / "expert_load.png")
-    report.extra = _extra_sections(golden_dir, backends, out)
+    report.extra = _extra_sections(golden_dir, backends, out, capabilities)
     for section in report.extra:
         report.figures.update(section.figures)
     (out / "report.json").write_text(json.dumps(report.to_json(), indent=2))

@@ -44,11 +44,17 @@ class TFRunner(Runner):
     """The TensorFlow implementation (impl/), imported on first use. It routes by itself."""
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics, dtype: str,
-                 attention: AttentionForm):
+                 attention: AttentionForm, expert_devices: int = 0):
+        """`expert_devices` > 0: every MoE block expert-parallel over that many logical CPU devices."""
         from impl.model import Transformer
 
+        mesh = None
+        if expert_devices:
+            from impl.devices import expert_mesh
+
+            mesh = expert_mesh(expert_devices)
         self.config = config
-        self.model = Transformer(config, weights, numerics, dtype, attention)
+        self.model = Transformer(config, weights, numerics, dtype, attention, expert_mesh=mesh)
 
     @staticmethod
     def _step(result, forced_experts: Routing) -> StepOutput:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -34,6 +34,7 @@ from .layers import rms_norm, swiglu_ffn
 from .moe import StackedMoE, moe
 from .mtp import accepted_prefix, chained, mtp_embedding, mtp_head, mtp_input, mtp_source, tokens_ahead
 from .rope import apply_rope, rotation_angles, softmax_scale
+from .trees import leaves, rebuild, structure_of
 
 Store = Callable[[LatentCache, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 # Largest latent cache (all layers) a runner allocates; a bigger request is refused before allocation.
@@ -76,33 +77,15 @@ def to_tf(weights, dtype: tf.DType):
     return type(weights)(**{f.name: to_tf(getattr(weights, f.name), dtype) for f in dataclasses.fields(weights)})
 
 
-def _leaves(tree) -> list:
-    """The variables of a weight tree, depth first (the order `_rebuild` consumes them in)."""
-    if tree is None:
-        return []
-    if isinstance(tree, (tf.Variable, tf.Tensor)):
-        return [tree]
-    if isinstance(tree, tuple):
-        return [leaf for item in tree for leaf in _leaves(item)]
-    return [leaf for f in dataclasses.fields(tree) for leaf in _leaves(getattr(tree, f.name))]
+def _on_mesh(weights: ModelWeights, expert_parallel, dtype: tf.DType) -> ModelWeights:
+    """Every MoE block's weights placed for expert parallelism (routed experts sharded over the mesh)."""
+    def place(layer):
+        if isinstance(layer.ffn, StackedMoE):
+            return dataclasses.replace(layer, ffn=expert_parallel.prepare(layer.ffn, dtype))
+        return layer
 
-
-def _structure(tree):
-    """A hashable description of a weight tree's shape: which containers, which fields are absent."""
-    if tree is None or isinstance(tree, (tf.Variable, tf.Tensor)):
-        return tree is not None
-    if isinstance(tree, tuple):
-        return tuple(_structure(item) for item in tree)
-    return (type(tree), tuple(_structure(getattr(tree, f.name)) for f in dataclasses.fields(tree)))
-
-
-def _rebuild(structure, leaves: Iterator):
-    if isinstance(structure, bool):
-        return next(leaves) if structure else None
-    if isinstance(structure, tuple) and structure and isinstance(structure[0], type):
-        kind, children = structure
-        return kind(*(_rebuild(child, leaves) for child in children))
-    return tuple(_rebuild(child, leaves) for child in structure)
+    mtp = tuple(dataclasses.replace(module, block=place(module.block)) for module in weights.mtp)
+    return dataclasses.replace(weights, layers=tuple(place(layer) for layer in weights.layers), mtp=mtp)
 
 
 class Program:
@@ -113,20 +96,26 @@ class Program:
     """
 
     def __init__(self, config: ModelConfig, numerics: Numerics, dtype: tf.DType, attention_form: AttentionForm,
-                 structure):
+                 structure, expert_parallel=None):
         self.config = config
         self.numerics = numerics
         self.dtype = dtype
         self.attention_form = attention_form
         self.structure = structure
         self.scale = softmax_scale(config)
-        self.prefill = tf.function(self._prefill, jit_compile=True)
-        self.decode = tf.function(self._decode, jit_compile=True)
-        self.verify = tf.function(self._verify, jit_compile=True)
-        self.mtp = tf.function(self._mtp, jit_compile=True)
+        self.expert_parallel = expert_parallel
+        if expert_parallel is None:
+            compiled = functools.partial(tf.function, jit_compile=True, autograph=False)
+        else:  # the MoE blocks run on a DTensor mesh: the steps run eagerly around them, one op at a time
+            def compiled(step):
+                return step
+        self.prefill = compiled(self._prefill)
+        self.decode = compiled(self._decode)
+        self.verify = compiled(self._verify)
+        self.mtp = compiled(self._mtp)
 
     def unflatten(self, leaves: list) -> ModelWeights:
-        return _rebuild(self.structure, iter(leaves))
+        return rebuild(self.structure, iter(leaves))
 
     def _rope(self, positions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         angles = rotation_angles(self.config, positions)
@@ -146,8 +135,10 @@ class Program:
         h = h + attention.output(heads, layer.attn, numerics)
         x = rms_norm(h, layer.ffn_norm, config.rms_norm_eps)
         if isinstance(layer.ffn, StackedMoE):
-            flat, chosen = moe(tf.reshape(x, [-1, config.dim]), layer.ffn, config, numerics)
-            return h + tf.reshape(flat, tf.shape(h)), chosen
+            flat_x = tf.reshape(x, [-1, config.dim])
+            flat, chosen = (moe(flat_x, layer.ffn, config, numerics) if self.expert_parallel is None
+                            else self.expert_parallel(flat_x, layer.ffn))
+            return h + tf.reshape(flat, h.shape), chosen
         return h + swiglu_ffn(x, layer.ffn, numerics, "dense_ffn"), None
 
     def _forward(self, weights: ModelWeights, tokens: tf.Tensor, positions: tf.Tensor, mask: tf.Tensor,
@@ -237,21 +228,29 @@ class Program:
 
 @functools.lru_cache(maxsize=32)
 def program(config: ModelConfig, numerics: Numerics, dtype: tf.DType, attention_form: AttentionForm,
-            structure) -> Program:
+            structure, expert_parallel=None) -> Program:
     """The shared compiled steps of a model structure (planting a mutant clears this cache: conformance.mutation)."""
-    return Program(config, numerics, dtype, attention_form, structure)
+    return Program(config, numerics, dtype, attention_form, structure, expert_parallel)
 
 
 class Transformer:
     """DeepSeek-V3 in TensorFlow, holding one batch's state: caches, the tokens fed, the normed outputs."""
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics = Numerics(),
-                 dtype: str = "float32", attention_form: AttentionForm = "absorbed"):
+                 dtype: str = "float32", attention_form: AttentionForm = "absorbed", expert_mesh=None):
+        """`expert_mesh` (impl.expert_parallel.ExpertMesh): run every MoE block expert-parallel over its devices."""
         self.config = config
         self.dtype = tf.as_dtype(dtype)
         self.weights = to_tf(weights, self.dtype)
-        self.leaves = _leaves(self.weights)
-        self.program = program(config, numerics, self.dtype, attention_form, _structure(self.weights))
+        expert_parallel = None
+        if expert_mesh is not None:
+            from .expert_parallel import ExpertParallelMoE
+
+            expert_parallel = ExpertParallelMoE(expert_mesh, config, numerics)
+            self.weights = _on_mesh(self.weights, expert_parallel, self.dtype)
+        self.leaves = leaves(self.weights)
+        self.program = program(config, numerics, self.dtype, attention_form, structure_of(self.weights),
+                               expert_parallel)
         self.caches: tuple[LatentCache, ...] = ()
         self.mtp_caches: tuple[LatentCache, ...] = ()
         self.history: tf.Variable | None = None  # the main model's state for the MTP modules [B, capacity, dim]

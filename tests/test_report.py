@@ -24,9 +24,12 @@ def test_report_files_hold_tables_and_figures(tmp_path):
     markdown = (tmp_path / "report.md").read_text()
     assert "## Golden cases" in markdown and re.search(r"\| v3-tiny-fp8 +\| reference +\|", markdown)
     page = (tmp_path / "report.html").read_text()
-    assert page.count("<table>") >= 4 and page.count("data:image/png;base64,") == 2
-    for figure in ("error_per_layer.png", "expert_load.png"):
+    assert page.count("<table>") >= 4 and page.count("data:image/png;base64,") == len(report.figures) >= 3
+    for figure in ("error_per_layer.png", "expert_load.png", "pipeline_gantt.png"):
         assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
+    sections = {section.title for section in report.extra}
+    assert sections == {"Multi-token prediction", "Pipeline schedules", "Expert parallelism"}
+    assert all(section.passed for section in report.extra)
 
 
 def test_report_fails_on_a_tampered_golden_file(tmp_path):
@@ -38,7 +41,7 @@ def test_report_fails_on_a_tampered_golden_file(tmp_path):
     data = bytearray(target.read_bytes())
     data[-3] ^= 0x40
     target.write_bytes(bytes(data))
-    report = build_report(golden, ["reference"], tmp_path / "out", suite=False, mutants="none")
+    report = build_report(golden, ["reference"], tmp_path / "out", suite=False, mutants="none", capabilities=())
     assert not report.passed
     assert any(str(target) in problem for problem in report.manifest_problems)
     assert "GOLDEN FILES DO NOT MATCH THE MANIFEST" in report.summary()
@@ -66,7 +69,7 @@ def test_html_renders_in_headless_chromium(tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         pytest.skip("no headless Chromium on this machine (.ci/run installs Debian's chromium)")
-    build_report(ROOT / "golden", ["reference"], tmp_path, suite=False, mutants="none")
+    build_report(ROOT / "golden", ["reference"], tmp_path, suite=False, mutants="none", capabilities=())
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,3000"]

@@ -25,7 +25,14 @@ from conformance.format.config import ModelConfig
 from conformance.format.inputs import InputError, check_tokens
 from conformance.format.mtp import MTPOptions
 from conformance.format.numerics import AttentionForm, Numerics
-from conformance.format.weights import FFNWeights, GateWeights, LinearWeight, ModelWeights, MoEWeights
+from conformance.format.weights import (
+    ExpertNotResident,
+    FFNWeights,
+    GateWeights,
+    LinearWeight,
+    ModelWeights,
+    MoEWeights,
+)
 
 from . import attention
 from .attention import LatentCache
@@ -52,12 +59,29 @@ def _linear(weight: LinearWeight, dtype: tf.DType) -> LinearWeight:
 
 
 def _stack_experts(experts: tuple[FFNWeights, ...], dtype: tf.DType) -> FFNWeights:
+    """The experts' weights stacked per projection, [R, out, in]: one TensorFlow copy, no intermediate stack."""
     def stacked(projection: str) -> LinearWeight:
         parts = [getattr(expert, projection) for expert in experts]
-        scales = np.stack([p.scale_inv for p in parts]) if parts[0].quantized else None
-        return _linear(LinearWeight(np.stack([p.weight for p in parts]), scales), dtype)
+        weight = tf.stack([tf.constant(p.weight) for p in parts])
+        if parts[0].quantized:
+            return LinearWeight(weight, tf.stack([tf.constant(p.scale_inv, tf.float32) for p in parts]))
+        return LinearWeight(tf.cast(weight, dtype))
 
     return FFNWeights(stacked("gate_proj"), stacked("up_proj"), stacked("down_proj"))
+
+
+def _stacked_moe(weights: MoEWeights, dtype: tf.DType) -> StackedMoE:
+    gate = GateWeights(_variable(weights.gate.weight, tf.float32),
+                       None if weights.gate.bias is None else _variable(weights.gate.bias, tf.float32))
+    resident = tuple(e for e, expert in enumerate(weights.experts) if expert is not None)
+    if len(resident) == len(weights.experts):
+        return StackedMoE(gate, _stack_experts(weights.experts, dtype), to_tf(weights.shared, dtype))
+    if not resident:
+        raise InputError("a MoE block with no resident routed expert")
+    slots = np.zeros(len(weights.experts), np.int32)
+    slots[list(resident)] = np.arange(len(resident))
+    return StackedMoE(gate, _stack_experts(tuple(weights.experts[e] for e in resident), dtype),
+                      to_tf(weights.shared, dtype), tf.constant(slots), resident)
 
 
 def to_tf(weights, dtype: tf.DType):
@@ -71,10 +95,16 @@ def to_tf(weights, dtype: tf.DType):
     if isinstance(weights, LinearWeight):
         return _linear(weights, dtype)
     if isinstance(weights, MoEWeights):
-        gate = GateWeights(_variable(weights.gate.weight, tf.float32),
-                           None if weights.gate.bias is None else _variable(weights.gate.bias, tf.float32))
-        return StackedMoE(gate, _stack_experts(weights.experts, dtype), to_tf(weights.shared, dtype))
+        return _stacked_moe(weights, dtype)
     return type(weights)(**{f.name: to_tf(getattr(weights, f.name), dtype) for f in dataclasses.fields(weights)})
+
+
+def _check_resident(chosen: tuple[np.ndarray, ...], blocks: list) -> None:
+    """Refuse a step that routed a token to an expert that is not resident (its output would be another's)."""
+    for experts, block in zip(chosen, [b for b in blocks if isinstance(b, StackedMoE)]):
+        if block.resident is not None and not np.isin(experts, block.resident).all():
+            missing = sorted(set(np.unique(experts).tolist()) - set(block.resident))
+            raise ExpertNotResident(f"tokens route to expert(s) {missing[:8]}, which were not loaded")
 
 
 def _on_mesh(weights: ModelWeights, expert_parallel, dtype: tf.DType) -> ModelWeights:
@@ -261,10 +291,11 @@ class Transformer:
     def length(self) -> int:
         return self.tokens.shape[1]
 
-    @staticmethod
-    def _numpy(result) -> tuple[np.ndarray, tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    def _numpy(self, result) -> tuple[np.ndarray, tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
         logits, hidden, experts = result
-        return logits.numpy(), tuple(tf.cast(hidden, tf.float32).numpy()), tuple(e.numpy() for e in experts)
+        experts = tuple(e.numpy() for e in experts)
+        _check_resident(experts, [layer.ffn for layer in self.weights.layers])
+        return logits.numpy(), tuple(tf.cast(hidden, tf.float32).numpy()), experts
 
     def _reserve(self, batch: int, capacity: int) -> None:
         """Caches for `batch` sequences of up to `capacity` positions (kept when they already fit exactly)."""
@@ -337,8 +368,9 @@ class Transformer:
                                                            self.history)
         # An entry computed from a draft token is recomputed once that token is known.
         self.mtp_length = self.length if following.shape[1] >= len(self.weights.mtp) else self.length - 1
-        return (tuple(h.numpy() for h in hidden), tuple(l.numpy() for l in logits),
-                tuple(e.numpy() for e in experts), drafts.numpy())
+        experts = tuple(e.numpy() for e in experts)
+        _check_resident(experts, [module.block.ffn for module in self.weights.mtp])
+        return (tuple(h.numpy() for h in hidden), tuple(l.numpy() for l in logits), experts, drafts.numpy())
 
     def verify(self, following: np.ndarray, drafts: np.ndarray) -> tuple[np.ndarray, int]:
         """Feed the next token and the drafts in one compiled step; keep the accepted ones (see the module)."""

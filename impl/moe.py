@@ -24,11 +24,18 @@ MAX_TILE_ROWS = 64
 
 @dataclass(frozen=True)
 class StackedMoE:
-    """A MoE block with its routed experts stacked: gate/up weights [E, inter, dim], down [E, dim, inter]."""
+    """A MoE block with its routed experts stacked: gate/up weights [R, inter, dim], down [R, dim, inter].
+
+    R = E unless only some experts are resident (a layer of a real checkpoint verified on the experts its
+    batch routes to): then `slots` [E] maps an expert to its row of the stack, and `resident` lists the
+    experts held, so that a step routing a token elsewhere is refused (Transformer checks it).
+    """
 
     gate: GateWeights
     experts: FFNWeights
     shared: FFNWeights | None
+    slots: tf.Tensor | None = None
+    resident: tuple[int, ...] | None = None
 
 
 # What an expert outside the kept groups scores: -inf, not 0, since with negative biases every kept
@@ -111,8 +118,9 @@ def _tile_linear(tiles: tf.Tensor, weight: LinearWeight, tile_expert: tf.Tensor,
 
 
 def routed_experts(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked: FFNWeights, config: ModelConfig,
-                   numerics: Numerics) -> tf.Tensor:
-    """sum over each token's k chosen experts of gating * expert(x), for x [T, dim]."""
+                   numerics: Numerics, slots: tf.Tensor | None = None) -> tf.Tensor:
+    """sum over each token's k chosen experts of gating * expert(x), for x [T, dim]; `slots` [E]: each expert's
+    row of the stack when only some are resident (default: row = expert)."""
     tokens, k = x.shape[0], config.n_activated_experts
     copies, n_experts = tokens * k, config.n_routed_experts
     rows = tile_rows(copies, n_experts)
@@ -133,6 +141,8 @@ def routed_experts(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked:
     tile_expert = tf.minimum(tf.reduce_sum(tf.cast(tile_end[None, :] <= tf.range(tiles)[:, None], tf.int32), axis=1),
                              n_experts - 1)
 
+    if slots is not None:
+        tile_expert = tf.gather(slots, tile_expert)
     packed = tf.scatter_nd(slot[:, None], tf.gather(x, sorted_token), [tiles * rows, config.dim])
     packed = tf.reshape(packed, [tiles, rows, config.dim])
     hidden = (tf.nn.silu(_tile_linear(packed, stacked.gate_proj, tile_expert, numerics))
@@ -145,7 +155,7 @@ def routed_experts(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked:
 def moe(x: tf.Tensor, weights: StackedMoE, config: ModelConfig, numerics: Numerics) -> tuple[tf.Tensor, tf.Tensor]:
     """Routed experts plus shared experts for x [T, dim]; also the chosen experts [T, k]."""
     gating, experts = route(x, weights.gate, config)
-    out = routed_experts(x, gating, experts, weights.experts, config, numerics)
+    out = routed_experts(x, gating, experts, weights.experts, config, numerics, weights.slots)
     return out + shared_experts(x, weights.shared, numerics), experts
 
 

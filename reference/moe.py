@@ -13,7 +13,7 @@ import numpy as np
 
 from conformance.format.config import ModelConfig
 from conformance.format.numerics import Numerics
-from conformance.format.weights import FFNWeights, GateWeights, MoEWeights
+from conformance.format.weights import ExpertNotResident, FFNWeights, GateWeights, MoEWeights
 
 from .ffn import swiglu_ffn
 
@@ -90,6 +90,8 @@ def moe(x: np.ndarray, weights: MoEWeights, config: ModelConfig, numerics: Numer
         gating = gate_weights(affinities(x, weights.gate, config), experts, config)
     out = np.zeros_like(x)
     for expert in np.unique(experts):
+        if weights.experts[expert] is None:
+            raise ExpertNotResident(f"a token routes to expert {int(expert)}, which was not loaded")
         tokens, slot = np.nonzero(experts == expert)
         out[tokens] += gating[tokens, slot, None] * swiglu_ffn(x[tokens], weights.experts[expert], numerics, "expert")
     return out + shared_experts(x, weights.shared, numerics), experts

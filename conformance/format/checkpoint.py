@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -21,7 +21,7 @@ from .errors import BadInput
 from .fp8 import BLOCK, E4M3
 from .jsonfile import read_json
 from .safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
-from .weights import ModelWeights, TensorSpec, assemble
+from .weights import LayerWeights, ModelWeights, TensorSpec, assemble, assemble_layer
 
 HF_SINGLE = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
@@ -235,11 +235,29 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 # --- validated loading ----------------------------------------------------------------------------------
 
-def _nonfinite(array: np.ndarray) -> int:
-    if array.dtype == E4M3:
-        # e4m3fn has no infinity; its NaN is every bit set but the sign.
-        return int(np.count_nonzero((array.view(np.uint8) & 0x7F) == 0x7F))
-    return int(np.count_nonzero(~np.isfinite(array.astype(np.float32))))
+# NaN/Inf scans read a tensor this many bytes at a time (a 129280 x 7168 embedding would otherwise take a
+# 3.7 GB float32 copy).
+SCAN_BYTES = 64 << 20
+
+
+def nonfinite(array: np.ndarray) -> tuple[int, tuple[int, ...]] | None:
+    """(count, index of the first) of NaN or Inf values, scanned a chunk of rows at a time; None if all finite.
+    e4m3fn has no infinity; its NaN is every bit set but the sign."""
+    flat = array.reshape(1, -1) if array.ndim < 2 else array
+    row_bytes = max(1, flat.itemsize * int(np.prod(flat.shape[1:], dtype=np.int64)))
+    rows = max(1, SCAN_BYTES // row_bytes)
+    count, first = 0, None
+    for start in range(0, flat.shape[0], rows):
+        part = np.asarray(flat[start:start + rows])
+        bad = ((part.view(np.uint8) & 0x7F) == 0x7F) if part.dtype == E4M3 else ~np.isfinite(part.astype(np.float32))
+        if bad.any():
+            count += int(bad.sum())
+            if first is None:
+                position = np.unravel_index(int(np.argmax(bad)), bad.shape)
+                first = (start + int(position[0]), *map(int, position[1:]))
+    if not count:
+        return None
+    return count, (first[1:] if array.ndim < 2 else first)
 
 
 # Missing tensors are listed up to this many, then loading stops: a config that describes far more than
@@ -285,11 +303,9 @@ class _ValidatingFetch:
         if dtype not in allowed:
             raise CheckpointError(f"{where}: wrong dtype, expected {' or '.join(sorted(allowed))}, found {dtype}")
         array = self.checkpoint.get(spec.name)
-        if self.check_finite:
-            bad = _nonfinite(array)
-            if bad:
-                raise CheckpointError(f"{where}: {bad} NaN or Inf value(s) in a "
-                                      f"{'scale' if spec.role == 'scale' else 'weight'}")
+        if self.check_finite and (bad := nonfinite(array)):
+            raise CheckpointError(f"{where}: {bad[0]} NaN or Inf value(s) in a "
+                                  f"{'scale' if spec.role == 'scale' else 'weight'}, first at {list(bad[1])}")
         return array
 
 
@@ -324,6 +340,26 @@ def load_weights(checkpoint: Checkpoint, config: ModelConfig, layers: Sequence[i
             raise CheckpointError(f"{checkpoint.path}: unexpected tensor(s) the config does not describe: "
                                   f"{_listing(unexpected)} (in {checkpoint.where(unexpected[0])})")
     return weights
+
+
+def load_layer(checkpoint: Checkpoint, config: ModelConfig, layer: int, resident: Collection[int] | None = None,
+               check_finite: bool = True) -> LayerWeights:
+    """Block `layer` alone (an MTP block too: layer >= n_layers), validated; `resident`: the routed experts to
+    load (default all; the others are left out, None)."""
+    fetch = _ValidatingFetch(checkpoint, config, check_finite, None)
+    weights = assemble_layer(fetch, config, layer, resident)
+    if fetch.missing:
+        raise fetch.missing_error(stopped=False)
+    return weights
+
+
+def load_tensor(checkpoint: Checkpoint, config: ModelConfig, spec: TensorSpec, check_finite: bool = True) -> np.ndarray:
+    """One tensor, validated against its spec."""
+    fetch = _ValidatingFetch(checkpoint, config, check_finite, None)
+    array = fetch(spec)
+    if fetch.missing:
+        raise fetch.missing_error(stopped=False)
+    return array
 
 
 def _bitwise_equal(a: np.ndarray, b: np.ndarray, rows: int = 4096) -> bool:

@@ -220,6 +220,34 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray],
             handle.write(array.tobytes())
 
 
+def write_safetensors_streamed(path: str | Path, layout: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
+                               produce, metadata: Mapping[str, str] | None = None) -> int:
+    """Write the tensors of `layout` (name -> dtype, shape) to `path` in name order, each made by `produce(name)`
+    just before it is written and dropped after: a file of any size holds one tensor in memory at a time.
+    Returns the bytes written after the header."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in sorted(layout):
+        dtype, shape = layout[name]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for name in sorted(layout):
+            array = np.ascontiguousarray(produce(name))
+            dtype, shape = layout[name]
+            if array.dtype != np.dtype(dtype) or tuple(array.shape) != tuple(shape):
+                raise SafetensorsError(f"{path}: tensor {name!r} was produced as {array.dtype} {list(array.shape)}, "
+                                       f"its header says {np.dtype(dtype)} {list(shape)}")
+            handle.write(array.reshape(-1).view(np.uint8).data)
+    return offset
+
+
 def read_all(path: str | Path) -> dict[str, np.ndarray]:
     """Every tensor of a small file, copied into memory."""
     file = SafetensorsFile(path)

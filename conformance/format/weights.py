@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Collection, Literal, Sequence
 
 import numpy as np
 
@@ -68,10 +68,16 @@ class GateWeights:
     bias: np.ndarray | None  # e_score_correction_bias, used for choosing only
 
 
+class ExpertNotResident(RuntimeError):
+    """A token routed to a routed expert whose weights were not loaded (a partially resident layer)."""
+
+
 @dataclass(frozen=True)
 class MoEWeights:
     gate: GateWeights
-    experts: tuple[FFNWeights, ...]
+    # One entry per routed expert; None for an expert not loaded (only the experts a batch routes to are
+    # resident when a layer of a real checkpoint is verified): routing a token to one is an error.
+    experts: tuple[FFNWeights | None, ...]
     shared: FFNWeights | None
 
 
@@ -141,12 +147,13 @@ def _ffn(fetch: Fetch, config: ModelConfig, prefix: str, width: int) -> FFNWeigh
                       down_proj=_linear(fetch, config, f"{prefix}.down_proj", config.dim, width))
 
 
-def _moe(fetch: Fetch, config: ModelConfig, prefix: str) -> MoEWeights:
+def _moe(fetch: Fetch, config: ModelConfig, prefix: str, resident: Collection[int] | None = None) -> MoEWeights:
     c = config
     gate = GateWeights(
         weight=fetch(TensorSpec(f"{prefix}.gate.weight", (c.n_routed_experts, c.dim))),
         bias=_vector(fetch, f"{prefix}.gate.e_score_correction_bias", c.n_routed_experts) if c.gate_bias else None)
-    experts = tuple(_ffn(fetch, c, f"{prefix}.experts.{e}", c.moe_inter_dim) for e in range(c.n_routed_experts))
+    experts = tuple(_ffn(fetch, c, f"{prefix}.experts.{e}", c.moe_inter_dim) if resident is None or e in resident
+                    else None for e in range(c.n_routed_experts))
     shared = (_ffn(fetch, c, f"{prefix}.shared_experts", c.n_shared_experts * c.moe_inter_dim)
               if c.n_shared_experts else None)
     return MoEWeights(gate, experts, shared)
@@ -156,10 +163,12 @@ def layer_prefix(layer: int) -> str:
     return f"model.layers.{layer}"
 
 
-def assemble_layer(fetch: Fetch, config: ModelConfig, layer: int) -> LayerWeights:
-    """Block `layer` (MTP blocks have layer >= n_layers and are MoE like the layers before them)."""
+def assemble_layer(fetch: Fetch, config: ModelConfig, layer: int,
+                   resident: Collection[int] | None = None) -> LayerWeights:
+    """Block `layer` (MTP blocks have layer >= n_layers and are MoE like the layers before them); `resident`:
+    the routed experts to fetch (default all)."""
     prefix = layer_prefix(layer)
-    ffn = (_moe(fetch, config, f"{prefix}.mlp") if config.is_moe_layer(layer)
+    ffn = (_moe(fetch, config, f"{prefix}.mlp", resident) if config.is_moe_layer(layer)
            else _ffn(fetch, config, f"{prefix}.mlp", config.inter_dim))
     return LayerWeights(attn_norm=_vector(fetch, f"{prefix}.input_layernorm.weight", config.dim),
                         attn=_attention(fetch, config, f"{prefix}.self_attn"),

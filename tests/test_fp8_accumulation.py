@@ -55,3 +55,24 @@ def test_the_model_at_14_bits_explains_h100_fast_accumulation_at_large_k():
     modelled = {bits: rel_err(accumulate(products, bits, 4), exact) for bits in (13, 14, 16)}
     assert abs(modelled[14] - h100) <= 0.1 * h100
     assert abs(modelled[13] - h100) > 0.1 * h100 and abs(modelled[16] - h100) > 0.1 * h100
+
+
+def test_the_model_explains_each_h100_mode():
+    """Default cuBLAS accumulation: 14 bits promoted every 128, within 1.5x at every K; fast accumulation: 14
+    bits truncated at every product and flushed every 2048, within 1.5x (conformance/fp8_study.py)."""
+    from conformance.fp8_study import explain_h100
+
+    rows = explain_h100(DATA)
+    for mode, model in (("scaled_mm.slow", "14 bits, truncated every 4 product(s), promoted every 128"),
+                        ("scaled_mm.fast", "14 bits, truncated every 1 product(s), promoted every 2048")):
+        picked = [row for row in rows if row["mode"] == mode]
+        assert all(row["model"] == model and row["worst ratio"] <= 1.5 for row in picked), picked
+
+
+def test_fine_grained_scaling_survives_outliers_that_per_tensor_scaling_does_not():
+    from conformance.fp8_study import granularity
+
+    rows = {row["outlier magnitude"]: row for row in granularity()}
+    assert rows[1.0]["per-tensor"] < 1.1 * rows[1.0]["fine-grained"]  # no outlier: the same
+    assert rows[1e5]["per-tensor"] > 3 * rows[1e5]["fine-grained"]
+    assert all(row["fine-grained"] < 0.1 for row in rows.values())

@@ -59,12 +59,13 @@ def _linear(weight: LinearWeight, dtype: tf.DType) -> LinearWeight:
 
 
 def _stack_experts(experts: tuple[FFNWeights, ...], dtype: tf.DType) -> FFNWeights:
-    """The experts' weights stacked per projection, [R, out, in]: one TensorFlow copy, no intermediate stack."""
+    """The experts' weights stacked per projection, [R, out, in], as constants: the host stack is freed once
+    TensorFlow holds its copy (peak: two copies of one projection)."""
     def stacked(projection: str) -> LinearWeight:
         parts = [getattr(expert, projection) for expert in experts]
-        weight = tf.stack([tf.constant(p.weight) for p in parts])
+        weight = tf.constant(np.stack([p.weight for p in parts]))
         if parts[0].quantized:
-            return LinearWeight(weight, tf.stack([tf.constant(p.scale_inv, tf.float32) for p in parts]))
+            return LinearWeight(weight, tf.constant(np.stack([p.scale_inv for p in parts]), tf.float32))
         return LinearWeight(tf.cast(weight, dtype))
 
     return FFNWeights(stacked("gate_proj"), stacked("up_proj"), stacked("down_proj"))
@@ -81,7 +82,7 @@ def _stacked_moe(weights: MoEWeights, dtype: tf.DType) -> StackedMoE:
     slots = np.zeros(len(weights.experts), np.int32)
     slots[list(resident)] = np.arange(len(resident))
     return StackedMoE(gate, _stack_experts(tuple(weights.experts[e] for e in resident), dtype),
-                      to_tf(weights.shared, dtype), tf.constant(slots), resident)
+                      to_tf(weights.shared, dtype), resident, tf.constant(slots))
 
 
 def to_tf(weights, dtype: tf.DType):
@@ -152,8 +153,9 @@ class Program:
         return tf.cast(tf.cos(angles), tf.float32), tf.cast(tf.sin(angles), tf.float32)
 
     def _block(self, h: tf.Tensor, layer, cache: LatentCache, cos: tf.Tensor, sin: tf.Tensor, mask: tf.Tensor,
-               store: Store) -> tuple[tf.Tensor, tf.Tensor | None]:
-        """h + attn(attn_norm(h)), then + ffn(ffn_norm(.)); also the chosen experts of a MoE block."""
+               store: Store, gate_inputs: list | None = None) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """h + attn(attn_norm(h)), then + ffn(ffn_norm(.)); also the chosen experts of a MoE block, whose router
+        input [T, dim] goes to `gate_inputs` when given (training's balance loss)."""
         config, numerics = self.config, self.numerics
         x = rms_norm(h, layer.attn_norm, config.rms_norm_eps)
         q_nope, q_rope = attention.project_queries(x, layer.attn, config, numerics)
@@ -166,18 +168,20 @@ class Program:
         x = rms_norm(h, layer.ffn_norm, config.rms_norm_eps)
         if isinstance(layer.ffn, StackedMoE):
             flat_x = tf.reshape(x, [-1, config.dim])
+            if gate_inputs is not None:
+                gate_inputs.append(flat_x)
             flat, chosen = (moe(flat_x, layer.ffn, config, numerics) if self.expert_parallel is None
                             else self.expert_parallel(flat_x, layer.ffn))
             return h + tf.reshape(flat, h.shape), chosen
         return h + swiglu_ffn(x, layer.ffn, numerics, "dense_ffn"), None
 
     def _forward(self, weights: ModelWeights, tokens: tf.Tensor, positions: tf.Tensor, mask: tf.Tensor,
-                 caches: tuple[LatentCache, ...], store: Store):
+                 caches: tuple[LatentCache, ...], store: Store, gate_inputs: list | None = None):
         cos, sin = self._rope(positions)
         h = tf.gather(weights.embed, tokens)
         hidden, experts = [], []
         for layer, cache in zip(weights.layers, caches):
-            h, chosen = self._block(h, layer, cache, cos, sin, mask, store)
+            h, chosen = self._block(h, layer, cache, cos, sin, mask, store, gate_inputs)
             hidden.append(h)
             if chosen is not None:
                 experts.append(chosen)

@@ -16,7 +16,7 @@ from conformance.format.config import ModelConfig
 from conformance.format.numerics import Numerics
 from conformance.format.weights import FFNWeights, GateWeights, LinearWeight
 
-from .fp8 import dequantize_weight, fp8_gemm, quantize_activation
+from .fp8 import dequantize_weight, fp8_gemm, fp8_training_matmul, quantize_activation
 from .layers import swiglu_ffn
 
 MAX_TILE_ROWS = 64
@@ -26,16 +26,17 @@ MAX_TILE_ROWS = 64
 class StackedMoE:
     """A MoE block with its routed experts stacked: gate/up weights [R, inter, dim], down [R, dim, inter].
 
-    R = E unless only some experts are resident (a layer of a real checkpoint verified on the experts its
-    batch routes to): then `slots` [E] maps an expert to its row of the stack, and `resident` lists the
-    experts held, so that a step routing a token elsewhere is refused (Transformer checks it).
+    When only some experts are resident (a layer of a real checkpoint verified on the experts its batch routes
+    to), the stack holds those alone, `resident` their expert ids and `slots` each expert's row; such a block
+    always takes the in-place path (one expert in memory at a time), and a step routing a token elsewhere is
+    refused (Transformer checks it).
     """
 
     gate: GateWeights
     experts: FFNWeights
     shared: FFNWeights | None
-    slots: tf.Tensor | None = None
-    resident: tuple[int, ...] | None = None
+    resident: tuple[int, ...] | None = None  # the experts held, when only some are
+    slots: tf.Tensor | None = None  # then: each expert's row of the stack [E] (0 for one not held)
 
 
 # What an expert outside the kept groups scores: -inf, not 0, since with negative biases every kept
@@ -109,6 +110,8 @@ def _tile_linear(tiles: tf.Tensor, weight: LinearWeight, tile_expert: tf.Tensor,
     """tiles [G, m, in] times each tile's expert weight [G, out, in]^T -> [G, m, out]."""
     gathered = tf.gather(weight.weight, tile_expert)
     if weight.scale_inv is None:
+        if numerics.fp8_training:
+            return fp8_training_matmul(tiles, tf.cast(gathered, tiles.dtype))
         return tf.einsum("gmk,gnk->gmn", tiles, gathered)
     scales = tf.gather(weight.scale_inv, tile_expert)
     if numerics.gemm_impl == "fp8":
@@ -118,9 +121,8 @@ def _tile_linear(tiles: tf.Tensor, weight: LinearWeight, tile_expert: tf.Tensor,
 
 
 def routed_experts(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked: FFNWeights, config: ModelConfig,
-                   numerics: Numerics, slots: tf.Tensor | None = None) -> tf.Tensor:
-    """sum over each token's k chosen experts of gating * expert(x), for x [T, dim]; `slots` [E]: each expert's
-    row of the stack when only some are resident (default: row = expert)."""
+                   numerics: Numerics) -> tf.Tensor:
+    """sum over each token's k chosen experts of gating * expert(x), for x [T, dim]."""
     tokens, k = x.shape[0], config.n_activated_experts
     copies, n_experts = tokens * k, config.n_routed_experts
     rows = tile_rows(copies, n_experts)
@@ -141,8 +143,6 @@ def routed_experts(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked:
     tile_expert = tf.minimum(tf.reduce_sum(tf.cast(tile_end[None, :] <= tf.range(tiles)[:, None], tf.int32), axis=1),
                              n_experts - 1)
 
-    if slots is not None:
-        tile_expert = tf.gather(slots, tile_expert)
     packed = tf.scatter_nd(slot[:, None], tf.gather(x, sorted_token), [tiles * rows, config.dim])
     packed = tf.reshape(packed, [tiles, rows, config.dim])
     hidden = (tf.nn.silu(_tile_linear(packed, stacked.gate_proj, tile_expert, numerics))
@@ -152,10 +152,67 @@ def routed_experts(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked:
     return tf.math.unsorted_segment_sum(weighted, sorted_token, tokens)
 
 
+def _expert_linear(x: tf.Tensor, weight: LinearWeight, numerics: Numerics) -> tf.Tensor:
+    """x [T, in] through one expert's projection [out, in], read in place: nothing is gathered per token copy."""
+    if weight.scale_inv is None:
+        if numerics.fp8_training:
+            return fp8_training_matmul(x, tf.cast(weight.weight, x.dtype))
+        return tf.matmul(x, tf.cast(weight.weight, x.dtype), transpose_b=True)
+    if numerics.gemm_impl == "fp8":
+        x_q, x_scale = quantize_activation(x, numerics.scale_format("expert"))
+        return tf.cast(fp8_gemm(x_q, x_scale, weight.weight, weight.scale_inv), x.dtype)
+    return tf.matmul(x, dequantize_weight(weight.weight, weight.scale_inv, x.dtype), transpose_b=True)
+
+
+def _one_expert(stacked: FFNWeights, row) -> FFNWeights:
+    """Expert `row` of the stack, sliced in place."""
+    return FFNWeights(*(LinearWeight(tf.gather(p.weight, row), None if p.scale_inv is None else
+                                     tf.gather(p.scale_inv, row))
+                        for p in (stacked.gate_proj, stacked.up_proj, stacked.down_proj)))
+
+
+def _expert_ffn(x: tf.Tensor, expert: FFNWeights, numerics: Numerics) -> tf.Tensor:
+    hidden = tf.nn.silu(_expert_linear(x, expert.gate_proj, numerics)) * _expert_linear(x, expert.up_proj, numerics)
+    return _expert_linear(hidden, expert.down_proj, numerics)
+
+
+def _routed_share(experts: tf.Tensor, gating: tf.Tensor, expert, dtype: tf.DType) -> tf.Tensor:
+    """Each token's gate weight for `expert` [T] (zero where it did not choose it)."""
+    weights = tf.cast(gating, dtype)
+    return tf.reduce_sum(tf.where(experts == expert, weights, tf.zeros_like(weights)), axis=-1)
+
+
+def experts_in_place(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked: FFNWeights, config: ModelConfig,
+                     numerics: Numerics, slots: tf.Tensor | None = None) -> tf.Tensor:
+    """The routed experts for few tokens: a loop over the experts the tokens chose (used ones first, at most
+    T*k), each multiplying every token against its weights in place and keeping the rows routed to it
+    (weighted by their gate, zero elsewhere). Work: used experts x T rows; memory: one expert at a time.
+    For T*k below the expert count this beats the tiled path, whose tiles would hold one row each and gather
+    a whole expert weight per copy."""
+    flat = tf.reshape(experts, [-1])
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(flat), flat, config.n_routed_experts)
+    order = tf.argsort(tf.cast(counts > 0, tf.int32), direction="DESCENDING", stable=True)
+    used = tf.reduce_sum(tf.cast(counts > 0, tf.int32))
+
+    def body(i, out):
+        expert = order[i]
+        share = _routed_share(experts, gating, expert, x.dtype)
+        row = expert if slots is None else tf.gather(slots, expert)
+        return i + 1, out + share[:, None] * _expert_ffn(x, _one_expert(stacked, row), numerics)
+
+    _, out = tf.while_loop(lambda i, _: i < used, body, (tf.constant(0), tf.zeros_like(x)))
+    return out
+
+
 def moe(x: tf.Tensor, weights: StackedMoE, config: ModelConfig, numerics: Numerics) -> tuple[tf.Tensor, tf.Tensor]:
-    """Routed experts plus shared experts for x [T, dim]; also the chosen experts [T, k]."""
+    """Routed experts plus shared experts for x [T, dim]; also the chosen experts [T, k]. Few tokens (fewer
+    copies than experts) take the in-place loop, more take the tiled path."""
     gating, experts = route(x, weights.gate, config)
-    out = routed_experts(x, gating, experts, weights.experts, config, numerics, weights.slots)
+    if weights.slots is not None:
+        out = experts_in_place(x, gating, experts, weights.experts, config, numerics, weights.slots)
+    else:
+        path = experts_in_place if x.shape[0] * config.n_activated_experts < config.n_routed_experts else routed_experts
+        out = path(x, gating, experts, weights.experts, config, numerics)
     return out + shared_experts(x, weights.shared, numerics), experts
 
 

@@ -186,6 +186,12 @@ class SafetensorsFile:
                               offset=self._data_start + info.begin)
         return array.reshape(info.shape)
 
+    def release(self) -> None:
+        """Give the pages read so far back to the kernel (they count as resident memory while mapped); views
+        handed out stay valid and read them again on access."""
+        if self._map is not None:
+            self._map.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         # Views handed out keep the map alive through their buffer; only our references are dropped.
         self._map = None

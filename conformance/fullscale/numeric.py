@@ -49,6 +49,18 @@ def reset_peak() -> None:
         pass
 
 
+def give_back_memory(checkpoint: Checkpoint) -> None:
+    """Return what a step freed to the kernel: the checkpoint's mapped pages, and the C heap's free memory
+    (glibc keeps freed blocks otherwise, and the next layer's peak would start from this one's)."""
+    import ctypes
+
+    checkpoint.release()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def peak_gib() -> float:
     status = Path("/proc/self/status").read_text()
     match = re.search(r"VmHWM:\s+(\d+) kB", status)
@@ -120,10 +132,13 @@ def block_model(config: ModelConfig, layer: LayerWeights, hidden: np.ndarray) ->
 
 
 def run_block(backend: Backend, config: ModelConfig, layer: LayerWeights, hidden: np.ndarray,
-              forced: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The block's output [T, dim] on `backend`, and the experts it chose."""
+              forced: np.ndarray | None = None, checkpoint: Checkpoint | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The block's output [T, dim] on `backend`, and the experts it chose; `checkpoint`'s pages are given back
+    once the backend has built its own copy of the weights."""
     one, weights = block_model(config, layer, hidden)
     runner = backend.make_runner(one, weights)
+    if checkpoint is not None:
+        give_back_memory(checkpoint)
     output = runner.prefill(np.arange(hidden.shape[0])[None], [forced] if forced is not None else None,
                             capacity=hidden.shape[0])
     return np.asarray(output.hidden[0][0], np.float64), (output.experts[0] if output.experts else None)
@@ -140,10 +155,10 @@ def _load(checkpoint: Checkpoint, config: ModelConfig, layer: int, hidden: np.nd
 
 
 def _compare(row: LayerRow, backend: Backend, config: ModelConfig, layer: LayerWeights, hidden: np.ndarray,
-             expected: np.ndarray, expected_experts: np.ndarray | None) -> None:
+             expected: np.ndarray, expected_experts: np.ndarray | None, checkpoint: Checkpoint) -> None:
     key = "cross.float32" if backend.default_dtype != "float64" else "self.float64"
     try:
-        got, experts = run_block(backend, config, layer, hidden)
+        got, experts = run_block(backend, config, layer, hidden, checkpoint=checkpoint)
     except (Unsupported, ExpertNotResident) as reason:
         row.results[backend.name] = f"not run: {reason}"[:120]
         return
@@ -153,7 +168,7 @@ def _compare(row: LayerRow, backend: Backend, config: ModelConfig, layer: LayerW
                                                                                    np.sort(expected_experts, -1)):
         differ = int((np.sort(experts, -1) != np.sort(expected_experts, -1)).any(-1).sum())
         note = f", {differ} token(s) routed differently (compared on its routing)"
-        want, _ = run_block(REFERENCE, config, layer, hidden, forced=experts)
+        want, _ = run_block(REFERENCE, config, layer, hidden, forced=experts, checkpoint=checkpoint)
     error = rel_err(got, want)
     passed = error <= tolerance(key).value
     row.results[backend.name] = f"rel_err {error:.2e} ({key} {tolerance(key).value:.0e}){note}"
@@ -193,8 +208,8 @@ def _mtp_input(checkpoint: Checkpoint, config: ModelConfig, layer: int, normed: 
     def vector(name: str) -> np.ndarray:
         return load_tensor(checkpoint, config, TensorSpec(f"{prefix}.{name}.weight", (d,))).astype(np.float64)
 
-    embedding = np.asarray(load_tensor(checkpoint, config, TensorSpec(f"{prefix}.embed_tokens.weight",
-                                                                      (config.vocab_size, d)))[next_tokens], np.float64)
+    embedding = np.asarray(load_tensor(checkpoint, config, TensorSpec(f"{prefix}.embed_tokens.weight", (
+        config.vocab_size, d)), check_finite=False)[next_tokens], np.float64)
     eh_proj = LinearWeight(load_tensor(checkpoint, config, TensorSpec(f"{prefix}.eh_proj.weight", (d, 2 * d))))
     joined = np.concatenate([rms_norm(embedding, vector("enorm"), config.rms_norm_eps),
                              rms_norm(normed, vector("hnorm"), config.rms_norm_eps)], axis=-1)
@@ -228,20 +243,24 @@ def verify_layers(checkpoint: Checkpoint, config: ModelConfig, layers: list[int]
             if random_hidden or hidden is None:
                 hidden = (rng.standard_normal((tokens, config.dim)) if random_hidden else
                           np.asarray(load_tensor(checkpoint, config, TensorSpec(
-                              "model.embed_tokens.weight", (config.vocab_size, config.dim)))[stream[:-1]], np.float64))
+                              "model.embed_tokens.weight", (config.vocab_size, config.dim)),
+                              check_finite=False)[stream[:-1]], np.float64))
             inputs = hidden
             kind = "MoE" if config.is_moe_layer(layer) else "dense"
         weights, loaded = _load(checkpoint, config, layer, inputs)
         row = LayerRow(layer, kind, loaded, _nbytes(weights))
         expected, expected_experts = run_block(REFERENCE, config, weights, inputs)
+        give_back_memory(checkpoint)  # the pages the reference read, before a backend makes its own copy
         if layer in chosen:
             for backend in others:
-                _compare(row, backend, config, weights, inputs, expected, expected_experts)
+                _compare(row, backend, config, weights, inputs, expected, expected_experts, checkpoint)
+                give_back_memory(checkpoint)
             if oracle:
                 _oracle(row, config, weights, inputs, expected, expected_experts)
         if layer < config.n_layers:
             hidden = expected
         del weights
+        give_back_memory(checkpoint)
         row.seconds = time.perf_counter() - start
         row.peak_gib = peak_gib()
         if layer in chosen:

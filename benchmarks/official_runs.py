@@ -56,7 +56,8 @@ def measure(backends: tuple[str, ...] = BACKENDS) -> list[dict]:
                 result = check_case(case, backend, weights=weights)
                 for comparison in result.results:
                     rows.append({"run": run, "prompt": path.stem, "backend": backend, "tensor": comparison.name,
-                                 "rel_err": comparison.rel_err, "tolerance": comparison.tolerance})
+                                 "row": comparison.rel_err, "whole": comparison.whole_rel_err,
+                                 "tolerance": comparison.tolerance, "passed": comparison.passed})
     return rows
 
 
@@ -64,14 +65,19 @@ def summarize(rows: list[dict]) -> list[dict]:
     table = []
     for run in RUNS:
         for backend in BACKENDS:
-            for kind in ("hidden", "logits", "tokens"):
-                errors = np.array([r["rel_err"] for r in rows if r["run"] == run and r["backend"] == backend
-                                   and (kind in r["tensor"] or (kind == "hidden" and ".layer." in r["tensor"]))])
-                if errors.size:
-                    table.append({"run": run, "backend": backend, "tensors": kind, "compared": int(errors.size),
-                                  "median": f"{np.median(errors):.2e}", "p90": f"{np.quantile(errors, 0.9):.2e}",
-                                  "max": f"{errors.max():.2e}", "_max": float(errors.max()),
-                                  "tolerance": f"{max(r['tolerance'] for r in rows if r['run'] == run):.0e}"})
+            for kind in ("hidden", "logits"):
+                picked = [r for r in rows if r["run"] == run and r["backend"] == backend and
+                          (".layer." in r["tensor"] if kind == "hidden" else "logits" in r["tensor"])]
+                if not picked:
+                    continue
+                row = np.array([r["row"] for r in picked])
+                whole = np.array([r["whole"] for r in picked])
+                table.append({"run": run, "backend": backend, "tensors": kind, "compared": len(picked),
+                              "whole: median": f"{np.median(whole):.2e}", "whole: max": f"{whole.max():.2e}",
+                              "lower median row: median": f"{np.median(row):.2e}",
+                              "lower median row: p90": f"{np.quantile(row, 0.9):.2e}",
+                              "lower median row: max": f"{row.max():.2e}", "_max": float(row.max()),
+                              "tolerance": f"{picked[0]['tolerance']:.1e}", "_passed": all(r["passed"] for r in picked)})
     return table
 
 
@@ -80,12 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends", default=",".join(BACKENDS))
     rows = measure(tuple(parser.parse_args(argv).backends.split(",")))
     table = summarize(rows)
-    gates = [gate(f"{row['run']} on {row['backend']}: every {row['tensors']} tensor within its tolerance",
-                  row["max"], all(r["rel_err"] <= r["tolerance"] for r in rows
-                                  if r["run"] == row["run"] and r["backend"] == row["backend"]))
-             for row in table]
-    notes = ("Whole-tensor rel_err (the H100 and bfloat16 policies compare whole tensors). The H100 runs repeated "
-             "bit for bit (run_to_run_max_abs 0 in data/official-runs/*/meta.json).")
+    gates = [gate(f"{row['run']} on {row['backend']}: every {row['tensors']} tensor's lower median row within "
+                  f"{row['tolerance']}", row["_max"], row["_passed"]) for row in table]
+    notes = ("rel_err of whole tensors and of the lower median row (the verdict of the H100 and bfloat16 policies, "
+             "TOLERANCES.md sections 2 and 10). The H100 runs repeated bit for bit (run_to_run_max_abs 0 in "
+             "data/official-runs/*/meta.json). Greedy tokens are compared on the H100 runs, not on bfloat16 ones.")
     shown = [{k: v for k, v in row.items() if not k.startswith("_")} for row in table]
     print(write_results("official_runs", "Backends vs repeated runs of the official code (H100 fp8, CPU bfloat16)",
                         shown, gates, notes))

@@ -51,6 +51,7 @@ class Comparison:
     passed: bool
     rows_off: int | None = None
     rows: int | None = None
+    whole_rel_err: float | None = None  # a row comparison's whole-tensor rel_err, for the record
 
     @classmethod
     def of(cls, name: str, out: np.ndarray, expected: np.ndarray, tolerance: float) -> "Comparison":
@@ -69,12 +70,13 @@ class Comparison:
         errors = np.sort(row_errors(out, expected)) if np.shape(out) == np.shape(expected) else np.array([np.inf])
         median = float(errors[(errors.size - 1) // 2])
         return cls(name, median, max_abs(out, expected), tolerance, bool(median <= tolerance),
-                   int(np.count_nonzero(~(errors <= tolerance))), int(errors.size))
+                   int(np.count_nonzero(~(errors <= tolerance))), int(errors.size), rel_err(out, expected))
 
     def to_json(self) -> dict:
         """The contract fields; a row comparison adds rows_off and rows."""
         fields = asdict(self)
-        return fields if self.rows is not None else {k: v for k, v in fields.items() if k not in ("rows_off", "rows")}
+        return fields if self.rows is not None else {k: v for k, v in fields.items()
+                                                     if k not in ("rows_off", "rows", "whole_rel_err")}
 
     def table_row(self) -> dict:
         """The row of this comparison in the CLI's and the report's tables."""

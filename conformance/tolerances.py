@@ -26,13 +26,13 @@ _ENTRIES = [
               "fp8 activation path, CPU float32 producer: at least half of the tokens (the lower median row) "
               "within 1e-5; the rest may carry rounding flips. Measured: median row <= 2.1e-7, flipped rows up "
               "to 42% (TOLERANCES.md section 8)"),
-    Tolerance("golden.fp8-path.h100", 1e-1,
-              "fp8 activation path end to end on an H100, whole tensors: H100 vs exact emulation measured 4-7e-2 "
-              "(SEMANTICS.md section 5; TOLERANCES.md section 2)"),
-    Tolerance("golden.bfloat16-path", 1e-1,
-              "the official code in its native bfloat16 vs a bfloat16 or float64 backend: provisional, from the "
-              "official bf16 vs float32 gap of 2.2e-2 on v3-tiny; the distribution is measured by "
-              "benchmarks/official_runs.py (not yet run into a result)"),
+    Tolerance("golden.fp8-path.h100", 1.5e-1,
+              "fp8 activation path end to end on an H100, the lower median row: measured <= 8.8e-2 over 10 "
+              "prompts on two configs, both backends, H100 reruns bit-identical; whole tensors reach 0.43 "
+              "(TOLERANCES.md section 2)"),
+    Tolerance("golden.bfloat16-path", 5e-2,
+              "the official code in its native bfloat16 vs a bfloat16 or float64 backend, the lower median row: "
+              "measured <= 2.3e-2 over 6 prompts (TOLERANCES.md section 10)"),
     Tolerance("tokens.exact", 0.0, "greedy tokens are discrete: any difference is a failure"),
     Tolerance("self.float64", 1e-12,
               "two float64 evaluations differing only in rounding order: measured <= 1.3e-15 (section 3)"),

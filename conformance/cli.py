@@ -26,6 +26,7 @@ from .format.inputs import InputError
 from .format.numerics import Numerics
 from .golden import CaseResult, GoldenCase, check_case
 from .manifest import verify
+from .experiments import add_command as experiment_command
 from .fullscale.command import add_command as fullscale_commands
 from .pipeline.command import add_command as schedule_command
 from .pipeline.execution import add_command as pipeline_step_command
@@ -202,7 +203,7 @@ def _at_least(minimum: int):
 
 
 # Subcommands of the capabilities that live in their own packages: each registers itself.
-CAPABILITY_COMMANDS = (schedule_command, pipeline_step_command, fullscale_commands)
+CAPABILITY_COMMANDS = (schedule_command, pipeline_step_command, fullscale_commands, experiment_command)
 BACKEND_HELP = "a built-in name (reference, tf), an entry-point name, or package.module:object"
 
 

@@ -157,9 +157,10 @@ class GoldenCase:
         return lambda name, output: method(file.result_name(name), output, file.tensors[name], entry.value)
 
     def compares_greedy_tokens(self, file: ExpectedFile) -> bool:
-        """Greedy tokens are compared exactly, except for a file computed in bfloat16, whose near ties break
-        either way (TOLERANCES.md section 10); its decode logits are still compared, fed its own tokens."""
-        return self.meta.get("compute_dtype", "float32") != "bfloat16"
+        """Greedy tokens are compared exactly, except for files computed in bfloat16 or on an H100, whose
+        near ties break either way (TOLERANCES.md sections 2 and 10: tokens differed in most of the repeated
+        official runs); their decode logits are still compared, fed the file's own tokens."""
+        return self.meta.get("compute_dtype", "float32") != "bfloat16" and self.device(file) != "h100"
 
 
 # Policies compared per row (one row: a token's block output, or a sequence's logits): the lower median row

@@ -108,7 +108,8 @@ class Section:
 # The sections of the capabilities beyond the suite: name -> module whose report_section(golden_dir,
 # backends, out) computes it.
 CAPABILITIES = {"mtp": "conformance.speculative", "fp8": "conformance.fp8_study",
-                "pipeline": "conformance.pipeline.report", "expert-parallel": "conformance.ep.report"}
+                "pipeline": "conformance.pipeline.report", "expert-parallel": "conformance.ep.report",
+                "training": "conformance.experiments"}
 
 
 def _extra_sections(golden_dir: Path, backends: list[str], out: Path, names) -> list[Section]:

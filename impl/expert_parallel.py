@@ -204,6 +204,9 @@ class ExpertParallelMoE:
     def prepare(self, weights: StackedMoE, dtype: tf.DType) -> StackedMoE:
         """The block's weights on the mesh: the gate replicated, the routed experts sharded; the shared experts
         stay as they are (they run on the block's input, outside the mesh)."""
+        if weights.slots is not None:
+            raise ValueError("expert parallelism shards every routed expert: this block holds only some")
+
         def replicate(tensor):
             return None if tensor is None else self.mesh.put(tf.convert_to_tensor(tensor))
         gate = type(weights.gate)(replicate(weights.gate.weight), replicate(weights.gate.bias))

@@ -96,3 +96,75 @@ def fp8_gemm(x_q: tf.Tensor, x_scale: tf.Tensor, w_q: tf.Tensor, w_scale: tf.Ten
     partial = tf.einsum("gmbk,gnbk->gmnb" if grouped else "mbk,nbk->mnb", x_blocks, w_blocks)
     column_scale = tf.repeat(w_scale, BLOCK, axis=-2)[..., : w_q.shape[-2], :]
     return tf.reduce_sum(partial * x_scale[..., :, None, :] * column_scale[..., None, :, :], axis=-1)
+
+
+def quantize_weight(weight: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """e4m3 weights [..., out, in] and float32 scales [..., ceil(out/128), ceil(in/128)]: amax / 448 per 128 x 128
+    block, a block cut by the edge zero-padded before its amax (an all-zero block gets scale 1)."""
+    *lead, rows, cols = weight.shape
+    row_blocks, col_blocks = -(-rows // BLOCK), -(-cols // BLOCK)
+    wide = tf.cast(weight, tf.float32)
+    padded = tf.pad(wide, [[0, 0]] * len(lead) + [[0, row_blocks * BLOCK - rows], [0, col_blocks * BLOCK - cols]])
+    blocks = tf.reshape(padded, [*lead, row_blocks, BLOCK, col_blocks, BLOCK])
+    amax = tf.reduce_max(tf.abs(blocks), axis=[-3, -1])
+    scales = tf.where(amax > 0, amax / E4M3_MAX, tf.ones_like(amax))
+    return to_e4m3(wide / expand_block_scales(scales, rows, cols)), scales
+
+
+def _row_scaled_gemm(a_q: tf.Tensor, a_scale: tf.Tensor, b_q: tf.Tensor, b_scale: tf.Tensor) -> tf.Tensor:
+    """a [..., M, K] @ b [..., N, K]^T where both operands carry a scale per row and 128-wide slice of K (the
+    Wgrad GEMM, whose two operands are 128x1-tiled activations): each slice's product in float32, scaled by
+    both, summed in float32."""
+    k = a_q.shape[-1]
+    blocks = k // BLOCK
+    a = tf.reshape(tf.cast(a_q, tf.float32), [*a_q.shape[:-1], blocks, BLOCK])
+    b = tf.reshape(tf.cast(b_q, tf.float32), [*b_q.shape[:-1], blocks, BLOCK])
+    partial = tf.einsum("...mbk,...nbk->...mnb", a, b)
+    return tf.reduce_sum(partial * tf.expand_dims(a_scale, -2) * tf.expand_dims(b_scale, -3), axis=-1)
+
+
+def _pad_rows(x: tf.Tensor, multiple: int) -> tf.Tensor:
+    extra = -x.shape[-2] % multiple
+    return tf.pad(x, [[0, 0]] * (len(x.shape) - 2) + [[0, extra], [0, 0]]) if extra else x
+
+
+def fp8_training_matmul(x: tf.Tensor, weight: tf.Tensor) -> tf.Tensor:
+    """x [..., K] @ weight [N, K]^T, or per group x [G, M, K] @ weight [G, N, K]^T, with the three GEMMs of
+    training in fp8 (`_fp8_training_gemm`)."""
+    if len(weight.shape) == 2:
+        flat = tf.reshape(x, [-1, x.shape[-1]])
+        return tf.reshape(_fp8_training_gemm(flat, weight), [*x.shape[:-1], weight.shape[0]])
+    return _fp8_training_gemm(x, weight)
+
+
+@tf.custom_gradient
+def _fp8_training_gemm(x: tf.Tensor, weight: tf.Tensor):
+    """x [M, K] @ weight [N, K]^T (or both with a leading group dimension), all three GEMMs in fp8.
+
+    Fprop: x quantized per row and 128 channels (1x128), the weight in 128x128 blocks. Dgrad (dx = dy W): dy
+    1x128 along N, W^T in 128x128 blocks. Wgrad (dW = dy^T x): both operands quantized along the token
+    dimension in 128x1 tiles (rows of dy^T and x^T), tokens zero-padded to a multiple of 128. Every GEMM
+    promotes each 128-wide slice to float32; a contraction not a multiple of 128 is zero-padded (the 576-wide
+    kv_a output of the released model, in Dgrad).
+    """
+    def transpose(t: tf.Tensor) -> tf.Tensor:
+        return tf.linalg.matrix_transpose(t)
+
+    def pad_last(t: tf.Tensor) -> tf.Tensor:  # zeros to a multiple of 128 columns (they add nothing)
+        extra = -t.shape[-1] % BLOCK
+        return tf.pad(t, [[0, 0]] * (len(t.shape) - 1) + [[0, extra]]) if extra else t
+
+    x_q, x_scale = quantize_activation(pad_last(x), None)
+    w_q, w_scale = quantize_weight(pad_last(weight))
+    out = tf.cast(fp8_gemm(x_q, x_scale, w_q, w_scale), x.dtype)
+
+    def grad(dy: tf.Tensor):
+        dy_q, dy_scale = quantize_activation(pad_last(dy), None)
+        wt_q, wt_scale = quantize_weight(pad_last(transpose(weight)))
+        dx = tf.cast(fp8_gemm(dy_q, dy_scale, wt_q, wt_scale), x.dtype)
+        dy_t_q, dy_t_scale = quantize_activation(transpose(_pad_rows(dy, BLOCK)), None)
+        x_t_q, x_t_scale = quantize_activation(transpose(_pad_rows(x, BLOCK)), None)
+        dw = tf.cast(_row_scaled_gemm(dy_t_q, dy_t_scale, x_t_q, x_t_scale), weight.dtype)
+        return dx, dw
+
+    return out, grad

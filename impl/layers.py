@@ -7,7 +7,7 @@ import tensorflow as tf
 from conformance.format.numerics import LinearModule, Numerics
 from conformance.format.weights import FFNWeights, LinearWeight
 
-from .fp8 import dequantize_weight, fp8_gemm, quantize_activation
+from .fp8 import dequantize_weight, fp8_gemm, fp8_training_matmul, quantize_activation
 
 
 def rms_norm(x: tf.Tensor, weight: tf.Tensor, eps: float) -> tf.Tensor:
@@ -25,7 +25,10 @@ def dense_weight(weight: LinearWeight, dtype: tf.DType) -> tf.Tensor:
 
 
 def linear(x: tf.Tensor, weight: LinearWeight, numerics: Numerics, module: LinearModule) -> tf.Tensor:
-    """x W^T for x [..., in] in x's dtype, through the numerics path for fp8 weights (`module`: scale format)."""
+    """x W^T for x [..., in] in x's dtype, through the numerics path for fp8 weights (`module`: scale format),
+    or, training in fp8, with float master weights quantized for every GEMM."""
+    if numerics.fp8_training and weight.scale_inv is None:
+        return fp8_training_matmul(x, tf.cast(weight.weight, x.dtype))
     if weight.scale_inv is not None and numerics.gemm_impl == "fp8":
         rows = tf.reshape(x, [-1, x.shape[-1]])
         x_q, x_scale = quantize_activation(rows, numerics.scale_format(module))

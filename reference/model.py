@@ -28,15 +28,18 @@ Routing = Sequence[np.ndarray] | None
 
 
 def block(x: np.ndarray, weights: LayerWeights, config: ModelConfig, numerics: Numerics, cache: LatentCache,
-          start_pos: int, form: AttentionForm,
-          forced_experts: np.ndarray | None = None) -> tuple[np.ndarray, LatentCache, np.ndarray | None]:
-    """h = x + attn(attn_norm(x)); out = h + ffn(ffn_norm(h)). Also returns the chosen experts (MoE blocks)."""
+          start_pos: int, form: AttentionForm, forced_experts: np.ndarray | None = None,
+          gate_inputs: list | None = None) -> tuple[np.ndarray, LatentCache, np.ndarray | None]:
+    """h = x + attn(attn_norm(x)); out = h + ffn(ffn_norm(h)). Also returns the chosen experts (MoE blocks);
+    `gate_inputs`, when given, receives a MoE block's router input [T, dim] (for the balance loss)."""
     attended, cache = mla(rms_norm(x, weights.attn_norm, config.rms_norm_eps), weights.attn, config, numerics,
                           cache, start_pos, form)
     h = x + attended
     normed = rms_norm(h, weights.ffn_norm, config.rms_norm_eps)
     if isinstance(weights.ffn, FFNWeights):
         return h + swiglu_ffn(normed, weights.ffn, numerics, "dense_ffn"), cache, None
+    if gate_inputs is not None:
+        gate_inputs.append(normed.reshape(-1, config.dim))
     routed, experts = moe(normed.reshape(-1, config.dim), weights.ffn, config, numerics, forced_experts)
     return h + routed.reshape(h.shape), cache, experts
 

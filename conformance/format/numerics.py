@@ -39,6 +39,9 @@ class Numerics:
     gemm_impl: Literal["bf16", "fp8"] = "bf16"
     scale_fmt: Literal["ue8m0"] | None = None
     ue8m0_scope: Literal["official", "all"] = "official"
+    # Training: the Fprop, Dgrad and Wgrad GEMMs of every linear layer (attention projections, FFNs, experts)
+    # in fp8, from float master weights quantized in 128x128 blocks at each step (report section 3.3).
+    fp8_training: bool = False
 
     def __post_init__(self) -> None:
         if self.gemm_impl not in ("bf16", "fp8"):

@@ -1,0 +1,230 @@
+"""Training in NumPy (float64): the losses, auxiliary-loss-free balancing, AdamW, and gradients by finite
+differences. Slow and plain on purpose: it is the baseline the TensorFlow training step is checked against.
+
+Losses of one batch of token sequences [B, S] (report sections 2.1.2, 2.2; SEMANTICS.md sections 3, 4):
+- main: the mean cross-entropy of each position's logits against the next token;
+- MTP: lambda / D times the sum over depths of each depth's cross-entropy (reference/mtp.py);
+- balance: for each MoE layer and sequence, alpha * sum_i f_i P_i with f_i = N_r / (K_r T) * (tokens of the
+  sequence routed to expert i) and P_i = the sequence's mean of s_i / sum_j s_j (s: the affinities, before
+  the bias), averaged over the sequences and summed over the layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from conformance.format.config import ModelConfig
+from conformance.format.mtp import MTPOptions
+from conformance.format.numerics import AttentionForm, Numerics
+from conformance.format.training import TrainSettings
+from conformance.format.weights import MoEWeights
+
+from .attention import LatentCache
+from .model import block, mtp_forward
+from .moe import affinities
+from .mtp import cross_entropy, mtp_loss
+from .norm import rms_norm
+
+
+@dataclass(frozen=True)
+class Losses:
+    main: float
+    mtp: float
+    balance: float
+    loads: tuple[np.ndarray, ...]  # tokens routed to each expert [E], per MoE block (main layers, then MTP depths)
+    groups_reached: int  # the most expert groups one token's experts span, over every MoE layer
+
+    @property
+    def total(self) -> float:
+        return self.main + self.mtp + self.balance
+
+
+def balance_loss(scores: np.ndarray, experts: np.ndarray, config: ModelConfig, alpha: float) -> float:
+    """alpha * sum_i f_i P_i averaged over sequences; scores [B, S, E] (unbiased affinities), experts [B, S, k]."""
+    batch, length, n_experts = scores.shape
+    k = config.n_activated_experts
+    total = 0.0
+    for sequence in range(batch):
+        counts = np.bincount(experts[sequence].ravel(), minlength=n_experts)
+        f = n_experts / (k * length) * counts
+        normalized = scores[sequence] / scores[sequence].sum(axis=-1, keepdims=True)
+        total += alpha * float(f @ normalized.mean(axis=0))
+    return total / batch
+
+
+def expert_loads(experts: np.ndarray, n_experts: int) -> np.ndarray:
+    return np.bincount(np.asarray(experts).ravel(), minlength=n_experts)
+
+
+def max_violation(loads: np.ndarray) -> float:
+    """MaxVio = max_i load_i / mean load - 1 (0 for a perfectly balanced layer)."""
+    mean = loads.mean()
+    return float(loads.max() / mean - 1.0) if mean else 0.0
+
+
+def bias_update(bias: np.ndarray, loads: np.ndarray, gamma: float) -> np.ndarray:
+    """b_i - gamma for an overloaded expert, + gamma for an underloaded one, unchanged at the mean load."""
+    return bias + gamma * np.sign(loads.mean() - loads)
+
+
+def groups_spanned(experts: np.ndarray, config: ModelConfig) -> int:
+    groups = np.asarray(experts) // config.experts_per_group
+    return max((len(set(row.tolist())) for row in groups.reshape(-1, groups.shape[-1])), default=0)
+
+
+def losses(weights, config: ModelConfig, tokens: np.ndarray, settings: TrainSettings,
+           numerics: Numerics = Numerics(), form: AttentionForm = "naive",
+           options: MTPOptions = MTPOptions()) -> Losses:
+    """Every loss of the batch `tokens` [B, S] in float64 (weights: a ModelWeights tree)."""
+    batch, length = tokens.shape
+    h = weights.embed[tokens].astype(np.float64)
+    gate_inputs, chosen, loads = [], [], []
+    for layer in weights.layers:
+        cache = LatentCache.allocate(config, batch, np.float64)
+        h, _, experts = block(h, layer, config, numerics, cache, 0, form, gate_inputs=gate_inputs)
+        if experts is not None:
+            chosen.append(experts)
+    normed = rms_norm(h, weights.norm, config.rms_norm_eps)
+    logits = normed @ weights.head.T
+    main = float(cross_entropy(logits[:, :-1], tokens[:, 1:]).mean())
+    mtp, mtp_experts = 0.0, []
+    if weights.mtp:
+        caches = tuple(LatentCache.allocate(config, batch, np.float64) for _ in weights.mtp)
+        # Teacher forcing: depth k at position i embeds t(i+k); past the end, token 0 (those positions have no
+        # target, and the padding keeps every position's routing defined for the balance statistics).
+        stream = np.pad(tokens, ((0, 0), (0, len(weights.mtp))))
+        result = mtp_forward(weights, config, numerics, form, normed, stream, 0, caches, options)
+        mtp = mtp_loss(list(result.logits), tokens, settings.mtp_weight, options)
+        mtp_experts = [experts for experts in result.experts if experts is not None]
+    balance = 0.0
+    moe_layers = [layer.ffn for layer in weights.layers if isinstance(layer.ffn, MoEWeights)]
+    for gate_input, experts, ffn in zip(gate_inputs, chosen, moe_layers):
+        loads.append(expert_loads(experts, config.n_routed_experts))
+        if settings.uses_sequence_loss:
+            scores = affinities(gate_input, ffn.gate, config).reshape(batch, length, -1)
+            balance += balance_loss(scores, experts.reshape(batch, length, -1), config, settings.balance_alpha)
+    loads += [expert_loads(experts, config.n_routed_experts) for experts in mtp_experts]
+    every = chosen + mtp_experts
+    return Losses(main, mtp, balance, tuple(loads), max((groups_spanned(e, config) for e in every), default=0))
+
+
+# --- optimization -------------------------------------------------------------------------------------------
+
+def clip_by_global_norm(grads: list[np.ndarray], max_norm: float) -> tuple[list[np.ndarray], float]:
+    norm = float(np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads)))
+    factor = min(1.0, max_norm / norm) if norm else 1.0
+    return [g * factor for g in grads], norm
+
+
+def adamw(param: np.ndarray, grad: np.ndarray, m: np.ndarray, v: np.ndarray, step: int, lr: float,
+          settings: TrainSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One AdamW update (decoupled weight decay) at step 1, 2, ...: (param, m, v)."""
+    m = settings.beta1 * m + (1 - settings.beta1) * grad
+    v = settings.beta2 * v + (1 - settings.beta2) * grad * grad
+    m_hat = m / (1 - settings.beta1 ** step)
+    v_hat = v / (1 - settings.beta2 ** step)
+    param = param - lr * (m_hat / (np.sqrt(v_hat) + settings.epsilon) + settings.weight_decay * param)
+    return param, m, v
+
+
+def finite_difference(function: Callable[[np.ndarray], float], x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """d function / d x by central differences, one element at a time (float64)."""
+    x = np.array(x, np.float64)
+    grad = np.zeros_like(x)
+    flat, out = x.reshape(-1), grad.reshape(-1)
+    for index in range(flat.size):
+        saved = flat[index]
+        flat[index] = saved + eps
+        up = function(x)
+        flat[index] = saved - eps
+        down = function(x)
+        flat[index] = saved
+        out[index] = (up - down) / (2 * eps)
+    return grad
+
+
+# --- one training step, gradients by finite differences ---------------------------------------------------------
+
+def _is_mtp_copy(path: tuple) -> bool:
+    return path[:1] == ("mtp",) and path[-1] in ("embed", "head")
+
+
+def _arrays(tree, path=()):
+    """(path, array) of every array of a weight tree, depth first."""
+    if isinstance(tree, np.ndarray):
+        yield path, tree
+    elif isinstance(tree, tuple):
+        for index, item in enumerate(tree):
+            yield from _arrays(item, path + (index,))
+    elif tree is not None:
+        for name in tree.__dataclass_fields__:
+            yield from _arrays(getattr(tree, name), path + (name,))
+
+
+def _replaced(tree, values: dict, path=()):
+    """The tree with the arrays at the paths in `values` replaced."""
+    if isinstance(tree, np.ndarray):
+        return values.get(path, tree)
+    if isinstance(tree, tuple):
+        return tuple(_replaced(item, values, path + (index,)) for index, item in enumerate(tree))
+    if tree is None:
+        return None
+    return type(tree)(**{name: _replaced(getattr(tree, name), values, path + (name,))
+                         for name in tree.__dataclass_fields__})
+
+
+def trainable_paths(weights) -> list[tuple]:
+    """The trained arrays: every float array but the gate biases (moved by the balancing rule) and the MTP
+    modules' copies of the embedding and the head (the same parameters as the main model's)."""
+    return [path for path, array in _arrays(weights)
+            if path[-1] != "bias" and not _is_mtp_copy(path) and array.dtype.kind == "f"]
+
+
+def tie_mtp_copies(weights, values: dict):
+    """values with the MTP modules' embedding and head set to the main model's."""
+    tied = dict(values)
+    for depth in range(len(weights.mtp)):
+        tied[("mtp", depth, "embed")] = values.get(("embed",), weights.embed)
+        tied[("mtp", depth, "head")] = values.get(("head",), weights.head)
+    return tied
+
+
+@dataclass
+class StepResult:
+    losses: Losses
+    weights: object  # the updated weight tree
+    grads: dict  # path -> gradient (before clipping)
+
+
+def train_step(weights, config: ModelConfig, tokens: np.ndarray, settings: TrainSettings, step: int = 1,
+               form: AttentionForm = "naive", options: MTPOptions = MTPOptions(), eps: float = 1e-6) -> StepResult:
+    """One step from zero optimizer state at `step`: every gradient by central finite differences (float64;
+    slow: two losses per parameter, for tiny models), clipping, AdamW, then the bias update."""
+    weights = _replaced(weights, {p: a.astype(np.float64) for p, a in _arrays(weights) if a.dtype.kind == "f"})
+    paths = trainable_paths(weights)
+    base = {path: dict(_arrays(weights))[path] for path in paths}
+    losses_now = losses(weights, config, tokens, settings, form=form, options=options)
+
+    def total_at(path):
+        def total(value: np.ndarray) -> float:
+            tree = _replaced(weights, tie_mtp_copies(weights, {**base, path: value}))
+            return losses(tree, config, tokens, settings, form=form, options=options).total
+        return total
+
+    grads = {path: finite_difference(total_at(path), base[path], eps) for path in paths}
+    clipped, _ = clip_by_global_norm([grads[p] for p in paths], settings.clip_norm)
+    lr = settings.learning_rate_at(step)
+    updated = {}
+    for path, grad in zip(paths, clipped):
+        updated[path], _, _ = adamw(base[path], grad, np.zeros_like(grad), np.zeros_like(grad), step, lr, settings)
+    if settings.uses_bias:
+        blocks = [(("layers", i, "ffn", "gate", "bias"), layer.ffn) for i, layer in enumerate(weights.layers)
+                  if isinstance(layer.ffn, MoEWeights)]
+        blocks += [(("mtp", d, "block", "ffn", "gate", "bias"), module.block.ffn) for d, module in enumerate(weights.mtp)]
+        for (path, ffn), load in zip(blocks, losses_now.loads):
+            if ffn.gate.bias is not None:
+                updated[path] = bias_update(ffn.gate.bias, load, settings.bias_gamma)
+    return StepResult(losses_now, _replaced(weights, tie_mtp_copies(weights, updated)), grads)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
+from benchmarks.bench import add_command as bench_command
+
 from .backends import DEFAULT_BACKENDS, Unsupported, resolve_backend, resolve_backends
 from .format.checkpoint import load_weights, open_checkpoint
 from .format.config import ModelConfig, load_config
@@ -203,7 +205,8 @@ def _at_least(minimum: int):
 
 
 # Subcommands of the capabilities that live in their own packages: each registers itself.
-CAPABILITY_COMMANDS = (schedule_command, pipeline_step_command, fullscale_commands, experiment_command)
+CAPABILITY_COMMANDS = (schedule_command, pipeline_step_command, fullscale_commands, experiment_command,
+                       bench_command)
 BACKEND_HELP = "a built-in name (reference, tf), an entry-point name, or package.module:object"
 
 

@@ -109,7 +109,7 @@ class Section:
 # backends, out) computes it.
 CAPABILITIES = {"mtp": "conformance.speculative", "fp8": "conformance.fp8_study",
                 "pipeline": "conformance.pipeline.report", "expert-parallel": "conformance.ep.report",
-                "training": "conformance.experiments"}
+                "training": "conformance.experiments", "performance": "benchmarks.bench"}
 
 
 def _extra_sections(golden_dir: Path, backends: list[str], out: Path, names) -> list[Section]:

@@ -127,7 +127,7 @@ class Program:
     """
 
     def __init__(self, config: ModelConfig, numerics: Numerics, dtype: tf.DType, attention_form: AttentionForm,
-                 structure, expert_parallel=None):
+                 structure, expert_parallel=None, logits: str = "all"):
         self.config = config
         self.numerics = numerics
         self.dtype = dtype
@@ -135,6 +135,7 @@ class Program:
         self.structure = structure
         self.scale = softmax_scale(config)
         self.expert_parallel = expert_parallel
+        self.logits = logits  # "all" positions, or the "last" one only (generation needs no more)
         if expert_parallel is None:
             compiled = functools.partial(tf.function, jit_compile=True, autograph=False)
         else:  # the MoE blocks run on a DTensor mesh: the steps run eagerly around them, one op at a time
@@ -186,7 +187,7 @@ class Program:
             if chosen is not None:
                 experts.append(chosen)
         normed = rms_norm(h, weights.norm, self.config.rms_norm_eps)
-        logits = tf.einsum("bsd,vd->bsv", normed, weights.head)
+        logits = tf.einsum("bsd,vd->bsv", normed if self.logits == "all" else normed[:, -1:], weights.head)
         return tf.cast(logits, tf.float32), tf.stack(hidden), experts, mtp_source(h, normed)
 
     @staticmethod
@@ -262,17 +263,19 @@ class Program:
 
 @functools.lru_cache(maxsize=32)
 def program(config: ModelConfig, numerics: Numerics, dtype: tf.DType, attention_form: AttentionForm,
-            structure, expert_parallel=None) -> Program:
+            structure, expert_parallel=None, logits: str = "all") -> Program:
     """The shared compiled steps of a model structure (planting a mutant clears this cache: conformance.mutation)."""
-    return Program(config, numerics, dtype, attention_form, structure, expert_parallel)
+    return Program(config, numerics, dtype, attention_form, structure, expert_parallel, logits)
 
 
 class Transformer:
     """DeepSeek-V3 in TensorFlow, holding one batch's state: caches, the tokens fed, the normed outputs."""
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics = Numerics(),
-                 dtype: str = "float32", attention_form: AttentionForm = "absorbed", expert_mesh=None):
-        """`expert_mesh` (impl.expert_parallel.ExpertMesh): run every MoE block expert-parallel over its devices."""
+                 dtype: str = "float32", attention_form: AttentionForm = "absorbed", expert_mesh=None,
+                 logits: str = "all"):
+        """`expert_mesh` (impl.expert_parallel.ExpertMesh): run every MoE block expert-parallel over its devices;
+        `logits`: "all" positions' logits, or the "last" one only (prefill for generation)."""
         self.config = config
         self.dtype = tf.as_dtype(dtype)
         self.weights = to_tf(weights, self.dtype)
@@ -284,7 +287,7 @@ class Transformer:
             self.weights = _on_mesh(self.weights, expert_parallel, self.dtype)
         self.leaves = leaves(self.weights)
         self.program = program(config, numerics, self.dtype, attention_form, structure_of(self.weights),
-                               expert_parallel)
+                               expert_parallel, logits)
         self.caches: tuple[LatentCache, ...] = ()
         self.mtp_caches: tuple[LatentCache, ...] = ()
         self.history: tf.Variable | None = None  # the main model's state for the MTP modules [B, capacity, dim]
@@ -378,6 +381,8 @@ class Transformer:
 
     def verify(self, following: np.ndarray, drafts: np.ndarray) -> tuple[np.ndarray, int]:
         """Feed the next token and the drafts in one compiled step; keep the accepted ones (see the module)."""
+        if self.program.logits != "all":
+            raise InputError("verifying drafts needs the logits of every position: build with logits='all'")
         length = self.length
         fed = self._check_next(np.concatenate([np.asarray(following).reshape(-1, 1), drafts], axis=1))
         predicted, accepted = self.program.verify(self.leaves, tf.constant(fed, tf.int32),

@@ -223,3 +223,20 @@ def map_arrays(weights, function: Callable[[np.ndarray], np.ndarray]):
         return None
     fields = {name: map_arrays(getattr(weights, name), function) for name in weights.__dataclass_fields__}
     return type(weights)(**fields)
+
+
+def _tree_leaves(tree) -> list:
+    if tree is None:
+        return []
+    if isinstance(tree, (np.ndarray, str)):
+        return [tree]
+    if isinstance(tree, tuple):
+        return [leaf for item in tree for leaf in _tree_leaves(item)]
+    return [leaf for name in tree.__dataclass_fields__ for leaf in _tree_leaves(getattr(tree, name))]
+
+
+def named_tensors(weights: ModelWeights, config: ModelConfig) -> dict[str, np.ndarray]:
+    """The tree's arrays by Hugging Face name (the inverse of `assemble`)."""
+    names = assemble(lambda spec: spec.name, config, layers=None, include_mtp=bool(weights.mtp))
+    return dict(zip(_tree_leaves(names), _tree_leaves(weights)))
+

@@ -1,0 +1,311 @@
+"""`dsv3-conformance bench`: the implementations side by side on one workload, with the machine's floors.
+
+Every implementation (benchmarks/peers.py) is built on the same weights and runs the same prompts in this
+process; after one warm-up call each, the rounds interleave the implementations (round r times each one in
+turn), and the median over rounds is reported with its spread (min, max). In the same run the machine's
+floors are measured: the fp32 matmul rate (NumPy, 2048^3) and the read bandwidth (a sum over 400 MB). From
+the config, each workload's work is counted: prefill FLOPs (2 x activated parameters per token, the head at
+the last position only, plus causal attention scores) and the bytes of weights a decode step must read (every
+non-expert weight, the head, and the routed experts the step's tokens use: at most k per token per MoE
+layer). Ratios are taken against each peer and against the floors; `--gate` checks them against
+benchmarks/gates.json and fails the command when one is missed.
+
+Workloads:
+- bench-small: 8 layers, hidden 1024, 64 experts (top-6), vocabulary 32000; prefill of 512 tokens at batch 1,
+  32 decode steps, and a decode step at batch 8;
+- tiny: the CI workload, 2 layers, hidden 256, 16 experts; prefill 128 tokens, 16 decode steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from conformance.format.config import ModelConfig, tiny
+from conformance.format.weights import ModelWeights
+from conformance.fullscale.params import count_parameters
+
+from .peers import PEERS, make_peer
+from .timing import RESULTS
+
+GATES = Path(__file__).parent / "gates.json"
+
+WORKLOADS = {
+    "bench-small": dict(config=tiny(vocab_size=32000, dim=1024, inter_dim=2816, moe_inter_dim=256, n_layers=8,
+                                    n_dense_layers=1, n_heads=16, n_routed_experts=64, n_shared_experts=1,
+                                    n_activated_experts=6, n_expert_groups=8, n_limited_groups=3, route_scale=2.5,
+                                    q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+                                    v_head_dim=64, rope_scaling=None, max_seq_len=1024, name="bench-small"),
+                        prompt=512, decode=32, decode_batch=8, rounds=2),
+    "tiny": dict(config=tiny(vocab_size=4096, dim=256, inter_dim=512, moe_inter_dim=128, n_layers=2, n_dense_layers=1,
+                             n_heads=4, n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
+                             n_limited_groups=2, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32,
+                             qk_rope_head_dim=32, v_head_dim=32, rope_scaling=None, max_seq_len=256, name="bench-tiny"),
+                 prompt=128, decode=16, decode_batch=8, rounds=3),
+}
+
+
+def bench_weights(config: ModelConfig, seed: int = 0) -> ModelWeights:
+    """Weights normal / sqrt(fan_in), gate biases normal(-0.2, 0.5) (float32)."""
+    from conformance.format.weights import assemble
+
+    rng = np.random.default_rng(seed)
+
+    def fetch(spec):
+        if spec.name.endswith("e_score_correction_bias"):
+            return rng.normal(-0.2, 0.5, spec.shape).astype(np.float32)
+        if spec.name.endswith(("norm.weight", "layernorm.weight")):
+            return np.ones(spec.shape, np.float32)
+        return (rng.standard_normal(spec.shape, np.float32) / np.sqrt(spec.shape[-1])).astype(np.float32)
+    return assemble(fetch, config.replace(fp8_weights=False), include_mtp=False)
+
+
+# --- the machine's floors, and the work of a workload ------------------------------------------------------
+
+def matmul_rate(size: int = 2048, repeats: int = 3) -> float:
+    a = np.random.default_rng(0).standard_normal((size, size), np.float32)
+    a @ a
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / min(times)
+
+
+def read_bandwidth(megabytes: int = 400, repeats: int = 3) -> float:
+    data = np.ones(megabytes * (1 << 20) // 4, np.float32)
+    data.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.nbytes / min(times)
+
+
+def prefill_flops(config: ModelConfig, batch: int, length: int) -> float:
+    counts = count_parameters(config.replace(n_mtp_layers=0))
+    head = config.vocab_size * config.dim
+    per_token = counts.activated - head
+    attention = config.n_layers * config.n_heads * length * (length + 1) / 2 * \
+        (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * 2
+    return 2 * per_token * batch * length + 2 * head * batch + attention * batch
+
+
+def decode_bytes(config: ModelConfig, batch: int, bytes_per_value: int = 4) -> float:
+    """Weights a decode step must read: all but the routed experts, plus min(E, batch * k) experts per MoE
+    layer (float32)."""
+    counts = count_parameters(config.replace(n_mtp_layers=0))
+    expert = 3 * config.dim * config.moe_inter_dim
+    moe_layers = config.n_layers - config.n_dense_layers
+    routed = moe_layers * config.n_routed_experts * expert
+    non_expert = counts.main - routed - config.vocab_size * config.dim  # the embedding is a lookup
+    used = moe_layers * min(config.n_routed_experts, batch * config.n_activated_experts) * expert
+    return (non_expert + used) * bytes_per_value
+
+
+# --- running ----------------------------------------------------------------------------------------------
+
+def _resident_gib() -> float:
+    import re
+
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) / 2**20
+
+
+def _time(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def run(workload: str, peers: list[str], official: Path | None = None, rounds: int | None = None) -> dict:
+    from tqdm.auto import tqdm
+
+    spec = WORKLOADS[workload]
+    config, rounds = spec["config"], rounds or spec["rounds"]
+    weights = bench_weights(config)
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(0, config.vocab_size, (1, spec["prompt"]))
+    following = rng.integers(0, config.vocab_size, (max(1, spec["decode_batch"]), spec["decode"]))
+    batch_prompt = rng.integers(0, config.vocab_size, (spec["decode_batch"], 16))
+    built, memory = {}, {}
+    for name in peers:
+        before = _resident_gib()
+        built[name] = make_peer(name, config, weights, official)
+        memory[name] = _resident_gib() - before  # what the implementation holds (weights, caches), measured
+    floors = {"matmul_flops_per_s": matmul_rate(), "read_bytes_per_s": read_bandwidth()}
+
+    def prefill(peer):
+        return _time(lambda: peer.prefill(prompt))
+
+    def decode(peer):
+        peer.prefill(prompt)
+        return _time(lambda: [peer.decode(following[:1, t]) for t in range(spec["decode"])]) / spec["decode"]
+
+    def decode_batch(peer):
+        peer.prefill(batch_prompt)
+        return _time(lambda: [peer.decode(following[:, t]) for t in range(4)]) / 4
+
+    measures = {"prefill_s": prefill, "decode_ms": decode, "decode_batch_ms": decode_batch}
+    samples = {name: {key: [] for key in measures} for name in peers}
+    for name in peers:  # warm-up: compilation and first-call costs
+        for measure in measures.values():
+            measure(built[name])
+    for _ in tqdm(range(rounds), desc=f"bench {workload}", unit="round"):
+        for name in peers:
+            for key, measure in measures.items():
+                samples[name][key].append(measure(built[name]))
+    flops = prefill_flops(config, 1, spec["prompt"])
+    needed = decode_bytes(config, 1)
+    results = {}
+    for name in peers:
+        s = samples[name]
+        prefill_s = statistics.median(s["prefill_s"])
+        decode_s = statistics.median(s["decode_ms"])
+        batch_s = statistics.median(s["decode_batch_ms"])
+        results[name] = {"prefill_s": prefill_s, "decode_ms": decode_s * 1e3, "decode_batch8_ms": batch_s * 1e3,
+                         "prefill_spread_s": [min(s["prefill_s"]), max(s["prefill_s"])],
+                         "decode_spread_ms": [1e3 * min(s["decode_ms"]), 1e3 * max(s["decode_ms"])],
+                         "prefill_tokens_per_s": spec["prompt"] / prefill_s, "decode_tokens_per_s": 1 / decode_s,
+                         "prefill_flops_per_s": flops / prefill_s, "decode_bytes_per_s": needed / decode_s,
+                         "memory_gib": memory[name]}
+    floors.update(prefill_flops=flops, prefill_floor_s=flops / floors["matmul_flops_per_s"], decode_bytes=needed,
+                  decode_floor_ms=1e3 * needed / floors["read_bytes_per_s"])
+    return {"workload": workload, "config": config.name, "prompt": spec["prompt"], "decode_steps": spec["decode"],
+            "rounds": rounds, "results": results, "floors": floors, "ratios": ratios(results, floors)}
+
+
+def ratios(results: dict, floors: dict) -> dict:
+    """Speed ratios of tf against each peer (above 1: tf is faster) and against the floors."""
+    if "tf" not in results:
+        return {}
+    tf = results["tf"]
+    out = {}
+    for name, other in results.items():
+        if name != "tf":
+            out[f"prefill_vs_{name}"] = other["prefill_s"] / tf["prefill_s"]
+            out[f"decode_vs_{name}"] = other["decode_ms"] / tf["decode_ms"]
+    peers = [results[n]["prefill_s"] for n in ("official", "hf") if n in results]
+    if peers:
+        out["prefill_vs_best_peer"] = min(peers) / tf["prefill_s"]
+    out["prefill_matmul_fraction"] = tf["prefill_flops_per_s"] / floors["matmul_flops_per_s"]
+    out["decode_floor_fraction"] = floors["decode_floor_ms"] / tf["decode_ms"]
+    return out
+
+
+def check_gates(result: dict) -> list[dict]:
+    gates = json.loads(GATES.read_text()).get(result["workload"], {})
+    rows = []
+    for key, threshold in gates.items():
+        value = result["ratios"].get(key)
+        rows.append({"gate": f"{key} >= {threshold}", "measured": None if value is None else round(value, 3),
+                     "passed": value is not None and value >= threshold})
+    return rows
+
+
+def table(result: dict) -> str:
+    from tabulate import tabulate
+
+    rows = [{"implementation": name, "prefill (s)": f"{r['prefill_s']:.3f}",
+             "prefill spread": "{:.3f}-{:.3f}".format(*r["prefill_spread_s"]),
+             "decode b=1 (ms/token)": f"{r['decode_ms']:.1f}", "decode b=8 (ms/step)": f"{r['decode_batch8_ms']:.1f}",
+             "prefill GFLOP/s": f"{r['prefill_flops_per_s'] / 1e9:.1f}", "decode GB/s": f"{r['decode_bytes_per_s'] / 1e9:.1f}",
+             "memory (GiB)": f"{r['memory_gib']:.2f}"} for name, r in result["results"].items()]
+    f = result["floors"]
+    return (tabulate(rows, headers="keys", disable_numparse=True) +
+            f"\nfloors: matmul {f['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s -> prefill >= {f['prefill_floor_s']:.3f} s; "
+            f"read {f['read_bytes_per_s'] / 1e9:.1f} GB/s -> decode >= {f['decode_floor_ms']:.1f} ms\n"
+            + "ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items()))
+
+
+def write(result: dict, gates: list[dict]) -> Path:
+    from tabulate import tabulate
+
+    RESULTS.mkdir(exist_ok=True)
+    name = f"bench-{result['workload']}"
+    (RESULTS / f"{name}.json").write_text(json.dumps({**result, "gates": gates}, indent=2) + "\n")
+    lines = [f"# Side by side: {result['workload']}", "", __doc__.split("\n\n")[1].replace("\n", " "), "",
+             "```", table(result), "```", "", "## Gates (benchmarks/gates.json)", "",
+             tabulate(gates, headers="keys", tablefmt="github") if gates else "(none for this workload)"]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    return RESULTS / f"{name}.json"
+
+
+def _bench(args: argparse.Namespace) -> int:
+    peers = [p for p in PEERS if p != "official" or args.official_repo]
+    if args.peers:
+        peers = [p.strip() for p in args.peers.split(",")]
+    missing = []
+    if "hf" in peers:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            missing.append("hf")
+    peers = [p for p in peers if p not in missing]
+    result = run(args.workload, peers, Path(args.official_repo) if args.official_repo else None, args.rounds)
+    gates = check_gates(result) if args.gate else []
+    print(table(result))
+    for row in gates:
+        print(f"gate {row['gate']}: {row['measured']} {'pass' if row['passed'] else 'MISSED'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**result, "gates": gates}, indent=2) + "\n")
+    if args.write:
+        print(f"wrote {write(result, gates)}", file=sys.stderr)
+    return 1 if any(not row["passed"] for row in gates) else 0
+
+
+def add_command(commands, integer) -> None:
+    parser = commands.add_parser("bench", help="the implementations side by side on a workload, with floors")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="bench-small")
+    parser.add_argument("--official-repo", help="a DeepSeek-V3 checkout: adds the official inference/model.py")
+    parser.add_argument("--peers", help=f"comma-separated subset of {', '.join(PEERS)}")
+    parser.add_argument("--rounds", type=integer(1))
+    parser.add_argument("--gate", action="store_true", help="check the ratios against benchmarks/gates.json")
+    parser.add_argument("--json", metavar="OUT")
+    parser.add_argument("--write", action="store_true", help="also write benchmarks/results/bench-<workload>.*")
+    parser.set_defaults(run=_bench)
+
+
+def report_section(golden_dir, backends: list[str], out: Path):
+    """The last written results of each workload (benchmarks/results/bench-*.json), with a bar plot."""
+    from conformance.plots import plt
+    from conformance.report import Section
+
+    rows, results = [], []
+    for path in sorted(RESULTS.glob("bench-*.json")):
+        result = json.loads(path.read_text())
+        results.append(result)
+        for name, r in result["results"].items():
+            rows.append({"workload": result["workload"], "implementation": name, "prefill (s)": f"{r['prefill_s']:.3f}",
+                         "decode b=1 (ms)": f"{r['decode_ms']:.1f}", "decode b=8 (ms)": f"{r['decode_batch8_ms']:.1f}"})
+        rows += [{"workload": result["workload"], "implementation": f"gate {g['gate']}", "prefill (s)": g["measured"],
+                  "status": "pass" if g["passed"] else "MISSED"} for g in result.get("gates", [])]
+    figures = {}
+    if results:
+        figure, axes = plt.subplots(len(results), 2, figsize=(11, 3.2 * len(results)), squeeze=False)
+        for (left, right), result in zip(axes, results):
+            names = list(result["results"])
+            left.bar(names, [result["results"][n]["prefill_s"] for n in names])
+            left.axhline(result["floors"]["prefill_floor_s"], color="black", linestyle="--", label="matmul floor")
+            right.bar(names, [result["results"][n]["decode_ms"] for n in names])
+            right.axhline(result["floors"]["decode_floor_ms"], color="black", linestyle="--", label="bandwidth floor")
+            left.set(title=f"{result['workload']}: prefill {result['prompt']} tokens (s)")
+            right.set(title=f"{result['workload']}: decode, batch 1 (ms/token)")
+            left.legend(fontsize=7)
+            right.legend(fontsize=7)
+        figure.tight_layout()
+        figures["Side-by-side benchmark"] = out / "bench.png"
+        figure.savefig(figures["Side-by-side benchmark"], dpi=100)
+        plt.close(figure)
+    intro = ("Implementations side by side on the same weights and prompts, with the machine's floors measured in the "
+             "same run (benchmarks/bench.py): the last results written by `dsv3-conformance bench --write`, on the "
+             "machine that wrote them. Informational here; `dsv3-conformance bench --gate` fails on a missed gate.")
+    return Section("Performance", intro, rows, figures)

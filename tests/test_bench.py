@@ -1,0 +1,53 @@
+"""The side-by-side benchmark: the CI workload runs gated, its JSON has the contract's form, every peer returns
+the same logits as the reference on the same weights, and a missed gate fails the command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import bench
+from benchmarks.peers import make_peer
+from conformance.paths import ROOT
+
+
+def test_the_ci_workload_runs_gated_and_writes_the_contract(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "conformance.cli", "bench", "--workload", "tiny", "--gate",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    result = json.loads(out.read_text())
+    assert {"workload", "results", "floors", "ratios"} <= set(result)
+    assert {"prefill_s", "decode_ms"} <= set(result["results"]["tf"]) and "reference" in result["results"]
+    assert result["floors"]["matmul_flops_per_s"] > 0 and result["floors"]["read_bytes_per_s"] > 0
+    assert result["gates"] and done.returncode == (0 if all(g["passed"] for g in result["gates"]) else 1), done.stdout
+
+
+def test_a_missed_gate_fails(monkeypatch, tmp_path):
+    gates = tmp_path / "gates.json"
+    gates.write_text(json.dumps({"tiny": {"prefill_vs_reference": 1e9}}))
+    monkeypatch.setattr(bench, "GATES", gates)
+    result = {"workload": "tiny", "ratios": {"prefill_vs_reference": 10.0}}
+    assert bench.check_gates(result) == [{"gate": "prefill_vs_reference >= 1000000000.0", "measured": 10.0,
+                                         "passed": False}]
+
+
+@pytest.mark.parametrize("peer", ["tf", "hf"])
+def test_every_peer_computes_the_same_model(peer):
+    pytest.importorskip("transformers")
+    config = bench.WORKLOADS["tiny"]["config"].replace(n_layers=1, n_dense_layers=0, vocab_size=512)
+    weights = bench.bench_weights(config)
+    tokens = np.random.default_rng(0).integers(0, 512, (1, 12))
+    reference, other = make_peer("reference", config, weights), make_peer(peer, config, weights)
+    assert np.allclose(other.prefill(tokens), reference.prefill(tokens), rtol=1e-4, atol=1e-4)
+    assert np.allclose(other.decode(np.array([3])), reference.decode(np.array([3])), rtol=1e-4, atol=1e-4)
+
+
+def test_work_counts_of_a_hand_counted_config():
+    config = bench.WORKLOADS["tiny"]["config"]
+    expert = 3 * config.dim * config.moe_inter_dim
+    assert bench.decode_bytes(config, 64) - bench.decode_bytes(config, 1) == \
+        4 * (config.n_routed_experts - config.n_activated_experts) * expert  # one MoE layer: all vs k experts

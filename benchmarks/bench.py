@@ -80,14 +80,18 @@ def matmul_rate(size: int = 2048, repeats: int = 3) -> float:
 
 
 def read_bandwidth(megabytes: int = 400, repeats: int = 3) -> float:
-    data = np.ones(megabytes * (1 << 20) // 4, np.float32)
-    data.sum()
+    """Bytes/s of a float32 matrix-vector product over a matrix too large for any cache: the operation a
+    decode step is made of, run by the BLAS on every core. (A plain numpy sum is single-threaded and reads at
+    about half this rate, below what the official code reaches, so it would not be a floor.)"""
+    matrix = np.ones((megabytes * (1 << 20) // 4096, 1024), np.float32)
+    vector = np.ones(1024, np.float32)
+    matrix @ vector
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        data.sum()
+        matrix @ vector
         times.append(time.perf_counter() - start)
-    return data.nbytes / min(times)
+    return matrix.nbytes / min(times)
 
 
 def prefill_flops(config: ModelConfig, batch: int, length: int) -> float:
@@ -118,6 +122,18 @@ def _resident_gib() -> float:
 
     status = Path("/proc/self/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) / 2**20
+
+
+def machine() -> dict:
+    """The CPU the numbers were measured on."""
+    import os
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+             if line.startswith("model name")]
+    return {"cpu": names[0] if names else platform.processor(), "cores": os.cpu_count(),
+            "platform": platform.platform()}
 
 
 def _time(call) -> float:
@@ -179,7 +195,7 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
                          "memory_gib": memory[name]}
     floors.update(prefill_flops=flops, prefill_floor_s=flops / floors["matmul_flops_per_s"], decode_bytes=needed,
                   decode_floor_ms=1e3 * needed / floors["read_bytes_per_s"])
-    return {"workload": workload, "config": config.name, "prompt": spec["prompt"], "decode_steps": spec["decode"],
+    return {"workload": workload, "config": config.name, "machine": machine(), "prompt": spec["prompt"], "decode_steps": spec["decode"],
             "rounds": rounds, "results": results, "floors": floors, "ratios": ratios(results, floors)}
 
 

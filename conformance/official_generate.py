@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conformance.format.checkpoint import hf_to_official
+from conformance.format.errors import BadInput
 
 BLOCK = 128
 
@@ -65,7 +66,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
 def load_official(checkout: Path, device: str) -> types.ModuleType:
     inference = checkout / "inference"
     if not (inference / "model.py").is_file():
-        sys.exit(f"{inference / 'model.py'}: not found; --official must point to a DeepSeek-V3 checkout")
+        raise BadInput(f"{checkout}: not a DeepSeek-V3 checkout (expected {inference / 'model.py'}, found no such file)")
     if device == "cpu":
         sys.modules["kernel"] = types.SimpleNamespace(act_quant=act_quant, weight_dequant=weight_dequant,
                                                       fp8_gemm=fp8_gemm)

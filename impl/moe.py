@@ -94,9 +94,11 @@ def route(x: tf.Tensor, gate: GateWeights, config: ModelConfig) -> tuple[tf.Tens
 
 
 def tile_rows(copies: int, n_experts: int) -> int:
-    """Rows per tile: a power of two near the mean copies per expert, at most MAX_TILE_ROWS."""
+    """Rows per tile: the power of two at or above the mean copies per expert, at most MAX_TILE_ROWS. Rounding
+    up, not down, halves the tiles (and the expert weights gathered for them) for a padding of at most one
+    tile per expert; on 2 cores it made the bench-small prefill MoE 1.4x faster (benchmarks/results)."""
     rows = 1
-    while rows * 2 <= min(copies // n_experts, MAX_TILE_ROWS):
+    while rows < min(-(-copies // n_experts), MAX_TILE_ROWS):
         rows *= 2
     return rows
 

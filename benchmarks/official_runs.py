@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{row['tolerance']}", row["_max"], row["_passed"]) for row in table]
     notes = ("rel_err of whole tensors and of the lower median row (the verdict of the H100 and bfloat16 policies, "
              "TOLERANCES.md sections 2 and 10). The H100 runs repeated bit for bit (run_to_run_max_abs 0 in "
-             "data/official-runs/*/meta.json). Greedy tokens are not compared on these runs (near ties break either way on an H100 and in bfloat16).")
+             "data/official-runs/*/meta.json). Greedy tokens are not compared on these runs (near ties break "
+             "either way on an H100 and in bfloat16).")
     shown = [{k: v for k, v in row.items() if not k.startswith("_")} for row in table]
     print(write_results("official_runs", "Backends vs repeated runs of the official code (H100 fp8, CPU bfloat16)",
                         shown, gates, notes))

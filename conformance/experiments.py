@@ -33,7 +33,7 @@ from .format.training import TrainSettings
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 EXPERIMENTS = ("balance", "fp8", "mtp")
 BATCH, LENGTH, CORPUS_BYTES = 8, 128, 4 << 20
-DEFAULT_STEPS = {"balance": 300, "fp8": 200, "mtp": 200}
+DEFAULT_STEPS = {"balance": 150, "fp8": 120, "mtp": 150}
 
 
 def corpus(limit: int = CORPUS_BYTES) -> tuple[np.ndarray, np.ndarray]:

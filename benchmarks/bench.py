@@ -68,15 +68,15 @@ def bench_weights(config: ModelConfig, seed: int = 0) -> ModelWeights:
 
 # --- the machine's floors, and the work of a workload ------------------------------------------------------
 
+def _fastest(call, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls after one warm-up call."""
+    call()
+    return min(_time(call) for _ in range(repeats))
+
+
 def matmul_rate(size: int = 2048, repeats: int = 3) -> float:
     a = np.random.default_rng(0).standard_normal((size, size), np.float32)
-    a @ a
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ a
-        times.append(time.perf_counter() - start)
-    return 2 * size ** 3 / min(times)
+    return 2 * size ** 3 / _fastest(lambda: a @ a, repeats)
 
 
 def read_bandwidth(megabytes: int = 400, repeats: int = 3) -> float:
@@ -85,13 +85,7 @@ def read_bandwidth(megabytes: int = 400, repeats: int = 3) -> float:
     about half this rate, below what the official code reaches, so it would not be a floor.)"""
     matrix = np.ones((megabytes * (1 << 20) // 4096, 1024), np.float32)
     vector = np.ones(1024, np.float32)
-    matrix @ vector
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matrix @ vector
-        times.append(time.perf_counter() - start)
-    return matrix.nbytes / min(times)
+    return matrix.nbytes / _fastest(lambda: matrix @ vector, repeats)
 
 
 def prefill_flops(config: ModelConfig, batch: int, length: int) -> float:

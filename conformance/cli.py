@@ -15,6 +15,10 @@ import sys
 import traceback
 from pathlib import Path
 
+# TensorFlow's C++ INFO and WARNING lines (oneDNN, CUDA probing, XLA service) would bury the tables; errors
+# still print. Set before anything imports TensorFlow; a user's own setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 import numpy as np
 from tabulate import tabulate
 

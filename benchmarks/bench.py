@@ -3,7 +3,8 @@
 Every implementation (benchmarks/peers.py) is built on the same weights and runs the same prompts in this
 process; after one warm-up call each, the rounds interleave the implementations (round r times each one in
 turn), and the median over rounds is reported with its spread (min, max). In the same run the machine's
-floors are measured: the fp32 matmul rate (NumPy, 2048^3) and the read bandwidth (a sum over 400 MB). From
+floors are measured: the fp32 matmul rate (NumPy, 2048^3) and the read bandwidth (a BLAS matrix-vector
+product over 400 MB). From
 the config, each workload's work is counted: prefill FLOPs (2 x activated parameters per token, the head at
 the last position only, plus causal attention scores) and the bytes of weights a decode step must read (every
 non-expert weight, the head, and the routed experts the step's tokens use: at most k per token per MoE

@@ -100,12 +100,13 @@ class OfficialPeer(Peer):
         import torch
 
         from conformance.format.checkpoint import hf_to_official
+        from conformance.format.config import to_official_dict
         from conformance.format.weights import named_tensors
         from conformance.official_generate import build, load_official
 
         torch.set_default_dtype(torch.float32)
         official = load_official(Path(checkout), "cpu")
-        model_args = official_model_args(config)
+        model_args = dict(to_official_dict(config), max_batch_size=8)
         state = {hf_to_official(k): torch.tensor(v) for k, v in named_tensors(weights, config).items()}
         self.torch, self.model, self.position = torch, build(official, model_args, state, "absorb", "bf16"), 0
         official.attn_impl = "absorb"
@@ -122,24 +123,6 @@ class OfficialPeer(Peer):
                                 self.position)
         self.position += 1
         return logits.numpy()
-
-
-def official_model_args(config: ModelConfig) -> dict:
-    """The official ModelArgs of a config (float32 dequantized path)."""
-    args = dict(vocab_size=config.vocab_size, dim=config.dim, inter_dim=config.inter_dim,
-                moe_inter_dim=config.moe_inter_dim, n_layers=config.n_layers, n_dense_layers=config.n_dense_layers,
-                n_heads=config.n_heads, n_routed_experts=config.n_routed_experts,
-                n_shared_experts=config.n_shared_experts, n_activated_experts=config.n_activated_experts,
-                n_expert_groups=config.n_expert_groups, n_limited_groups=config.n_limited_groups,
-                score_func=config.score_func, route_scale=config.route_scale, q_lora_rank=config.q_lora_rank,
-                kv_lora_rank=config.kv_lora_rank, qk_nope_head_dim=config.qk_nope_head_dim,
-                qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
-                max_seq_len=config.max_seq_len, max_batch_size=8)
-    if config.rope_scaling is not None:
-        yarn = config.rope_scaling
-        args.update(original_seq_len=yarn.original_seq_len, rope_factor=yarn.factor, beta_fast=yarn.beta_fast,
-                    beta_slow=yarn.beta_slow, mscale=yarn.mscale)
-    return args
 
 
 def make_peer(name: str, config: ModelConfig, weights: ModelWeights, official: Path | None = None) -> Peer:

@@ -76,6 +76,7 @@ def _weights(config: ModelConfig, seed: int):
 def train(config: ModelConfig, settings: TrainSettings, steps: int, seed: int = 0, label: str = "") -> dict:
     """Train from seed; per step the losses and MaxVio (worst MoE layer); the final held-out loss."""
     from impl.training import Trainer
+    from reference.training import max_violation
 
     train_stream, held_out = corpus()
     trainer = Trainer(config, _weights(config, seed), settings)
@@ -84,11 +85,11 @@ def train(config: ModelConfig, settings: TrainSettings, steps: int, seed: int = 
     for _, tokens in zip(tqdm(range(steps), desc=label or "training", unit="step"), batches(train_stream, seed)):
         out = trainer.step(tokens)
         loads = out["loads"][: config.n_layers].astype(np.float64)
-        history["max_violation"].append(float(max(load.max() / load.mean() - 1 for load in loads)))
+        history["max_violation"].append(max(max_violation(load) for load in loads))
         for key in ("main", "mtp", "balance"):
             history[key].append(float(out[key]))
     seconds = time.perf_counter() - start
-    evaluation = [trainer.losses([v for v in trainer.variables], _as_tensor(tokens))["main"].numpy()
+    evaluation = [trainer.losses(list(trainer.variables), _as_tensor(tokens))["main"].numpy()
                   for tokens in _held_out_batches(held_out)]
     return {"label": label, "history": history, "held_out_loss": float(np.mean(evaluation)),
             "seconds": round(seconds, 1), "trainer": trainer}

@@ -63,7 +63,7 @@ _ENTRIES = [
               "tensor-core accumulation (section 4)"),
     Tolerance("grad.float32", 1e-4,
               "TensorFlow autodiff of a component (float32 inside: norms, RoPE, softmax) vs float64 central finite "
-              "differences of the reference's: measured <= 2e-6 (TOLERANCES.md section 11)"),
+              "differences of the reference's: measured <= 2e-6 (section 11)"),
     Tolerance("train.loss.float32", 1e-5,
               "a TensorFlow float32 training step's losses vs the float64 reference's, relative: measured <= 1e-7 "
               "(section 11)"),

@@ -89,13 +89,8 @@ def fp8_gemm(x_q: tf.Tensor, x_scale: tf.Tensor, w_q: tf.Tensor, w_scale: tf.Ten
     k = x_q.shape[-1]
     if k % BLOCK or w_q.shape[-1] != k:
         raise FP8Error(f"the fp8 GEMM needs equal K divisible by {BLOCK}, got {k} and {w_q.shape[-1]}")
-    blocks = k // BLOCK
-    x_blocks = tf.reshape(tf.cast(x_q, tf.float32), [*x_q.shape[:-1], blocks, BLOCK])
-    w_blocks = tf.reshape(tf.cast(w_q, tf.float32), [*w_q.shape[:-1], blocks, BLOCK])
-    grouped = len(w_q.shape) == 3
-    partial = tf.einsum("gmbk,gnbk->gmnb" if grouped else "mbk,nbk->mnb", x_blocks, w_blocks)
-    column_scale = tf.repeat(w_scale, BLOCK, axis=-2)[..., : w_q.shape[-2], :]
-    return tf.reduce_sum(partial * x_scale[..., :, None, :] * column_scale[..., None, :, :], axis=-1)
+    row_scale = tf.repeat(w_scale, BLOCK, axis=-2)[..., : w_q.shape[-2], :]  # each weight row's block scales
+    return _row_scaled_gemm(x_q, x_scale, w_q, row_scale)
 
 
 def quantize_weight(weight: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -113,8 +108,8 @@ def quantize_weight(weight: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 def _row_scaled_gemm(a_q: tf.Tensor, a_scale: tf.Tensor, b_q: tf.Tensor, b_scale: tf.Tensor) -> tf.Tensor:
     """a [..., M, K] @ b [..., N, K]^T where both operands carry a scale per row and 128-wide slice of K (the
-    Wgrad GEMM, whose two operands are 128x1-tiled activations): each slice's product in float32, scaled by
-    both, summed in float32."""
+    weight's block scales repeated over its rows in `fp8_gemm`; the Wgrad GEMM's two 128x1-tiled activation
+    operands as they are): each slice's product in float32, scaled by both, summed in float32."""
     k = a_q.shape[-1]
     blocks = k // BLOCK
     a = tf.reshape(tf.cast(a_q, tf.float32), [*a_q.shape[:-1], blocks, BLOCK])

@@ -17,6 +17,7 @@ from conformance.format.config import (
     preset,
     tiny,
     to_hf_dict,
+    to_official_dict,
 )
 
 # inference/configs/config_671B.json of the official repository (SEMANTICS.md section 1, official column).
@@ -51,6 +52,24 @@ def test_official_form_describes_the_same_model():
             "rope_scaling")
     assert {k: getattr(official, k) for k in same} == {k: getattr(hf, k) for k in same}
     assert from_dict(OFFICIAL_671B) == official
+
+
+# The fields of the official inference/model.py ModelArgs (commit 9b4e978), max_batch_size aside.
+OFFICIAL_MODEL_ARGS = {"max_seq_len", "dtype", "scale_fmt", "vocab_size", "dim", "inter_dim", "moe_inter_dim",
+                       "n_layers", "n_dense_layers", "n_heads", "n_routed_experts", "n_shared_experts",
+                       "n_activated_experts", "n_expert_groups", "n_limited_groups", "score_func", "route_scale",
+                       "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                       "original_seq_len", "rope_theta", "rope_factor", "beta_fast", "beta_slow", "mscale"}
+
+
+def test_official_round_trip():
+    official = from_official_dict(OFFICIAL_671B)
+    raw = to_official_dict(official)
+    assert set(raw) == OFFICIAL_MODEL_ARGS
+    assert {key: raw[key] for key in OFFICIAL_671B} == OFFICIAL_671B
+    assert from_official_dict(raw) == official
+    unscaled = tiny(rope_scaling=None, max_seq_len=8192)  # longer than the official default context 4096
+    assert not from_official_dict(to_official_dict(unscaled)).yarn_active
 
 
 def test_hf_round_trip():

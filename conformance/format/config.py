@@ -384,7 +384,7 @@ def from_hf_dict(raw: Mapping[str, Any], name: str = "") -> ModelConfig:
 # --- the official inference/configs/*.json form ----------------------------------------------------
 
 _OFFICIAL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {
-    "gate_bias", "rope_scaling", "fp8_weights", "name", "extra_fields", "rms_norm_eps", "n_mtp_layers"}
+    "gate_bias", "rope_scaling", "fp8_weights", "name", "extra_fields", "spelling", "rms_norm_eps", "n_mtp_layers"}
 _OFFICIAL_YARN = {"original_seq_len", "rope_factor", "beta_fast", "beta_slow", "mscale"}
 _OFFICIAL_IGNORED = {"max_batch_size"}
 # ModelArgs defaults, for fields the official json files leave out.
@@ -431,6 +431,20 @@ def from_official_dict(raw: Mapping[str, Any], name: str = "") -> ModelConfig:
              if key not in _OFFICIAL_FIELDS and key not in _OFFICIAL_YARN and key not in _OFFICIAL_IGNORED
              and key != "dtype"}
     return ModelConfig(**values, name=name, extra_fields=extra, spelling=OFFICIAL_SPELLING)
+
+
+def to_official_dict(config: ModelConfig) -> dict[str, Any]:
+    """The official `ModelArgs` fields of `config` (the inverse of `from_official_dict`). Without rope scaling
+    the trained context is the run's own length, so the official code leaves RoPE unscaled."""
+    raw: dict[str, Any] = {key: getattr(config, key) for key in sorted(_OFFICIAL_FIELDS)}
+    raw["dtype"] = "fp8" if config.fp8_weights else "bf16"
+    yarn = config.rope_scaling
+    if yarn is None:
+        raw["original_seq_len"] = config.max_seq_len
+    else:
+        raw.update(original_seq_len=yarn.original_seq_len, rope_factor=yarn.factor, beta_fast=yarn.beta_fast,
+                   beta_slow=yarn.beta_slow, mscale=yarn.mscale)
+    return raw
 
 
 def is_official_form(raw: Mapping[str, Any]) -> bool:

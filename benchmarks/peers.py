@@ -1,7 +1,8 @@
 """The implementations a benchmark runs side by side, each behind the same two calls on the same weights:
 `prefill(tokens [B, S]) -> last logits [B, V]` and `decode(tokens [B]) -> logits [B, V]`.
 
-- tf: this project's TensorFlow implementation (XLA), float32, computing the prompt's last logits only;
+- tf: this project's TensorFlow implementation, float32, computing the prompt's last logits only; its prefill
+  attends in the naive form (fewer FLOPs over a long prompt), its decode in the absorbed form;
 - reference: the NumPy reference in float32;
 - hf: transformers' DeepseekV3ForCausalLM, float32 on the CPU with sdpa attention, `logits_to_keep=1`;
 - official: the official `inference/model.py` from a checkout the caller gives (its forward returns the
@@ -37,7 +38,7 @@ class TFPeer(Peer):
     def __init__(self, config: ModelConfig, weights: ModelWeights):
         from impl.model import Transformer
 
-        self.model = Transformer(config, weights, logits="last")
+        self.model = Transformer(config, weights, logits="last", prefill_form="naive")
 
     def prefill(self, tokens):
         return self.model.prefill(tokens, capacity=self.model.config.max_seq_len)[0][:, -1]

@@ -47,6 +47,23 @@ def test_models_of_one_structure_share_their_compilations():
     assert first.program.prefill.experimental_get_tracing_count() == 1
 
 
+def test_prefill_in_the_naive_form_then_absorbed_decode_matches_the_reference():
+    """`prefill_form` (what the benchmark runs: a naive prefill, absorbed decode steps) changes no logit."""
+    from conformance.verdict import expect_close
+    from impl.model import Transformer
+    from reference.model import Transformer as Reference
+
+    config = tiny(vocab_size=303)
+    weights = build_weights(config, seed=5)
+    model, reference = Transformer(config, weights, prefill_form="naive"), Reference(config, weights)
+    assert (model.program.prefill_form, model.program.attention_form) == ("naive", "absorbed")
+    prompt = np.arange(12).reshape(2, 6) * 7 % config.vocab_size
+    expect_close("prefill logits", model.prefill(prompt)[0], reference.prefill(prompt).logits, "cross.float32")
+    for step in ([3, 4], [5, 6]):
+        expect_close("decode logits", model.decode(np.array(step))[0], reference.decode(np.array(step)).logits,
+                     "cross.float32")
+
+
 def test_steps_are_xla_compiled():
     """Only jit_compile functions can be lowered to HLO by experimental_get_compiler_ir."""
     import tensorflow as tf

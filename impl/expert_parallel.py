@@ -37,6 +37,7 @@ from conformance.format.numerics import Numerics  # noqa: E402
 from conformance.format.weights import FFNWeights, LinearWeight  # noqa: E402
 
 from .fp8 import BLOCK, E4M3_MAX, activation_scales, dequantize_weight  # noqa: E402
+from .layers import silu  # noqa: E402
 from .moe import StackedMoE, route, shared_experts  # noqa: E402
 from .trees import leaves, rebuild, structure_of  # noqa: E402
 
@@ -165,7 +166,7 @@ def expert_parallel_experts(mesh: ExpertMesh, x: tf.Tensor, gating: tf.Tensor, e
     # The all-to-all: from sharded by source to sharded by destination.
     received = dtensor.relayout(send, mesh.sharded(4, axis=1))
     received_local = dtensor.relayout(send_local, mesh.sharded(4, axis=1))
-    hidden = tf.nn.silu(_local_linear(received, sharded.gate_proj, numerics)) * \
+    hidden = silu(_local_linear(received, sharded.gate_proj, numerics)) * \
         _local_linear(received, sharded.up_proj, numerics)  # [S, N, C, E_l, inter]
     down = sharded.down_proj
     if down.scale_inv is None or numerics.gemm_impl != "fp8":

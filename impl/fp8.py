@@ -56,12 +56,18 @@ def round_up_as_official(scales: tf.Tensor) -> tf.Tensor:
     return tf.bitcast(tf.bitwise.left_shift(biased, 23), tf.float32)
 
 
+def in_blocks(x: tf.Tensor) -> tf.Tensor:
+    """[..., K] as [..., K/128, 128]; the leading dimensions may be unknown until run time (a prefill's expert
+    groups outside XLA)."""
+    return tf.reshape(x, tf.concat([tf.shape(x)[:-1], [x.shape[-1] // BLOCK, BLOCK]], axis=0))
+
+
 def activation_scales(x: tf.Tensor, scale_fmt: ScaleFormat) -> tf.Tensor:
     """Float32 scales [..., K/128]: max(amax, 1e-4)/448 per token per 128 channels, rounded by `scale_fmt`."""
     width = x.shape[-1]
     if width % BLOCK:
         raise FP8Error(f"activation width {width} is not a multiple of {BLOCK}, as the fp8 path needs")
-    grouped = tf.reshape(tf.abs(tf.cast(x, tf.float32)), [*x.shape[:-1], width // BLOCK, BLOCK])
+    grouped = in_blocks(tf.abs(tf.cast(x, tf.float32)))
     scales = tf.maximum(tf.reduce_max(grouped, axis=-1), ACT_AMAX_FLOOR) / E4M3_MAX
     if scale_fmt == "ue8m0":
         return round_up_to_power_of_two(scales)
@@ -75,8 +81,8 @@ def activation_scales(x: tf.Tensor, scale_fmt: ScaleFormat) -> tf.Tensor:
 def quantize_activation(x: tf.Tensor, scale_fmt: ScaleFormat) -> tuple[tf.Tensor, tf.Tensor]:
     """e4m3 activations [..., K] and their float32 scales [..., K/128]."""
     scales = activation_scales(x, scale_fmt)
-    grouped = tf.reshape(tf.cast(x, tf.float32), [*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK])
-    return tf.reshape(to_e4m3(grouped / scales[..., None]), x.shape), scales
+    grouped = in_blocks(tf.cast(x, tf.float32))
+    return tf.reshape(to_e4m3(grouped / scales[..., None]), tf.shape(x)), scales
 
 
 def fp8_gemm(x_q: tf.Tensor, x_scale: tf.Tensor, w_q: tf.Tensor, w_scale: tf.Tensor) -> tf.Tensor:
@@ -110,10 +116,7 @@ def _row_scaled_gemm(a_q: tf.Tensor, a_scale: tf.Tensor, b_q: tf.Tensor, b_scale
     """a [..., M, K] @ b [..., N, K]^T where both operands carry a scale per row and 128-wide slice of K (the
     weight's block scales repeated over its rows in `fp8_gemm`; the Wgrad GEMM's two 128x1-tiled activation
     operands as they are): each slice's product in float32, scaled by both, summed in float32."""
-    k = a_q.shape[-1]
-    blocks = k // BLOCK
-    a = tf.reshape(tf.cast(a_q, tf.float32), [*a_q.shape[:-1], blocks, BLOCK])
-    b = tf.reshape(tf.cast(b_q, tf.float32), [*b_q.shape[:-1], blocks, BLOCK])
+    a, b = in_blocks(tf.cast(a_q, tf.float32)), in_blocks(tf.cast(b_q, tf.float32))
     partial = tf.einsum("...mbk,...nbk->...mnb", a, b)
     return tf.reduce_sum(partial * tf.expand_dims(a_scale, -2) * tf.expand_dims(b_scale, -3), axis=-1)
 

@@ -1,10 +1,13 @@
-"""The TensorFlow model: XLA-compiled steps over preallocated latent caches.
+"""The TensorFlow model: compiled steps over preallocated latent caches.
 
 Weights become TensorFlow variables in the compute dtype (float32 or bfloat16); fp8 weights stay e4m3
-with their float32 block scales and are dequantized inside the compiled step. The router and its bias
-stay float32. A decode step takes its position as a tensor, so a whole generation runs one trace. The
-caches hold as many positions as the caller asks for (at most max_position_embeddings), and their size
-is checked against a memory budget before anything is allocated.
+with their float32 block scales and are dequantized inside the step. The router and its bias stay
+float32. Decode, verify and MTP steps are XLA-compiled; a decode step takes its position as a tensor, so a
+whole generation runs one trace. The prefill is a TensorFlow graph outside XLA, since a prompt's experts
+run fastest as ragged groups whose sizes depend on the routing (impl.moe.grouped_experts), and its attention
+may take another form than the steps' (`prefill_form`). The caches hold as many positions as the caller asks
+for (at most max_position_embeddings), and their size is checked against a memory budget before anything is
+allocated.
 
 Besides prefill and decode, the session runs the MTP modules over the positions they have not seen
 (each depth with its own cache), and verifies drafted tokens in one compiled step: the next token and
@@ -127,7 +130,7 @@ class Program:
     """
 
     def __init__(self, config: ModelConfig, numerics: Numerics, dtype: tf.DType, attention_form: AttentionForm,
-                 structure, expert_parallel=None, logits: str = "all"):
+                 structure, expert_parallel=None, logits: str = "all", prefill_form: AttentionForm | None = None):
         self.config = config
         self.numerics = numerics
         self.dtype = dtype
@@ -136,12 +139,16 @@ class Program:
         self.scale = softmax_scale(config)
         self.expert_parallel = expert_parallel
         self.logits = logits  # "all" positions, or the "last" one only (generation needs no more)
+        self.prefill_form = attention_form if prefill_form is None else prefill_form
         if expert_parallel is None:
             compiled = functools.partial(tf.function, jit_compile=True, autograph=False)
+            # The prefill is a graph but not XLA: XLA needs static shapes, and a prompt's experts are fastest
+            # as ragged groups (impl.moe.grouped_experts); its large matmuls run as fast outside XLA.
+            self.prefill = tf.function(self._prefill, autograph=False)
         else:  # the MoE blocks run on a DTensor mesh: the steps run eagerly around them, one op at a time
             def compiled(step):
                 return step
-        self.prefill = compiled(self._prefill)
+            self.prefill = self._prefill
         self.decode = compiled(self._decode)
         self.verify = compiled(self._verify)
         self.mtp = compiled(self._mtp)
@@ -153,36 +160,45 @@ class Program:
         angles = rotation_angles(self.config, positions)
         return tf.cast(tf.cos(angles), tf.float32), tf.cast(tf.sin(angles), tf.float32)
 
-    def _block(self, h: tf.Tensor, layer, cache: LatentCache, cos: tf.Tensor, sin: tf.Tensor, mask: tf.Tensor,
-               store: Store, gate_inputs: list | None = None) -> tuple[tf.Tensor, tf.Tensor | None]:
-        """h + attn(attn_norm(h)), then + ffn(ffn_norm(.)); also the chosen experts of a MoE block, whose router
-        input [T, dim] goes to `gate_inputs` when given (training's balance loss)."""
-        config, numerics = self.config, self.numerics
+    def _attention(self, layer, h: tf.Tensor, cache: LatentCache, cos: tf.Tensor, sin: tf.Tensor, mask: tf.Tensor,
+                   store: Store, form: AttentionForm) -> tuple[tf.Tensor, tf.Tensor]:
+        """h + attn(attn_norm(h)), and that normed by ffn_norm (the FFN's input)."""
+        config, numerics, weights = self.config, self.numerics, layer.attn
         x = rms_norm(h, layer.attn_norm, config.rms_norm_eps)
-        q_nope, q_rope = attention.project_queries(x, layer.attn, config, numerics)
+        q_nope, q_rope = attention.project_queries(x, weights, config, numerics)
         q_rope = apply_rope(q_rope, cos[None, :, None], sin[None, :, None])
-        kv_latent, rope_key = attention.project_latent(x, layer.attn, config, numerics)
+        kv_latent, rope_key = attention.project_latent(x, weights, config, numerics)
         keys_latent, keys_rope = store(cache, kv_latent, apply_rope(rope_key, cos[None], sin[None]))
-        heads = attention.attend(q_nope, q_rope, keys_latent, keys_rope, layer.attn, config, numerics, mask,
-                                 self.scale, self.attention_form)
-        h = h + attention.output(heads, layer.attn, numerics)
-        x = rms_norm(h, layer.ffn_norm, config.rms_norm_eps)
+        heads = attention.attend(q_nope, q_rope, keys_latent, keys_rope, weights, config, numerics, mask,
+                                 self.scale, form)
+        h = h + attention.output(heads, weights, numerics)
+        return h, rms_norm(h, layer.ffn_norm, config.rms_norm_eps)
+
+    def _block(self, h: tf.Tensor, layer, cache: LatentCache, cos: tf.Tensor, sin: tf.Tensor, mask: tf.Tensor,
+               store: Store, gate_inputs: list | None = None, prefill: bool = False) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """h + attn(attn_norm(h)), then + ffn(ffn_norm(.)); also the chosen experts of a MoE block, whose router
+        input [T, dim] goes to `gate_inputs` when given (training's balance loss). `prefill`: the step runs
+        outside XLA (Program), in the prefill's attention form, its MoE experts as ragged groups."""
+        config, numerics = self.config, self.numerics
+        form = self.prefill_form if prefill else self.attention_form
+        h, x = self._attention(layer, h, cache, cos, sin, mask, store, form)
         if isinstance(layer.ffn, StackedMoE):
             flat_x = tf.reshape(x, [-1, config.dim])
             if gate_inputs is not None:
                 gate_inputs.append(flat_x)
-            flat, chosen = (moe(flat_x, layer.ffn, config, numerics) if self.expert_parallel is None
-                            else self.expert_parallel(flat_x, layer.ffn))
+            flat, chosen = (moe(flat_x, layer.ffn, config, numerics, outside_xla=prefill)
+                            if self.expert_parallel is None else self.expert_parallel(flat_x, layer.ffn))
             return h + tf.reshape(flat, h.shape), chosen
         return h + swiglu_ffn(x, layer.ffn, numerics, "dense_ffn"), None
 
     def _forward(self, weights: ModelWeights, tokens: tf.Tensor, positions: tf.Tensor, mask: tf.Tensor,
-                 caches: tuple[LatentCache, ...], store: Store, gate_inputs: list | None = None):
+                 caches: tuple[LatentCache, ...], store: Store, gate_inputs: list | None = None,
+                 prefill: bool = False):
         cos, sin = self._rope(positions)
         h = tf.gather(weights.embed, tokens)
         hidden, experts = [], []
         for layer, cache in zip(weights.layers, caches):
-            h, chosen = self._block(h, layer, cache, cos, sin, mask, store, gate_inputs)
+            h, chosen = self._block(h, layer, cache, cos, sin, mask, store, gate_inputs, prefill)
             hidden.append(h)
             if chosen is not None:
                 experts.append(chosen)
@@ -213,7 +229,8 @@ class Program:
             return kv_latent, rope_key
 
         logits, hidden, experts, source = self._forward(self.unflatten(leaves), tokens, tf.range(length),
-                                                        attention.causal_mask(0, length, length), caches, store)
+                                                        attention.causal_mask(0, length, length), caches, store,
+                                                        prefill=True)
         history.assign(tf.pad(source, padding))
         return logits, hidden, experts
 
@@ -263,9 +280,9 @@ class Program:
 
 @functools.lru_cache(maxsize=32)
 def program(config: ModelConfig, numerics: Numerics, dtype: tf.DType, attention_form: AttentionForm,
-            structure, expert_parallel=None, logits: str = "all") -> Program:
+            structure, expert_parallel=None, logits: str = "all", prefill_form: AttentionForm | None = None) -> Program:
     """The shared compiled steps of a model structure (planting a mutant clears this cache: conformance.mutation)."""
-    return Program(config, numerics, dtype, attention_form, structure, expert_parallel, logits)
+    return Program(config, numerics, dtype, attention_form, structure, expert_parallel, logits, prefill_form)
 
 
 class Transformer:
@@ -273,9 +290,11 @@ class Transformer:
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics = Numerics(),
                  dtype: str = "float32", attention_form: AttentionForm = "absorbed", expert_mesh=None,
-                 logits: str = "all"):
+                 logits: str = "all", prefill_form: AttentionForm | None = None):
         """`expert_mesh` (impl.expert_parallel.ExpertMesh): run every MoE block expert-parallel over its devices;
-        `logits`: "all" positions' logits, or the "last" one only (prefill for generation)."""
+        `logits`: "all" positions' logits, or the "last" one only (prefill for generation); `prefill_form`: the
+        prefill's attention form when it differs from the other steps' (serving engines expand the latents for
+        a long prompt, the naive form, and decode in the absorbed form, which reads the latent cache only)."""
         self.config = config
         self.dtype = tf.as_dtype(dtype)
         self.weights = to_tf(weights, self.dtype)
@@ -287,7 +306,7 @@ class Transformer:
             self.weights = _on_mesh(self.weights, expert_parallel, self.dtype)
         self.leaves = leaves(self.weights)
         self.program = program(config, numerics, self.dtype, attention_form, structure_of(self.weights),
-                               expert_parallel, logits)
+                               expert_parallel, logits, prefill_form)
         self.caches: tuple[LatentCache, ...] = ()
         self.mtp_caches: tuple[LatentCache, ...] = ()
         self.history: tf.Variable | None = None  # the main model's state for the MTP modules [B, capacity, dim]

@@ -2,14 +2,15 @@
 
 Every implementation (benchmarks/peers.py) is built on the same weights and runs the same prompts in this
 process; after one warm-up call each, the rounds interleave the implementations (round r times each one in
-turn), and the median over rounds is reported with its spread (min, max). In the same run the machine's
-floors are measured: the fp32 matmul rate (NumPy, 2048^3) and the read bandwidth (a BLAS matrix-vector
-product over 400 MB). From
-the config, each workload's work is counted: prefill FLOPs (2 x activated parameters per token, the head at
-the last position only, plus causal attention scores) and the bytes of weights a decode step must read (every
-non-expert weight, the head, and the routed experts the step's tokens use: at most k per token per MoE
-layer). Ratios are taken against each peer and against the floors; `--gate` checks them against
-benchmarks/gates.json and fails the command when one is missed.
+turn; the cores idle 0.3 s before each timed call, so no implementation's spinning worker threads slow the
+next), and the median over rounds is reported with its spread (min, max). In the same run the machine's
+floors are measured: the fp32 matmul rate (NumPy, 2048^3), the read bandwidth (a BLAS matrix-vector product
+over 400 MB) and, for MoE workloads, the matmul rate at the shape a prefill's experts have (mean copies per
+expert x one expert's projections). From the config, each workload's work is counted: prefill FLOPs (2 x
+activated parameters per token, the head at the last position only, plus causal attention scores) and the
+bytes of weights a decode step must read (every non-expert weight, the head, and the routed experts the
+step's tokens use: at most k per token per MoE layer). Ratios are taken against each peer and against the
+floors; `--gate` checks them against benchmarks/gates.json and fails the command when one is missed.
 
 Workloads:
 - bench-small: 8 layers, hidden 1024, 64 experts (top-6), vocabulary 32000; prefill of 512 tokens at batch 1,
@@ -159,7 +160,13 @@ def machine() -> dict:
             "platform": platform.platform()}
 
 
+# Idle seconds before each timed call: the BLAS and OpenMP worker threads of the implementation timed before
+# spin on the cores for a while after its last call, and would slow whichever runs next.
+SETTLE_S = 0.3
+
+
 def _time(call) -> float:
+    time.sleep(SETTLE_S)
     start = time.perf_counter()
     call()
     return time.perf_counter() - start

@@ -188,7 +188,8 @@ TF = Backend(
     mutation_targets={"moe": "impl.moe", "rope": "impl.rope", "attention": "impl.attention", "fp8": "impl.fp8",
                       "norm": "impl.layers", "model": "impl.model", "mtp": "impl.mtp"},
     array_namespace="tensorflow.experimental.numpy",
-    description="TensorFlow implementation (impl/), XLA-compiled, float32 by default")
+    description="TensorFlow implementation (impl/), XLA-compiled steps (the prefill a graph outside XLA), "
+                "float32 by default")
 TF_EXPERT_PARALLEL = Backend(
     "tf-ep", _tf_expert_parallel_runner, "impl.components", default_dtype="float32", dtypes=("float32",),
     description=f"the tf backend with every MoE block expert-parallel over {EXPERT_PARALLEL_DEVICES} devices "

@@ -40,7 +40,7 @@ from conformance.format.weights import (
 from . import attention
 from .attention import LatentCache
 from .fp8 import E4M3
-from .layers import rms_norm, swiglu_ffn
+from .layers import head_logits, rms_norm, swiglu_ffn
 from .moe import StackedMoE, moe
 from .mtp import accepted_prefix, chained, mtp_embedding, mtp_head, mtp_input, mtp_source, tokens_ahead
 from .rope import apply_rope, rotation_angles, softmax_scale
@@ -203,7 +203,7 @@ class Program:
             if chosen is not None:
                 experts.append(chosen)
         normed = rms_norm(h, weights.norm, self.config.rms_norm_eps)
-        logits = tf.einsum("bsd,vd->bsv", normed if self.logits == "all" else normed[:, -1:], weights.head)
+        logits = head_logits(normed if self.logits == "all" else normed[:, -1:], weights.head)
         return tf.cast(logits, tf.float32), tf.stack(hidden), experts, mtp_source(h, normed)
 
     @staticmethod

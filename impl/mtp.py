@@ -13,7 +13,7 @@ from conformance.format.config import ModelConfig
 from conformance.format.mtp import MTPOptions
 from conformance.format.weights import MTPWeights
 
-from .layers import dense_weight, rms_norm
+from .layers import dense_weight, head_logits, project, rms_norm
 
 
 def mtp_source(hidden: tf.Tensor, normed: tf.Tensor) -> tf.Tensor:
@@ -41,13 +41,13 @@ def mtp_input(embedding: tf.Tensor, hidden: tf.Tensor, weights: MTPWeights, conf
     halves = (rms_norm(embedding, weights.enorm, config.rms_norm_eps), rms_norm(hidden, weights.hnorm,
                                                                                 config.rms_norm_eps))
     joined = tf.concat(halves if options.concat == "embedding-first" else halves[::-1], axis=-1)
-    return tf.einsum("bsk,nk->bsn", joined, dense_weight(weights.eh_proj, joined.dtype))
+    return project(joined, dense_weight(weights.eh_proj, joined.dtype))
 
 
 def mtp_head(block_output: tf.Tensor, weights: MTPWeights, config: ModelConfig) -> tuple[tf.Tensor, tf.Tensor]:
     """(shared_head.norm(y), float32 logits of shared_head.head)."""
     normed = rms_norm(block_output, weights.head_norm, config.rms_norm_eps)
-    return normed, tf.cast(tf.einsum("bsd,vd->bsv", normed, weights.head), tf.float32)
+    return normed, tf.cast(head_logits(normed, weights.head), tf.float32)
 
 
 def chained(block_output: tf.Tensor, normed: tf.Tensor, options: MTPOptions) -> tf.Tensor:

@@ -30,9 +30,9 @@ class StackedMoE:
     """A MoE block with its routed experts stacked: gate/up weights [R, inter, dim], down [R, dim, inter].
 
     When only some experts are resident (a layer of a real checkpoint verified on the experts its batch routes
-    to), the stack holds those alone, `resident` their expert ids and `slots` each expert's row; such a block
-    always takes the in-place path (one expert in memory at a time), and a step routing a token elsewhere is
-    refused (Transformer checks it).
+    to), the stack holds those alone, `resident` their expert ids and `slots` each expert's row; inside XLA such
+    a block always takes the in-place path (one expert in memory at a time), outside it the ragged groups of the
+    experts held, and a step routing a token elsewhere is refused (Transformer checks it).
     """
 
     gate: GateWeights
@@ -212,11 +212,13 @@ def experts_in_place(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacke
 
 
 def grouped_experts(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked: FFNWeights, config: ModelConfig,
-                    numerics: Numerics) -> tf.Tensor:
+                    numerics: Numerics, resident: tuple[int, ...] | None = None) -> tf.Tensor:
     """The routed experts outside XLA, where shapes may depend on the routing: the T*k copies sorted by expert
     and split into one group per expert, each group multiplied against its expert's weights in place, the
     copies weighted and summed back per token. Exactly T*k rows, no padding, no weight copied: on 2 cores a
-    bench-small MoE layer over 512 tokens took 40 ms this way and 165 ms as XLA tiles (measured side by side)."""
+    bench-small MoE layer over 512 tokens took 40 ms this way and 165 ms as XLA tiles (measured side by side).
+    With only some experts `resident` (the stack holds those alone, in that order), a group routed elsewhere
+    yields zeros: such a step is refused afterwards (impl.model checks the routing)."""
     tokens, k, n_experts = x.shape[0], config.n_activated_experts, config.n_routed_experts
     flat_expert = tf.reshape(experts, [-1])
     order = tf.argsort(flat_expert, stable=True)
@@ -224,7 +226,9 @@ def grouped_experts(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked
     sorted_gating = tf.gather(tf.reshape(tf.cast(gating, x.dtype), [-1]), order)
     counts = tf.math.bincount(flat_expert, minlength=n_experts, maxlength=n_experts)
     groups = tf.split(tf.gather(x, sorted_token), counts, num=n_experts)
-    out = tf.concat([_expert_ffn(group, _one_expert(stacked, e), numerics) for e, group in enumerate(groups)], 0)
+    rows = {expert: row for row, expert in enumerate(range(n_experts) if resident is None else resident)}
+    out = tf.concat([_expert_ffn(group, _one_expert(stacked, rows[e]), numerics) if e in rows else tf.zeros_like(group)
+                     for e, group in enumerate(groups)], 0)
     return tf.math.unsorted_segment_sum(out * sorted_gating[:, None], sorted_token, tokens)
 
 
@@ -233,10 +237,10 @@ def moe(x: tf.Tensor, weights: StackedMoE, config: ModelConfig, numerics: Numeri
     """Routed experts plus shared experts for x [T, dim]; also the chosen experts [T, k]. Outside XLA the experts
     run as ragged groups; inside, few tokens (fewer copies than experts) take the in-place loop, more the tiles."""
     gating, experts = route(x, weights.gate, config)
-    if weights.slots is not None:
+    if outside_xla:
+        out = grouped_experts(x, gating, experts, weights.experts, config, numerics, weights.resident)
+    elif weights.slots is not None:
         out = experts_in_place(x, gating, experts, weights.experts, config, numerics, weights.slots)
-    elif outside_xla:
-        out = grouped_experts(x, gating, experts, weights.experts, config, numerics)
     else:
         path = experts_in_place if x.shape[0] * config.n_activated_experts < config.n_routed_experts else routed_experts
         out = path(x, gating, experts, weights.experts, config, numerics)

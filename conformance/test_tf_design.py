@@ -83,8 +83,9 @@ def test_cache_holds_only_the_latent_and_the_rope_key(dtype, size):
     model.prefill(np.zeros((3, 4), np.int64))
     assert len(model.caches) == config.n_layers
     for cache in model.caches:
-        assert [v.shape.as_list() for v in cache] == [[3, config.max_seq_len, config.kv_lora_rank],
-                                                    [3, config.max_seq_len, config.qk_rope_head_dim]]
+        # one row per (sequence, position), nothing per head
+        assert [v.shape.as_list() for v in cache] == [[3 * config.max_seq_len, config.kv_lora_rank],
+                                                    [3 * config.max_seq_len, config.qk_rope_head_dim]]
     assert model.cache_bytes_per_token_per_layer() == (config.kv_lora_rank + config.qk_rope_head_dim) * size
 
 

@@ -1,8 +1,8 @@
 """MLA in TensorFlow: projections, and attention over a latent cache in naive or absorbed form.
 
 Prefill attends over its own keys; decode writes one token's latent and rope key into a preallocated
-per-layer cache (`LatentCache`: kv latent [B, T, kv_lora_rank], rope key [B, T, rope_dim]) and attends
-over all T slots with a mask, so its shapes never depend on the position.
+per-layer cache (`LatentCache`: kv latent and rope key, a row per sequence and position) and attends over
+all T slots of its sequence with a mask, so its shapes never depend on the position.
 """
 
 from __future__ import annotations
@@ -19,25 +19,42 @@ from .layers import dense_weight, linear, rms_norm
 
 
 class LatentCache(NamedTuple):
-    """One layer's preallocated cache: normalized kv latents and rotated rope keys, nothing else.
+    """One layer's preallocated cache: normalized kv latents and rotated rope keys, nothing else, one row per
+    (sequence, position), row b * capacity + t.
 
+    Flat, so that XLA updates it in place and the attention reads it where it lies: as [B, capacity, c] variables
+    with B = 1, XLA dropped the unit batch dimension of the attention's dots by a reshape of the updated cache and
+    materialized it twice, copying every layer's whole cache on every decode step (seen in the optimized HLO).
     A named tuple, so that compiled functions take it as a structure of variables.
     """
 
-    kv_latent: tf.Variable  # [B, capacity, kv_lora_rank]
-    rope_key: tf.Variable  # [B, capacity, qk_rope_head_dim]
+    kv_latent: tf.Variable  # [B * capacity, kv_lora_rank]
+    rope_key: tf.Variable  # [B * capacity, qk_rope_head_dim]
 
     @classmethod
     def allocate(cls, config: ModelConfig, batch: int, dtype: tf.DType, capacity: int) -> "LatentCache":
-        """A cache with room for `capacity` positions."""
-        return cls(tf.Variable(tf.zeros([batch, capacity, config.kv_lora_rank], dtype), trainable=False),
-                   tf.Variable(tf.zeros([batch, capacity, config.qk_rope_head_dim], dtype), trainable=False))
+        """A cache with room for `capacity` positions of `batch` sequences."""
+        return cls(tf.Variable(tf.zeros([batch * capacity, config.kv_lora_rank], dtype), trainable=False),
+                   tf.Variable(tf.zeros([batch * capacity, config.qk_rope_head_dim], dtype), trainable=False))
 
     def bytes_per_token(self) -> int:
         """Bytes this cache spends on one token, measured from its tensors."""
-        slots = self.kv_latent.shape[0] * self.kv_latent.shape[1]
         total = sum(v.shape.num_elements() * v.dtype.size for v in (self.kv_latent, self.rope_key))
-        return total // slots
+        return total // self.kv_latent.shape[0]
+
+    def fill(self, kv_latent: tf.Tensor, rope_key: tf.Tensor) -> None:
+        """The whole cache from entries [B, capacity, .] (a prompt's, padded)."""
+        self.kv_latent.assign(tf.reshape(kv_latent, self.kv_latent.shape))
+        self.rope_key.assign(tf.reshape(rope_key, self.rope_key.shape))
+
+    def write(self, rows: tf.Tensor, kv_latent: tf.Tensor, rope_key: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Entries [B, q, .] written at the flat `rows` [B * q]; returns every sequence's updated cache
+        [B, capacity, .], the keys the new queries attend over."""
+        def update(variable: tf.Variable, entries: tf.Tensor) -> tf.Tensor:
+            updated = tf.tensor_scatter_nd_update(variable, rows[:, None], tf.reshape(entries, [-1, entries.shape[-1]]))
+            variable.assign(updated)
+            return tf.reshape(updated, [entries.shape[0], -1, entries.shape[-1]])
+        return update(self.kv_latent, kv_latent), update(self.rope_key, rope_key)
 
 
 def split_query_heads(q: tf.Tensor, config: ModelConfig) -> tuple[tf.Tensor, tf.Tensor]:
@@ -90,14 +107,18 @@ def naive_attention(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, 
 
 def absorbed_attention(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, rope_key: tf.Tensor,
                        weights: AttentionWeights, config: ModelConfig, mask: tf.Tensor, scale: float) -> tf.Tensor:
-    """Attention in latent space (W_UK folded into the queries, W_UV applied after): [B,S,H,v]."""
+    """Attention in latent space (W_UK folded into the queries, W_UV applied after): [B,S,H,v].
+
+    Both foldings multiply wkv_b's whole per-head block [H, nope + v, c] where it lies: the queries padded with
+    zeros over the value rows, and the value rows kept from the output. Slicing the key and value rows out of the
+    block made XLA copy both halves of it on every decode step (seen in the optimized HLO)."""
     dtype = q_nope.dtype
     up = tf.reshape(dense_weight(weights.kv_b_proj, dtype), [config.n_heads, -1, config.kv_lora_rank])
-    key_up, value_up = up[:, : config.qk_nope_head_dim], up[:, config.qk_nope_head_dim:]
-    q_latent = tf.einsum("bshd,hdc->bshc", q_nope, key_up)
-    scores = tf.einsum("bshc,btc->bsht", q_latent, kv_latent) + tf.einsum("bshr,btr->bsht", q_rope, rope_key)
+    q_padded = tf.pad(q_nope, [[0, 0], [0, 0], [0, 0], [0, config.v_head_dim]])
+    q_latent = tf.einsum("bshj,hjc->bshc", q_padded, up)
+    scores = tf.einsum("btc,bshc->bsht", kv_latent, q_latent) + tf.einsum("btr,bshr->bsht", rope_key, q_rope)
     latent_out = tf.einsum("bsht,btc->bshc", masked_softmax(scores, mask, scale, dtype), kv_latent)
-    return tf.einsum("bshc,hdc->bshd", latent_out, value_up)
+    return tf.einsum("hjc,bshc->bshj", up, latent_out)[..., config.qk_nope_head_dim:]
 
 
 def attend(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, rope_key: tf.Tensor,

@@ -212,20 +212,21 @@ class Program:
         rows = tf.repeat(tf.range(batch), count)
         return tf.stack([rows, tf.tile(start + tf.range(count), [batch])], axis=1)
 
-    def _writer(self, slots: tf.Tensor) -> Store:
+    @staticmethod
+    def _writer(slots: tf.Tensor, capacity: int) -> Store:
+        """Writes the entries of the (sequence, position) `slots` into a cache of `capacity` positions."""
+        rows = slots[:, 0] * capacity + slots[:, 1]
+
         def store(cache: LatentCache, kv_latent: tf.Tensor, rope_key: tf.Tensor):
-            cache.kv_latent.scatter_nd_update(slots, tf.reshape(kv_latent, [-1, kv_latent.shape[-1]]))
-            cache.rope_key.scatter_nd_update(slots, tf.reshape(rope_key, [-1, rope_key.shape[-1]]))
-            return cache.kv_latent, cache.rope_key
+            return cache.write(rows, kv_latent, rope_key)
         return store
 
     def _prefill(self, leaves: list, tokens: tf.Tensor, caches: tuple[LatentCache, ...], history: tf.Variable):
         length = tokens.shape[1]
-        padding = [[0, 0], [0, caches[0].kv_latent.shape[1] - length], [0, 0]]
+        padding = [[0, 0], [0, history.shape[1] - length], [0, 0]]
 
         def store(cache: LatentCache, kv_latent: tf.Tensor, rope_key: tf.Tensor):
-            cache.kv_latent.assign(tf.pad(kv_latent, padding))
-            cache.rope_key.assign(tf.pad(rope_key, padding))
+            cache.fill(tf.pad(kv_latent, padding), tf.pad(rope_key, padding))
             return kv_latent, rope_key
 
         logits, hidden, experts, source = self._forward(self.unflatten(leaves), tokens, tf.range(length),
@@ -239,9 +240,9 @@ class Program:
         """Feed tokens [B, q] at positions position.. over the cache."""
         batch, count = tokens.shape
         slots = self._slots(position, batch, count)
-        mask = attention.causal_mask(position, count, caches[0].kv_latent.shape[1])
+        mask = attention.causal_mask(position, count, history.shape[1])
         logits, hidden, experts, source = self._forward(self.unflatten(leaves), tokens, position + tf.range(count), mask,
-                                                        caches, self._writer(slots))
+                                                        caches, self._writer(slots, history.shape[1]))
         history.scatter_nd_update(slots, tf.reshape(source, [-1, source.shape[-1]]))
         return logits, hidden, experts
 
@@ -258,8 +259,8 @@ class Program:
         rest)."""
         positions = start + tf.range(count)
         cos, sin = self._rope(positions)
-        mask = attention.causal_mask(start, count, caches[0].kv_latent.shape[1])
-        store = self._writer(self._slots(start, stream.shape[0], count))
+        mask = attention.causal_mask(start, count, history.shape[1])
+        store = self._writer(self._slots(start, stream.shape[0], count), history.shape[1])
         state = tf.gather(history, positions, axis=1)
         hidden, logits, experts, drafts = [], [], [], []
         for depth, (module, cache) in enumerate(zip(self.unflatten(leaves).mtp, caches), start=1):
@@ -312,6 +313,7 @@ class Transformer:
         self.history: tf.Variable | None = None  # the main model's state for the MTP modules [B, capacity, dim]
         self.tokens = np.zeros((0, 0), np.int64)  # every token fed to the main model, on the host
         self.mtp_length = 0
+        self._concrete: dict = {}  # the traced step per (step, argument shapes), for the current caches
 
     @property
     def length(self) -> int:
@@ -325,7 +327,7 @@ class Transformer:
 
     def _reserve(self, batch: int, capacity: int) -> None:
         """Caches for `batch` sequences of up to `capacity` positions (kept when they already fit exactly)."""
-        if self.caches and tuple(self.caches[0].kv_latent.shape[:2]) == (batch, capacity):
+        if self.history is not None and tuple(self.history.shape[:2]) == (batch, capacity):
             return
         layers = len(self.weights.layers) + len(self.weights.mtp)
         per_position = (self.config.kv_lora_rank + self.config.qk_rope_head_dim + self.config.dim) * self.dtype.size
@@ -335,14 +337,28 @@ class Transformer:
                              f"than the budget of {CACHE_BUDGET_BYTES:,}: lower max_position_embeddings or the "
                              "positions asked for")
         self.caches = self.mtp_caches = ()
+        self._concrete = {}
         self.caches = tuple(LatentCache.allocate(self.config, batch, self.dtype, capacity) for _ in self.weights.layers)
         self.mtp_caches = tuple(LatentCache.allocate(self.config, batch, self.dtype, capacity)
                                 for _ in self.weights.mtp)
         self.history = tf.Variable(tf.zeros([batch, capacity, self.config.dim], self.dtype), trainable=False)
 
+    def _step(self, name: str, *args):
+        """Run a compiled step on this model's weights, caches and history. Through its concrete function: binding
+        the ~150 weight variables of bench-small on every call of the polymorphic tf.function took about 1 ms a
+        decode step (measured), the concrete function's call a third of that."""
+        caches = self.mtp_caches if name == "mtp" else self.caches
+        step = getattr(self.program, name)
+        if not hasattr(step, "get_concrete_function"):  # expert parallel: the steps run eagerly
+            return step(self.leaves, *args, caches, self.history)
+        key = (name, *(tuple(a.shape) if isinstance(a, tf.Tensor) else a for a in args))
+        if key not in self._concrete:
+            self._concrete[key] = step.get_concrete_function(self.leaves, *args, caches, self.history)
+        return self._concrete[key](self.leaves, *args, caches, self.history)
+
     @property
     def capacity(self) -> int:
-        return self.caches[0].kv_latent.shape[1] if self.caches else 0
+        return self.history.shape[1] if self.history is not None else 0
 
     def prefill(self, tokens: np.ndarray, capacity: int | None = None):
         """Logits [B,S,V], block outputs, chosen experts per MoE block; the caches then hold the prompt.
@@ -357,7 +373,7 @@ class Transformer:
                              f"max_position_embeddings={self.config.max_seq_len}")
         self._reserve(tokens.shape[0], capacity)
         self.tokens, self.mtp_length = tokens, 0
-        return self._numpy(self.program.prefill(self.leaves, tf.constant(tokens, tf.int32), self.caches, self.history))
+        return self._numpy(self._step("prefill", tf.constant(tokens, tf.int32)))
 
     def _check_next(self, tokens: np.ndarray) -> np.ndarray:
         """Tokens [B, q] to feed after the cached ones, checked against the batch and the capacity."""
@@ -365,8 +381,8 @@ class Transformer:
             raise InputError("decode called before prefill")
         tokens = np.asarray(tokens)
         tokens = check_tokens(tokens.reshape(len(tokens), -1), self.config, self.length)
-        if tokens.shape[0] != self.caches[0].kv_latent.shape[0]:
-            raise InputError(f"got {tokens.shape[0]} sequences, the cache holds {self.caches[0].kv_latent.shape[0]}")
+        if tokens.shape[0] != self.history.shape[0]:
+            raise InputError(f"got {tokens.shape[0]} sequences, the cache holds {self.history.shape[0]}")
         if self.length + tokens.shape[1] > self.capacity:
             raise InputError(f"the cache holds {self.capacity} positions: prefill with a larger capacity")
         return tokens
@@ -374,8 +390,7 @@ class Transformer:
     def decode(self, tokens: np.ndarray):
         """Feed one token per sequence [B] (or q of them, [B, q]) at the next positions."""
         tokens = self._check_next(tokens)
-        result = self.program.decode(self.leaves, tf.constant(tokens, tf.int32), tf.constant(self.length, tf.int32),
-                                     self.caches, self.history)
+        result = self._step("decode", tf.constant(tokens, tf.int32), tf.constant(self.length, tf.int32))
         self.tokens = np.concatenate([self.tokens, tokens], axis=1)
         return self._numpy(result)
 
@@ -388,10 +403,9 @@ class Transformer:
             raise InputError("the MTP modules have seen every position: feed the main model first")
         following = check_tokens(np.asarray(following).reshape(self.tokens.shape[0], -1), self.config, self.length)
         stream = np.concatenate([self.tokens[:, self.mtp_length:], following], axis=1)
-        hidden, logits, experts, drafts = self.program.mtp(self.leaves, tf.constant(stream, tf.int32),
-                                                           tf.constant(self.mtp_length, tf.int32),
-                                                           self.length - self.mtp_length, options, self.mtp_caches,
-                                                           self.history)
+        hidden, logits, experts, drafts = self._step("mtp", tf.constant(stream, tf.int32),
+                                                     tf.constant(self.mtp_length, tf.int32),
+                                                     self.length - self.mtp_length, options)
         # An entry computed from a draft token is recomputed once that token is known.
         self.mtp_length = self.length if following.shape[1] >= len(self.weights.mtp) else self.length - 1
         experts = tuple(e.numpy() for e in experts)
@@ -404,8 +418,7 @@ class Transformer:
             raise InputError("verifying drafts needs the logits of every position: build with logits='all'")
         length = self.length
         fed = self._check_next(np.concatenate([np.asarray(following).reshape(-1, 1), drafts], axis=1))
-        predicted, accepted = self.program.verify(self.leaves, tf.constant(fed, tf.int32),
-                                                  tf.constant(length, tf.int32), self.caches, self.history)
+        predicted, accepted = self._step("verify", tf.constant(fed, tf.int32), tf.constant(length, tf.int32))
         predicted, accepted = predicted.numpy(), int(accepted)
         self.tokens = np.concatenate([self.tokens, fed], axis=1)
         self.truncate(length + accepted + 1)

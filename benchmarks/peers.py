@@ -108,7 +108,7 @@ class OfficialPeer(Peer):
         torch.set_default_dtype(torch.float32)
         official = load_official(Path(checkout), "cpu")
         model_args = dict(to_official_dict(config), max_batch_size=8)
-        state = {hf_to_official(k): torch.tensor(v) for k, v in named_tensors(weights, config).items()}
+        state = {hf_to_official(k): _torch(v) for k, v in named_tensors(weights, config).items()}
         self.torch, self.model, self.position = torch, build(official, model_args, state, "absorb", "bf16"), 0
         official.attn_impl = "absorb"
 
@@ -124,6 +124,17 @@ class OfficialPeer(Peer):
                                 self.position)
         self.position += 1
         return logits.numpy()
+
+
+def _torch(array: np.ndarray):
+    """The array as a torch tensor sharing its memory (e4m3 arrays through their bytes)."""
+    import torch
+
+    from conformance.format.fp8 import E4M3
+
+    if array.dtype == E4M3:
+        return torch.from_numpy(array.view(np.uint8)).view(torch.float8_e4m3fn)
+    return torch.from_numpy(array)
 
 
 def make_peer(name: str, config: ModelConfig, weights: ModelWeights, official: Path | None = None) -> Peer:

@@ -104,15 +104,32 @@ def test_671b_cache_against_mha_is_1_76_percent():
 
 
 def test_fp8_weights_stay_fp8_in_memory():
+    """One byte per weight: e4m3 tensors, the routed expert stacks as their bytes, equal to the checkpoint's."""
     from impl.model import Transformer
 
     config = tiny_fp8()
-    model = Transformer(config, build_weights(config, seed=1))
+    weights = build_weights(config, seed=1)
+    model = Transformer(config, weights)
     moe = model.weights.layers[1].ffn
-    for linear in (model.weights.layers[0].attn.q_b_proj, model.weights.layers[0].ffn.down_proj,
-                   moe.experts.gate_proj, moe.shared.up_proj):
+    for linear in (model.weights.layers[0].attn.q_b_proj, model.weights.layers[0].ffn.down_proj, moe.shared.up_proj):
         assert linear.weight.dtype.name == "float8_e4m3fn" and linear.scale_inv.dtype.name == "float32"
-    assert moe.experts.gate_proj.weight.shape[0] == config.n_routed_experts
+    stack = moe.experts.gate_proj
+    assert stack.weight.dtype.name == "uint8" and stack.scale_inv.dtype.name == "float32"
+    assert stack.weight.shape[0] == config.n_routed_experts
+    np.testing.assert_array_equal(stack.weight.numpy()[3], weights.layers[1].ffn.experts[3].gate_proj.weight.view(np.uint8))
+
+
+def test_e4m3_bytes_decode_to_every_value():
+    """All 256 bit patterns: the bytes decode to what a cast of the e4m3 value gives (NaN for both NaNs)."""
+    import tensorflow as tf
+
+    from impl.fp8 import E4M3, e4m3_values
+
+    patterns = np.arange(256, dtype=np.uint8)
+    decoded = e4m3_values(tf.constant(patterns)).numpy()
+    cast = tf.cast(tf.constant(patterns.view(E4M3.as_numpy_dtype)), tf.float32).numpy()
+    np.testing.assert_array_equal(decoded, cast)
+    assert np.isnan(decoded[[0x7F, 0xFF]]).all() and np.isfinite(np.delete(decoded, [0x7F, 0xFF])).all()
 
 
 def test_cast_rule_is_needed_in_tensorflow():

@@ -27,7 +27,6 @@ import os
 
 os.environ.setdefault("DTENSOR_USE_ALL_TO_ALL_RELAYOUT", "1")  # before DTensor expands any relayout
 
-import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow.experimental import dtensor  # noqa: E402
@@ -36,7 +35,7 @@ from conformance.format.config import ModelConfig  # noqa: E402
 from conformance.format.numerics import Numerics  # noqa: E402
 from conformance.format.weights import FFNWeights, LinearWeight  # noqa: E402
 
-from .fp8 import BLOCK, E4M3_MAX, activation_scales, dequantize_weight  # noqa: E402
+from .fp8 import BLOCK, E4M3_MAX, activation_scales, dequantize_weight, e4m3_values  # noqa: E402
 from .layers import silu  # noqa: E402
 from .moe import StackedMoE, route, shared_experts  # noqa: E402
 from .trees import leaves, rebuild, structure_of  # noqa: E402
@@ -75,17 +74,9 @@ class ExpertMesh:
 
 # Every e4m3 bit pattern's value in float32 (exact): fp8 expert weights cross the mesh as their bytes, since
 # DTensor does not carry float8 tensors, and are decoded by this table on the device that holds them.
-E4M3_VALUES = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
-
-
 def e4m3_bytes(weight) -> np.ndarray:
-    """An e4m3 tensor's bytes (uint8), read on the host."""
+    """An e4m3 tensor's bytes (uint8), read on the host (the model's routed expert stacks already are)."""
     return np.asarray(weight.numpy() if hasattr(weight, "numpy") else weight).view(np.uint8)
-
-
-def decode_e4m3(bits: tf.Tensor) -> tf.Tensor:
-    """float32 values of e4m3 bytes (exact)."""
-    return tf.gather(tf.constant(E4M3_VALUES), tf.cast(bits, tf.int32))
 
 
 def shard_experts(mesh: ExpertMesh, experts: FFNWeights, dtype: tf.DType) -> FFNWeights:
@@ -131,7 +122,7 @@ def _local_linear(rows: tf.Tensor, weight: LinearWeight, numerics: Numerics) -> 
     """rows [S, N, C, in] through every local expert's weight [N, E_l, out, in] -> [S, N, C, E_l, out]."""
     if weight.scale_inv is None:
         return tf.einsum("sdcm,deom->sdceo", rows, tf.cast(weight.weight, rows.dtype))
-    weight = LinearWeight(decode_e4m3(weight.weight), weight.scale_inv)
+    weight = LinearWeight(e4m3_values(weight.weight), weight.scale_inv)
     if numerics.gemm_impl != "fp8":
         return tf.einsum("sdcm,deom->sdceo", rows, dequantize_weight(weight.weight, weight.scale_inv, rows.dtype))
     # fp8 path: activations quantized per row and 128 channels, blockwise GEMM with float32 promotion per block.
@@ -171,7 +162,7 @@ def expert_parallel_experts(mesh: ExpertMesh, x: tf.Tensor, gating: tf.Tensor, e
     down = sharded.down_proj
     if down.scale_inv is None or numerics.gemm_impl != "fp8":
         weight = tf.cast(down.weight, x.dtype) if down.scale_inv is None else \
-            dequantize_weight(decode_e4m3(down.weight), down.scale_inv, x.dtype)
+            dequantize_weight(down.weight, down.scale_inv, x.dtype)
         out = tf.einsum("sdcei,demi->sdcem", hidden, weight)
     else:  # each local expert's own rows through its own down projection
         out = tf.stack([_local_linear(hidden[:, :, :, e], LinearWeight(down.weight[:, e:e + 1],

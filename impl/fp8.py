@@ -24,6 +24,23 @@ def to_e4m3(x: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.cast(x, tf.float32), -E4M3_MAX, E4M3_MAX), E4M3)
 
 
+def e4m3_values(weight: tf.Tensor) -> tf.Tensor:
+    """Float32 values of e4m3 weights, held as e4m3 or as their bytes (uint8: the routed expert stacks, which
+    impl.model keeps as bytes since XLA on the CPU widens an fp8 operand of anything but a convert to f16 whole:
+    gathering one expert from an fp8 stack widened every expert, every step).
+
+    From the bits s eeee mmm: a normal number 2^(e-7) (1 + m/8) is the float32 with exponent e + 120 and those
+    three mantissa bits on top; exponent 0 is m 2^-9; s 1111 111 is NaN (e4m3fn has no infinity)."""
+    if weight.dtype != tf.uint8:
+        return tf.cast(weight, tf.float32)
+    bits = tf.cast(weight, tf.int32)
+    magnitude = tf.bitwise.bitwise_and(bits, 0x7F)
+    normal = tf.bitcast(tf.bitwise.left_shift(magnitude + (120 << 3), 20), tf.float32)
+    value = tf.where(magnitude < 8, tf.cast(magnitude, tf.float32) * 2.0 ** -9, normal)
+    value = tf.where(magnitude == 0x7F, tf.constant(float("nan")), value)
+    return tf.where(bits >= 0x80, -value, value)
+
+
 def expand_block_scales(scale_inv: tf.Tensor, rows: int, cols: int) -> tf.Tensor:
     """Block scales [..., ceil(rows/128), ceil(cols/128)] broadcast to every element [..., rows, cols]."""
     repeated = tf.repeat(tf.repeat(scale_inv, BLOCK, axis=-2), BLOCK, axis=-1)
@@ -33,7 +50,7 @@ def expand_block_scales(scale_inv: tf.Tensor, rows: int, cols: int) -> tf.Tensor
 def dequantize_weight(weight: tf.Tensor, scale_inv: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
     """q * scale_inv in float32, then `dtype`; works on stacked weights [..., out, in] too."""
     rows, cols = weight.shape[-2], weight.shape[-1]
-    return tf.cast(tf.cast(weight, tf.float32) * expand_block_scales(scale_inv, rows, cols), dtype)
+    return tf.cast(e4m3_values(weight) * expand_block_scales(scale_inv, rows, cols), dtype)
 
 
 def round_up_to_power_of_two(scales: tf.Tensor) -> tf.Tensor:
@@ -116,7 +133,7 @@ def _row_scaled_gemm(a_q: tf.Tensor, a_scale: tf.Tensor, b_q: tf.Tensor, b_scale
     """a [..., M, K] @ b [..., N, K]^T where both operands carry a scale per row and 128-wide slice of K (the
     weight's block scales repeated over its rows in `fp8_gemm`; the Wgrad GEMM's two 128x1-tiled activation
     operands as they are): each slice's product in float32, scaled by both, summed in float32."""
-    a, b = in_blocks(tf.cast(a_q, tf.float32)), in_blocks(tf.cast(b_q, tf.float32))
+    a, b = in_blocks(e4m3_values(a_q)), in_blocks(e4m3_values(b_q))
     partial = tf.einsum("...mbk,...nbk->...mnb", a, b)
     return tf.reduce_sum(partial * tf.expand_dims(a_scale, -2) * tf.expand_dims(b_scale, -3), axis=-1)
 

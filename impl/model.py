@@ -63,13 +63,15 @@ def _linear(weight: LinearWeight, dtype: tf.DType) -> LinearWeight:
 
 def _stack_experts(experts: tuple[FFNWeights, ...], dtype: tf.DType) -> FFNWeights:
     """The experts' weights stacked per projection, [R, out, in], as constants: the host stack is freed once
-    TensorFlow holds its copy (peak: two copies of one projection)."""
+    TensorFlow holds its copy (peak: two copies of one projection). An e4m3 stack is held as its bytes
+    (impl.fp8.e4m3_values says why)."""
     def stacked(projection: str) -> LinearWeight:
         parts = [getattr(expert, projection) for expert in experts]
-        weight = tf.constant(np.stack([p.weight for p in parts]))
+        weight = np.stack([p.weight for p in parts])
         if parts[0].quantized:
-            return LinearWeight(weight, tf.constant(np.stack([p.scale_inv for p in parts]), tf.float32))
-        return LinearWeight(tf.cast(weight, dtype))
+            return LinearWeight(tf.constant(weight.view(np.uint8)),
+                                tf.constant(np.stack([p.scale_inv for p in parts]), tf.float32))
+        return LinearWeight(tf.cast(tf.constant(weight), dtype))
 
     return FFNWeights(stacked("gate_proj"), stacked("up_proj"), stacked("down_proj"))
 

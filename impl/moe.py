@@ -2,7 +2,7 @@
 
 Outside XLA (the prefill), the T*k routed token copies are sorted by expert and split into one ragged group
 per expert, each multiplied against its expert's weights in place (`grouped_experts`). Inside XLA, whose
-shapes are static, few tokens (fewer copies than experts) loop over the chosen experts (`experts_in_place`);
+shapes are static, few tokens (no more copies than experts) loop over the chosen experts (`experts_in_place`);
 more are packed into tiles of m rows, each tile holding rows of one expert only (an expert's last tile is
 zero-padded), the expert weights gathered per tile and every tile run as one batched matmul
 (`routed_experts`). In every form the work grows with tokens x k (the tiles add at most one partial tile per
@@ -194,7 +194,7 @@ def experts_in_place(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacke
     """The routed experts for few tokens: a loop over the experts the tokens chose (used ones first, at most
     T*k), each multiplying every token against its weights in place and keeping the rows routed to it
     (weighted by their gate, zero elsewhere). Work: used experts x T rows; memory: one expert at a time.
-    For T*k below the expert count this beats the tiled path, whose tiles would hold one row each and gather
+    For T*k up to the expert count this beats the tiled path, whose tiles would hold one row each and gather
     a whole expert weight per copy."""
     flat = tf.reshape(experts, [-1])
     counts = tf.math.unsorted_segment_sum(tf.ones_like(flat), flat, config.n_routed_experts)
@@ -218,7 +218,9 @@ def grouped_experts(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked
     copies weighted and summed back per token. Exactly T*k rows, no padding, no weight copied: on 2 cores a
     bench-small MoE layer over 512 tokens took 40 ms this way and 165 ms as XLA tiles (measured side by side).
     With only some experts `resident` (the stack holds those alone, in that order), a group routed elsewhere
-    yields zeros: such a step is refused afterwards (impl.model checks the routing)."""
+    yields zeros: such a step is refused afterwards (impl.model checks the routing). fp8 experts are dequantized
+    in turn and only for groups with rows: TensorFlow's executor otherwise ran every expert's dequantization
+    ahead of the matmuls, holding all of them in float32 at once (a full-width layer of 64 experts: 11 GB)."""
     tokens, k, n_experts = x.shape[0], config.n_activated_experts, config.n_routed_experts
     flat_expert = tf.reshape(experts, [-1])
     order = tf.argsort(flat_expert, stable=True)
@@ -227,22 +229,35 @@ def grouped_experts(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked
     counts = tf.math.bincount(flat_expert, minlength=n_experts, maxlength=n_experts)
     groups = tf.split(tf.gather(x, sorted_token), counts, num=n_experts)
     rows = {expert: row for row, expert in enumerate(range(n_experts) if resident is None else resident)}
-    out = tf.concat([_expert_ffn(group, _one_expert(stacked, rows[e]), numerics) if e in rows else tf.zeros_like(group)
-                     for e, group in enumerate(groups)], 0)
+    outputs, previous = [], []
+    for e, group in enumerate(groups):
+        if e not in rows:
+            outputs.append(tf.zeros_like(group))
+        elif stacked.gate_proj.scale_inv is None:
+            outputs.append(_expert_ffn(group, _one_expert(stacked, rows[e]), numerics))
+        else:  # fp8: an expert is dequantized (4 bytes a weight) only when its group has rows, one at a time
+            expert = _one_expert(stacked, rows[e])
+            with tf.control_dependencies(previous):
+                outputs.append(tf.cond(tf.shape(group)[0] > 0, lambda g=group, w=expert: _expert_ffn(g, w, numerics),
+                                       lambda g=group: tf.zeros_like(g)))
+            previous = outputs[-1:]
+    out = tf.concat(outputs, 0)
     return tf.math.unsorted_segment_sum(out * sorted_gating[:, None], sorted_token, tokens)
 
 
 def moe(x: tf.Tensor, weights: StackedMoE, config: ModelConfig, numerics: Numerics,
         outside_xla: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
     """Routed experts plus shared experts for x [T, dim]; also the chosen experts [T, k]. Outside XLA the experts
-    run as ragged groups; inside, few tokens (fewer copies than experts) take the in-place loop, more the tiles."""
+    run as ragged groups; inside, few tokens (at most one copy per expert on average, where a tile would hold one
+    row and gather a whole expert for it) take the in-place loop, more the tiles."""
     gating, experts = route(x, weights.gate, config)
     if outside_xla:
         out = grouped_experts(x, gating, experts, weights.experts, config, numerics, weights.resident)
     elif weights.slots is not None:
         out = experts_in_place(x, gating, experts, weights.experts, config, numerics, weights.slots)
     else:
-        path = experts_in_place if x.shape[0] * config.n_activated_experts < config.n_routed_experts else routed_experts
+        copies = x.shape[0] * config.n_activated_experts
+        path = experts_in_place if tile_rows(copies, config.n_routed_experts) == 1 else routed_experts
         out = path(x, gating, experts, weights.experts, config, numerics)
     return out + shared_experts(x, weights.shared, numerics), experts
 

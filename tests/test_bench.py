@@ -47,7 +47,23 @@ def test_every_peer_computes_the_same_model(peer):
 
 
 def test_work_counts_of_a_hand_counted_config():
+    """Float32: 4 bytes for every parameter a step reads (all but the embedding and the unused experts)."""
+    from conformance.fullscale.params import count_parameters
+
     config = bench.WORKLOADS["tiny"]["config"]
+    weights = bench.bench_weights(config)
     expert = 3 * config.dim * config.moe_inter_dim
-    assert bench.decode_bytes(config, 64) - bench.decode_bytes(config, 1) == \
-        4 * (config.n_routed_experts - config.n_activated_experts) * expert  # one MoE layer: all vs k experts
+    unused = config.n_routed_experts - config.n_activated_experts  # one MoE layer
+    read = count_parameters(config.replace(n_mtp_layers=0)).main - config.vocab_size * config.dim - unused * expert
+    assert bench.decode_bytes(weights, config, 1) == 4 * read
+    assert bench.decode_bytes(weights, config, 64) - bench.decode_bytes(weights, config, 1) == 4 * unused * expert
+
+
+def test_fp8_weights_are_counted_as_stored():
+    """An e4m3 expert: one byte per weight and a float32 scale per 128x128 block (dim 256 = 2 blocks, width
+    160 = 2 blocks, one of them partial)."""
+    config = bench.WORKLOADS["tiny"]["config"].replace(moe_inter_dim=160, fp8_weights=True)
+    weights = bench.bench_weights(config)
+    expert = 3 * (config.dim * config.moe_inter_dim + 4 * 2 * 2)
+    unused = config.n_routed_experts - config.n_activated_experts
+    assert bench.decode_bytes(weights, config, 64) - bench.decode_bytes(weights, config, 1) == unused * expert

@@ -116,6 +116,8 @@ def absorbed_attention(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tenso
     up = tf.reshape(dense_weight(weights.kv_b_proj, dtype), [config.n_heads, -1, config.kv_lora_rank])
     q_padded = tf.pad(q_nope, [[0, 0], [0, 0], [0, 0], [0, config.v_head_dim]])
     q_latent = tf.einsum("bshj,hjc->bshc", q_padded, up)
+    # The cache is the left operand: XLA's CPU dot reads it where it lies (on the right, every layer's cache was
+    # transposed, copied, every step).
     scores = tf.einsum("btc,bshc->bsht", kv_latent, q_latent) + tf.einsum("btr,bshr->bsht", rope_key, q_rope)
     latent_out = tf.einsum("bsht,btc->bshc", masked_softmax(scores, mask, scale, dtype), kv_latent)
     return tf.einsum("hjc,bshc->bshj", up, latent_out)[..., config.qk_nope_head_dim:]

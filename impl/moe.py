@@ -125,6 +125,16 @@ def _tile_linear(tiles: tf.Tensor, weight: LinearWeight, tile_expert: tf.Tensor,
     return tf.einsum("gmk,gnk->gmn", tiles, dequantize_weight(gathered, scales, tiles.dtype))
 
 
+def sorted_copies(experts: tf.Tensor, gating: tf.Tensor, dtype: tf.DType):
+    """The T*k routed token copies (experts [T, k]) in expert order: each copy's expert unsorted [T*k], then
+    sorted by expert (stable) with its token and gating weight (in `dtype`)."""
+    tokens, k = experts.shape
+    flat_expert = tf.reshape(experts, [tokens * k])
+    order = tf.argsort(flat_expert, stable=True)
+    return (flat_expert, tf.gather(flat_expert, order), tf.gather(tf.repeat(tf.range(tokens), k), order),
+            tf.gather(tf.reshape(tf.cast(gating, dtype), [tokens * k]), order))
+
+
 def routed_experts(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked: FFNWeights, config: ModelConfig,
                    numerics: Numerics) -> tf.Tensor:
     """sum over each token's k chosen experts of gating * expert(x), for x [T, dim]."""
@@ -133,12 +143,7 @@ def routed_experts(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked:
     rows = tile_rows(copies, n_experts)
     tiles = tile_count(copies, n_experts, rows)
 
-    flat_expert = tf.reshape(experts, [copies])
-    order = tf.argsort(flat_expert, stable=True)
-    sorted_expert = tf.gather(flat_expert, order)
-    sorted_token = tf.gather(tf.repeat(tf.range(tokens), k), order)
-    sorted_gating = tf.gather(tf.reshape(tf.cast(gating, x.dtype), [copies]), order)
-
+    flat_expert, sorted_expert, sorted_token, sorted_gating = sorted_copies(experts, gating, x.dtype)
     counts = tf.math.unsorted_segment_sum(tf.ones([copies], tf.int32), flat_expert, n_experts)
     tiles_per_expert = (counts + rows - 1) // rows
     first_tile = tf.cumsum(tiles_per_expert, exclusive=True)
@@ -221,11 +226,8 @@ def grouped_experts(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked
     yields zeros: such a step is refused afterwards (impl.model checks the routing). fp8 experts are dequantized
     in turn and only for groups with rows: TensorFlow's executor otherwise ran every expert's dequantization
     ahead of the matmuls, holding all of them in float32 at once (a full-width layer of 64 experts: 11 GB)."""
-    tokens, k, n_experts = x.shape[0], config.n_activated_experts, config.n_routed_experts
-    flat_expert = tf.reshape(experts, [-1])
-    order = tf.argsort(flat_expert, stable=True)
-    sorted_token = tf.gather(tf.repeat(tf.range(tokens), k), order)
-    sorted_gating = tf.gather(tf.reshape(tf.cast(gating, x.dtype), [-1]), order)
+    tokens, n_experts = x.shape[0], config.n_routed_experts
+    flat_expert, _, sorted_token, sorted_gating = sorted_copies(experts, gating, x.dtype)
     counts = tf.math.bincount(flat_expert, minlength=n_experts, maxlength=n_experts)
     groups = tf.split(tf.gather(x, sorted_token), counts, num=n_experts)
     rows = {expert: row for row, expert in enumerate(range(n_experts) if resident is None else resident)}

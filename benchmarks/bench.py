@@ -3,13 +3,15 @@
 Every implementation (benchmarks/peers.py) is built on the same weights and runs the same prompts in this
 process; after one warm-up call each, the rounds interleave the implementations (round r times each one in
 turn; the cores idle 0.3 s before each timed call, so no implementation's spinning worker threads slow the
-next), and the median over rounds is reported with its spread (min, max). In the same run the machine's
-floors are measured: the fp32 matmul rate (NumPy, 2048^3), the read bandwidth (a BLAS matrix-vector product
-over 400 MB) and, for MoE workloads, the matmul rate at the shape a prefill's experts have (mean copies per
-expert x one expert's projections). From the config, each workload's work is counted: prefill FLOPs (2 x
-activated parameters per token, the head at the last position only, plus causal attention scores) and the
-bytes of weights a decode step must read (every non-expert weight, the head, and the routed experts the
-step's tokens use: at most k per token per MoE layer). Ratios are taken against each peer and against the
+next), and the median over rounds is reported with its spread (min, max). In every round the machine's
+floors are measured too, and their medians reported: the fp32 matmul rate (NumPy, 2048^3), the read bandwidth
+(a BLAS matrix-vector product over 400 MB; this shared machine's bandwidth varies by half between minutes,
+so a floor taken once would say more about the minute than the implementation) and, for MoE workloads, the
+matmul rate at the shape a prefill's experts have (mean copies per expert x one expert's projections). Each
+workload's work is counted: prefill FLOPs (2 x activated parameters per token, the head at the last position
+only, plus causal attention scores) and the bytes of weights a decode step must read as they are stored
+(every tensor but the embedding and the routed experts, plus those the step's tokens use: at most k per
+token per MoE layer). Ratios are taken against each peer and against the
 floors; `--gate` checks them against benchmarks/gates.json and fails the command when one is missed.
 
 Workloads:
@@ -211,8 +213,9 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
         before = _resident_gib()
         built[name] = make_peer(name, config, weights, official)
         memory[name] = _resident_gib() - before  # what the implementation holds (weights, caches), measured
-    floors = {"matmul_flops_per_s": matmul_rate(), "read_bytes_per_s": read_bandwidth(),
-              "expert_matmul_flops_per_s": expert_matmul_rate(config, spec["prompt"])}
+    probes = {"matmul_flops_per_s": matmul_rate, "read_bytes_per_s": read_bandwidth,
+              "expert_matmul_flops_per_s": lambda: expert_matmul_rate(config, spec["prompt"])}
+    probed = {key: [] for key in probes}
 
     def prefill(peer):
         return _time(lambda: peer.prefill(prompt))
@@ -231,9 +234,13 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
         for measure in measures.values():
             measure(built[name])
     for _ in tqdm(range(rounds), desc=f"bench {workload}", unit="round"):
+        for key, probe in probes.items():  # the machine's floors in every round, beside what they bound
+            probed[key].append(probe())
         for name in peers:
             for key, measure in measures.items():
                 samples[name][key].append(measure(built[name]))
+    floors = {key: None if None in values else statistics.median(values) for key, values in probed.items()}
+    floors["read_bytes_per_s_spread"] = [min(probed["read_bytes_per_s"]), max(probed["read_bytes_per_s"])]
     flops = prefill_flops(config, 1, spec["prompt"])
     needed = decode_bytes(weights, config, 1)
     results = {}
@@ -294,7 +301,8 @@ def table(result: dict) -> str:
     f = result["floors"]
     return (tabulate(rows, headers="keys", disable_numparse=True) +
             f"\nfloors: matmul {f['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s -> prefill >= {f['prefill_floor_s']:.3f} s; "
-            f"read {f['read_bytes_per_s'] / 1e9:.1f} GB/s -> decode >= {f['decode_floor_ms']:.1f} ms"
+            f"read {f['read_bytes_per_s'] / 1e9:.1f} GB/s (rounds: {f['read_bytes_per_s_spread'][0] / 1e9:.1f}-"
+            f"{f['read_bytes_per_s_spread'][1] / 1e9:.1f}) -> decode >= {f['decode_floor_ms']:.1f} ms"
             + (f"; matmul at the experts' shape {f['expert_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s"
                if f.get("expert_matmul_flops_per_s") else "") + "\n"
             + "".join(f"left out: {name} ({why})\n" for name, why in result.get("left_out", {}).items())

@@ -2,8 +2,9 @@
 
 Every implementation (benchmarks/peers.py) is built on the same weights and runs the same prompts in this
 process; after one warm-up call each, the rounds interleave the implementations (round r times each one in
-turn; the cores idle 0.3 s before each timed call, so no implementation's spinning worker threads slow the
-next), and the median over rounds is reported with its spread (min, max). In every round the machine's
+turn, starting with the r-th, so that none always runs first after the floors' probes; the cores idle 0.3 s
+before each timed call, so no implementation's spinning worker threads slow the next), and the median over
+rounds is reported with its spread (min, max). In every round the machine's
 floors are measured too, and their medians reported: the fp32 matmul rate (NumPy, 2048^3), the read bandwidth
 (a BLAS matrix-vector product over 400 MB; this shared machine's bandwidth varies by half between minutes,
 so a floor taken once would say more about the minute than the implementation) and, for MoE workloads, the
@@ -233,10 +234,10 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
     for name in peers:  # warm-up: compilation and first-call costs
         for measure in measures.values():
             measure(built[name])
-    for _ in tqdm(range(rounds), desc=f"bench {workload}", unit="round"):
+    for round_ in tqdm(range(rounds), desc=f"bench {workload}", unit="round"):
         for key, probe in probes.items():  # the machine's floors in every round, beside what they bound
             probed[key].append(probe())
-        for name in peers:
+        for name in peers[round_ % len(peers):] + peers[:round_ % len(peers)]:  # who runs first rotates
             for key, measure in measures.items():
                 samples[name][key].append(measure(built[name]))
     floors = {key: None if None in values else statistics.median(values) for key, values in probed.items()}

@@ -72,8 +72,8 @@ class ExpertMesh:
         return self.size // config.n_expert_groups if self.size % config.n_expert_groups == 0 else 1
 
 
-# Every e4m3 bit pattern's value in float32 (exact): fp8 expert weights cross the mesh as their bytes, since
-# DTensor does not carry float8 tensors, and are decoded by this table on the device that holds them.
+# fp8 expert weights cross the mesh as their bytes, since DTensor does not carry float8 tensors, and are decoded
+# (impl.fp8.e4m3_values) on the device that holds them.
 def e4m3_bytes(weight) -> np.ndarray:
     """An e4m3 tensor's bytes (uint8), read on the host (the model's routed expert stacks already are)."""
     return np.asarray(weight.numpy() if hasattr(weight, "numpy") else weight).view(np.uint8)

@@ -12,8 +12,10 @@ matmul rate at the shape a prefill's experts have (mean copies per expert x one 
 workload's work is counted: prefill FLOPs (2 x activated parameters per token, the head at the last position
 only, plus causal attention scores) and the bytes of weights a decode step must read as they are stored
 (every tensor but the embedding and the routed experts, plus those the step's tokens use: at most k per
-token per MoE layer). Ratios are taken against each peer and against the
-floors; `--gate` checks them against benchmarks/gates.json and fails the command when one is missed.
+token per MoE layer). Memory per implementation: what it holds once built (weights, caches) and its peak
+while running (held plus the most its warm-up calls added, sampled every 2 ms; compilation included).
+Ratios are taken against each peer and against the floors; `--gate` checks them against
+benchmarks/gates.json and fails the command when one is missed.
 
 Workloads:
 - bench-small: 8 layers, hidden 1024, 64 experts (top-6), vocabulary 32000; prefill of 512 tokens at batch 1,
@@ -173,6 +175,34 @@ def _resident_gib() -> float:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) / 2**20
 
 
+class PeakResident:
+    """The highest resident memory (GiB) seen while the block runs, sampled every `every_s` by a thread: what a
+    call allocates on top of what the implementation holds (activations, a compiler's working memory), which
+    the holding alone does not show. Sampled only around the warm-up calls: the sampling thread would take the
+    interpreter's lock from the timed ones."""
+
+    def __init__(self, every_s: float = 0.002):
+        import threading
+
+        self.every_s, self.peak, self._stop = every_s, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _resident_gib())
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> PeakResident:
+        self.peak = _resident_gib()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _resident_gib())
+
+
 def machine() -> dict:
     """The CPU the numbers were measured on."""
     import os
@@ -231,9 +261,13 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
 
     measures = {"prefill_s": prefill, "decode_ms": decode, "decode_batch_ms": decode_batch}
     samples = {name: {key: [] for key in measures} for name in peers}
-    for name in peers:  # warm-up: compilation and first-call costs
-        for measure in measures.values():
-            measure(built[name])
+    peak = {}
+    for name in peers:  # warm-up: compilation and first-call costs, and the peak memory of the calls
+        before = _resident_gib()
+        with PeakResident() as sampled:
+            for measure in measures.values():
+                measure(built[name])
+        peak[name] = memory[name] + sampled.peak - before
     for round_ in tqdm(range(rounds), desc=f"bench {workload}", unit="round"):
         for key, probe in probes.items():  # the machine's floors in every round, beside what they bound
             probed[key].append(probe())
@@ -255,7 +289,7 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
                          "decode_spread_ms": [1e3 * min(s["decode_ms"]), 1e3 * max(s["decode_ms"])],
                          "prefill_tokens_per_s": spec["prompt"] / prefill_s, "decode_tokens_per_s": 1 / decode_s,
                          "prefill_flops_per_s": flops / prefill_s, "decode_bytes_per_s": needed / decode_s,
-                         "memory_gib": memory[name]}
+                         "memory_gib": memory[name], "peak_memory_gib": peak[name]}
     floors.update(prefill_flops=flops, prefill_floor_s=flops / floors["matmul_flops_per_s"], decode_bytes=needed,
                   decode_floor_ms=1e3 * needed / floors["read_bytes_per_s"])
     return {"workload": workload, "config": config.name, "machine": machine(), "prompt": spec["prompt"],
@@ -298,7 +332,8 @@ def table(result: dict) -> str:
              "prefill spread": "{:.3f}-{:.3f}".format(*r["prefill_spread_s"]),
              "decode b=1 (ms/token)": f"{r['decode_ms']:.1f}", "decode b=8 (ms/step)": f"{r['decode_batch8_ms']:.1f}",
              "prefill GFLOP/s": f"{r['prefill_flops_per_s'] / 1e9:.1f}", "decode GB/s": f"{r['decode_bytes_per_s'] / 1e9:.1f}",
-             "memory (GiB)": f"{r['memory_gib']:.2f}"} for name, r in result["results"].items()]
+             "held (GiB)": f"{r['memory_gib']:.2f}", "peak (GiB)": f"{r['peak_memory_gib']:.2f}"}
+            for name, r in result["results"].items()]
     f = result["floors"]
     return (tabulate(rows, headers="keys", disable_numparse=True) +
             f"\nfloors: matmul {f['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s -> prefill >= {f['prefill_floor_s']:.3f} s; "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ def test_the_ci_workload_runs_gated_and_writes_the_contract(tmp_path):
     result = json.loads(out.read_text())
     assert {"workload", "results", "floors", "ratios"} <= set(result)
     assert {"prefill_s", "decode_ms"} <= set(result["results"]["tf"]) and "reference" in result["results"]
+    assert all(r["peak_memory_gib"] >= r["memory_gib"] for r in result["results"].values())
     assert result["floors"]["matmul_flops_per_s"] > 0 and result["floors"]["read_bytes_per_s"] > 0
     assert result["gates"] and done.returncode == (0 if all(g["passed"] for g in result["gates"]) else 1), done.stdout
 
@@ -44,6 +46,16 @@ def test_every_peer_computes_the_same_model(peer):
     reference, other = make_peer("reference", config, weights), make_peer(peer, config, weights)
     assert np.allclose(other.prefill(tokens), reference.prefill(tokens), rtol=1e-4, atol=1e-4)
     assert np.allclose(other.decode(np.array([3])), reference.decode(np.array([3])), rtol=1e-4, atol=1e-4)
+
+
+def test_the_peak_sampler_sees_a_transient_allocation():
+    """256 MB written and freed inside the block: resident memory is back afterwards, the peak saw it."""
+    with bench.PeakResident() as sampled:
+        before = bench._resident_gib()
+        block = np.ones(64 << 20, np.float32)
+        time.sleep(0.05)
+        del block
+    assert sampled.peak - before >= 0.2 and bench._resident_gib() - before < 0.1
 
 
 def test_work_counts_of_a_hand_counted_config():

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from conformance.format.config import ModelConfig, deepseek_v3_671b, tiny
+from conformance.format.errors import BadInput
 from conformance.format.weights import ModelWeights
 from conformance.fullscale.params import count_parameters
 
@@ -362,6 +363,11 @@ def _bench(args: argparse.Namespace) -> int:
     peers = [p for p in PEERS if p != "official" or args.official_repo]
     if args.peers:
         peers = [p.strip() for p in args.peers.split(",")]
+        unknown = [p for p in peers if p not in PEERS]
+        if unknown:
+            raise BadInput(f"--peers: unknown implementation {unknown[0]!r} (expected some of {', '.join(PEERS)})")
+        if "official" in peers and not args.official_repo:
+            raise BadInput("--peers: official needs --official-repo PATH (a DeepSeek-V3 checkout)")
     missing = []
     if "hf" in peers:
         try:

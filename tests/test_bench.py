@@ -48,6 +48,15 @@ def test_every_peer_computes_the_same_model(peer):
     assert np.allclose(other.decode(np.array([3])), reference.decode(np.array([3])), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("peers, named", [("tf,foo", "'foo'"), ("tf,official", "--official-repo")])
+def test_a_bad_peer_list_is_bad_input(peers, named, capsys):
+    """Refused before anything is built: exit status 2, the message naming what the user wrote."""
+    from conformance.cli import main
+
+    assert main(["bench", "--workload", "tiny", "--peers", peers]) == 2
+    assert named in capsys.readouterr().err
+
+
 def test_the_peak_sampler_sees_a_transient_allocation():
     """256 MB written and freed inside the block: resident memory is back afterwards, the peak saw it."""
     with bench.PeakResident() as sampled:

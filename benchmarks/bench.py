@@ -148,22 +148,17 @@ def prefill_flops(config: ModelConfig, batch: int, length: int) -> float:
 def decode_bytes(weights: ModelWeights, config: ModelConfig, batch: int) -> float:
     """Bytes of weights a decode step must read, as stored (fp8 weights with their scales): every tensor but the
     embedding (a lookup) and the routed experts, plus min(E, batch * k) routed experts per MoE layer."""
-    from conformance.format.weights import MoEWeights, map_arrays
-
-    def nbytes(tree) -> int:
-        sizes = []
-        map_arrays(tree, lambda array: sizes.append(array.nbytes) or array)
-        return sum(sizes)
+    from conformance.format.weights import MoEWeights, tree_nbytes
 
     used = min(config.n_routed_experts, batch * config.n_activated_experts)
-    total = nbytes((weights.norm, weights.head))
+    total = tree_nbytes((weights.norm, weights.head))
     for layer in weights.layers:
         if isinstance(layer.ffn, MoEWeights):
             expert = next(e for e in layer.ffn.experts if e is not None)
-            total += nbytes((layer.attn_norm, layer.attn, layer.ffn_norm, layer.ffn.gate, layer.ffn.shared))
-            total += used * nbytes(expert)
+            total += tree_nbytes((layer.attn_norm, layer.attn, layer.ffn_norm, layer.ffn.gate, layer.ffn.shared))
+            total += used * tree_nbytes(expert)
         else:
-            total += nbytes(layer)
+            total += tree_nbytes(layer)
     return float(total)
 
 
@@ -185,7 +180,7 @@ class PeakResident:
     def __init__(self, every_s: float = 0.002):
         import threading
 
-        self.every_s, self.peak, self._stop = every_s, 0.0, threading.Event()
+        self.every_s, self.start, self.peak, self._stop = every_s, 0.0, 0.0, threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
@@ -194,7 +189,7 @@ class PeakResident:
             self._stop.wait(self.every_s)
 
     def __enter__(self) -> PeakResident:
-        self.peak = _resident_gib()
+        self.start = self.peak = _resident_gib()
         self._thread.start()
         return self
 
@@ -202,6 +197,11 @@ class PeakResident:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _resident_gib())
+
+    @property
+    def rise(self) -> float:
+        """GiB the peak lay above the resident memory at the start."""
+        return self.peak - self.start
 
 
 def machine() -> dict:
@@ -264,11 +264,10 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
     samples = {name: {key: [] for key in measures} for name in peers}
     peak = {}
     for name in peers:  # warm-up: compilation and first-call costs, and the peak memory of the calls
-        before = _resident_gib()
         with PeakResident() as sampled:
             for measure in measures.values():
                 measure(built[name])
-        peak[name] = memory[name] + sampled.peak - before
+        peak[name] = memory[name] + sampled.rise
     for round_ in tqdm(range(rounds), desc=f"bench {workload}", unit="round"):
         for key, probe in probes.items():  # the machine's floors in every round, beside what they bound
             probed[key].append(probe())

@@ -235,6 +235,11 @@ def _tree_leaves(tree) -> list:
     return [leaf for name in tree.__dataclass_fields__ for leaf in _tree_leaves(getattr(tree, name))]
 
 
+def tree_nbytes(tree) -> int:
+    """Bytes of a weight tree's arrays (or of any dataclass/tuple of them) as stored: fp8 at one byte each."""
+    return sum(int(leaf.nbytes) for leaf in _tree_leaves(tree) if isinstance(leaf, np.ndarray))
+
+
 def named_tensors(weights: ModelWeights, config: ModelConfig) -> dict[str, np.ndarray]:
     """The tree's arrays by Hugging Face name (the inverse of `assemble`)."""
     names = assemble(lambda spec: spec.name, config, layers=None, include_mtp=bool(weights.mtp))

@@ -32,7 +32,8 @@ from ..backends import REFERENCE, Backend, Unsupported, resolve_backend
 from ..format.checkpoint import Checkpoint, load_layer, load_tensor
 from ..format.config import ModelConfig
 from ..format.numerics import Numerics
-from ..format.weights import ExpertNotResident, LayerWeights, LinearWeight, ModelWeights, MoEWeights, TensorSpec
+from ..format.weights import (ExpertNotResident, LayerWeights, LinearWeight, ModelWeights, MoEWeights, TensorSpec,
+                              tree_nbytes)
 from ..metrics import rel_err
 from ..tolerances import tolerance
 
@@ -83,16 +84,6 @@ class LayerRow:
                 "bytes read": f"{self.bytes_read / 2**20:,.0f} MiB", **self.results,
                 "seconds": f"{self.seconds:.1f}", "peak resident": f"{self.peak_gib:.2f} GiB",
                 "status": "pass" if self.passed else "FAIL"}
-
-
-def _nbytes(tree) -> int:
-    if tree is None:
-        return 0
-    if isinstance(tree, np.ndarray):
-        return int(tree.nbytes)
-    if isinstance(tree, tuple):
-        return sum(_nbytes(item) for item in tree)
-    return sum(_nbytes(getattr(tree, name)) for name in tree.__dataclass_fields__)
 
 
 def candidate_experts(layer: LayerWeights, hidden: np.ndarray, config: ModelConfig) -> set[int]:
@@ -248,7 +239,7 @@ def verify_layers(checkpoint: Checkpoint, config: ModelConfig, layers: list[int]
             inputs = hidden
             kind = "MoE" if config.is_moe_layer(layer) else "dense"
         weights, loaded = _load(checkpoint, config, layer, inputs)
-        row = LayerRow(layer, kind, loaded, _nbytes(weights))
+        row = LayerRow(layer, kind, loaded, tree_nbytes(weights))
         expected, expected_experts = run_block(REFERENCE, config, weights, inputs)
         give_back_memory(checkpoint)  # the pages the reference read, before a backend makes its own copy
         if layer in chosen:

@@ -64,6 +64,40 @@ def test_prefill_in_the_naive_form_then_absorbed_decode_matches_the_reference():
                      "cross.float32")
 
 
+def test_attention_window_covers_the_filled_positions_with_little_more():
+    """The window holds every filled position, stays within the capacity, reads at most half again what is filled
+    (above the smallest window) and takes at most two sizes per doubling of the sequence."""
+    from impl.model import WINDOW_QUANTUM, attention_window
+
+    capacity = 5000
+    windows = [attention_window(needed, capacity) for needed in range(1, capacity + 1)]
+    for needed, window in enumerate(windows, start=1):
+        assert needed <= window <= capacity
+        assert window <= max(WINDOW_QUANTUM, 1.5 * needed)
+    for octave in range(12):
+        assert len(set(windows[2 ** octave: 2 ** (octave + 1)])) <= 2  # needed in (2^octave, 2^(octave + 1)]
+
+
+def test_decode_across_a_window_boundary_matches_the_reference():
+    """Steps attending over a window of a larger cache, the window growing between them, keep the reference's
+    logits (the reference attends over exactly the filled positions)."""
+    from conformance.verdict import expect_close
+    from impl.model import Transformer, attention_window
+    from reference.model import Transformer as Reference
+
+    config = tiny(vocab_size=304, max_seq_len=512)
+    weights = build_weights(config, seed=5)
+    model, reference = Transformer(config, weights), Reference(config, weights)
+    prompt = np.arange(2 * 254).reshape(2, 254) * 7 % config.vocab_size
+    model.prefill(prompt, capacity=512)
+    reference.prefill(prompt)
+    assert attention_window(255, 512) < attention_window(258, 512) < 512
+    for step in range(4):
+        tokens = np.array([step, step + 2])
+        expect_close(f"decode logits at position {254 + step}", model.decode(tokens)[0],
+                     reference.decode(tokens).logits, "cross.float32")
+
+
 def test_steps_are_xla_compiled():
     """Only jit_compile functions can be lowered to HLO by experimental_get_compiler_ir."""
     import tensorflow as tf

@@ -49,6 +49,7 @@ from .trees import leaves, rebuild, structure_of
 Store = Callable[[LatentCache, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 # Largest latent cache (all layers) a runner allocates; a bigger request is refused before allocation.
 CACHE_BUDGET_BYTES = 8 << 30
+WINDOW_QUANTUM = 128  # the smallest attention window (positions); see attention_window
 
 
 def _variable(array: np.ndarray, dtype: tf.DType) -> tf.Variable:
@@ -215,12 +216,14 @@ class Program:
         return tf.stack([rows, tf.tile(start + tf.range(count), [batch])], axis=1)
 
     @staticmethod
-    def _writer(slots: tf.Tensor, capacity: int) -> Store:
-        """Writes the entries of the (sequence, position) `slots` into a cache of `capacity` positions."""
+    def _writer(slots: tf.Tensor, capacity: int, window: int | None = None) -> Store:
+        """Writes the entries of the (sequence, position) `slots` into a cache of `capacity` positions; the keys
+        returned are every sequence's first `window` positions (default all)."""
         rows = slots[:, 0] * capacity + slots[:, 1]
 
         def store(cache: LatentCache, kv_latent: tf.Tensor, rope_key: tf.Tensor):
-            return cache.write(rows, kv_latent, rope_key)
+            keys_latent, keys_rope = cache.write(rows, kv_latent, rope_key)
+            return keys_latent[:, :window], keys_rope[:, :window]
         return store
 
     def _prefill(self, leaves: list, tokens: tf.Tensor, caches: tuple[LatentCache, ...], history: tf.Variable):
@@ -237,21 +240,21 @@ class Program:
         history.assign(tf.pad(source, padding))
         return logits, hidden, experts
 
-    def _decode(self, leaves: list, tokens: tf.Tensor, position: tf.Tensor, caches: tuple[LatentCache, ...],
-                history: tf.Variable):
-        """Feed tokens [B, q] at positions position.. over the cache."""
+    def _decode(self, leaves: list, tokens: tf.Tensor, position: tf.Tensor, window: int,
+                caches: tuple[LatentCache, ...], history: tf.Variable):
+        """Feed tokens [B, q] at positions position.. over the cache's first `window` positions (all it holds)."""
         batch, count = tokens.shape
         slots = self._slots(position, batch, count)
-        mask = attention.causal_mask(position, count, history.shape[1])
+        mask = attention.causal_mask(position, count, window)
         logits, hidden, experts, source = self._forward(self.unflatten(leaves), tokens, position + tf.range(count), mask,
-                                                        caches, self._writer(slots, history.shape[1]))
+                                                        caches, self._writer(slots, history.shape[1], window))
         history.scatter_nd_update(slots, tf.reshape(source, [-1, source.shape[-1]]))
         return logits, hidden, experts
 
-    def _verify(self, leaves: list, tokens: tf.Tensor, position: tf.Tensor, caches: tuple[LatentCache, ...],
-                history: tf.Variable):
+    def _verify(self, leaves: list, tokens: tf.Tensor, position: tf.Tensor, window: int,
+                caches: tuple[LatentCache, ...], history: tf.Variable):
         """Decode [next, drafts...] and, in the same step, the model's predictions and the accepted prefix."""
-        logits, _, _ = self._decode(leaves, tokens, position, caches, history)
+        logits, _, _ = self._decode(leaves, tokens, position, window, caches, history)
         predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
         return predicted, accepted_prefix(tokens[:, 1:], predicted[:, :-1])
 
@@ -279,6 +282,18 @@ class Program:
             drafts.append(tf.argmax(depth_logits[:, -1], axis=-1, output_type=tf.int32))
             state = chained(y, normed, options)
         return hidden, logits, experts, tf.stack(drafts, axis=1)
+
+
+def attention_window(needed: int, capacity: int) -> int:
+    """How many of the cache's `capacity` positions a step attends over when the first `needed` are filled:
+    `needed` rounded up to a multiple of half its power of two (WINDOW_QUANTUM at least), so that a step reads at
+    most half again the filled positions and a sequence compiles two windows per doubling of its length (a
+    bench-small decode step compiles in about 6 s). Attending over the whole capacity made a step's cost grow
+    with the capacity asked for rather than with the sequence (measured in benchmarks/results/window.md)."""
+    if needed <= WINDOW_QUANTUM:
+        return min(capacity, WINDOW_QUANTUM)
+    half_octave = 2 ** (needed.bit_length() - 2)
+    return min(capacity, -(-needed // half_octave) * half_octave)
 
 
 @functools.lru_cache(maxsize=32)
@@ -389,10 +404,15 @@ class Transformer:
             raise InputError(f"the cache holds {self.capacity} positions: prefill with a larger capacity")
         return tokens
 
+    def _window(self, count: int) -> int:
+        """The cache positions a step feeding `count` tokens attends over (see attention_window)."""
+        return attention_window(self.length + count, self.capacity)
+
     def decode(self, tokens: np.ndarray):
         """Feed one token per sequence [B] (or q of them, [B, q]) at the next positions."""
         tokens = self._check_next(tokens)
-        result = self._step("decode", tf.constant(tokens, tf.int32), tf.constant(self.length, tf.int32))
+        result = self._step("decode", tf.constant(tokens, tf.int32), tf.constant(self.length, tf.int32),
+                            self._window(tokens.shape[1]))
         self.tokens = np.concatenate([self.tokens, tokens], axis=1)
         return self._numpy(result)
 
@@ -420,7 +440,8 @@ class Transformer:
             raise InputError("verifying drafts needs the logits of every position: build with logits='all'")
         length = self.length
         fed = self._check_next(np.concatenate([np.asarray(following).reshape(-1, 1), drafts], axis=1))
-        predicted, accepted = self._step("verify", tf.constant(fed, tf.int32), tf.constant(length, tf.int32))
+        predicted, accepted = self._step("verify", tf.constant(fed, tf.int32), tf.constant(length, tf.int32),
+                                         self._window(fed.shape[1]))
         predicted, accepted = predicted.numpy(), int(accepted)
         self.tokens = np.concatenate([self.tokens, fed], axis=1)
         self.truncate(length + accepted + 1)

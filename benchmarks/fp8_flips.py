@@ -28,7 +28,7 @@ from conformance.golden import GoldenCase
 from conformance.metrics import row_errors
 from conformance.paths import GOLDEN_DIR
 
-from .timing import gate, write_results
+from .timing import gate, publish
 
 CASE = GOLDEN_DIR / "official" / "v3-tiny-fp8-act"
 EXACT_ROW = 1e-5  # a row within this is not flipped (float32 rounding alone stays near 4e-7)
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> None:
              f"is flipped when its rel_err exceeds {EXACT_ROW:g}; rows are each block's output per token and the "
              "last logits per sequence.")
     shown = [{k: v for k, v in row.items() if not k.startswith("_")} for row in table]
-    print(write_results("fp8_flips", "FP8 activation path: rounding flips between correct evaluations", shown, gates,
-                        notes))
+    raise SystemExit(publish("fp8_flips", "FP8 activation path: rounding flips between correct evaluations", shown,
+                             gates, notes))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from conformance.format.numerics import Numerics
 from impl.model import to_tf
 from impl.moe import moe, route
 
-from .timing import gate, median_seconds, write_results
+from .timing import gate, median_seconds, publish
 
 TOKENS = 2048
 DIM, INTER = 256, 128
@@ -65,7 +65,7 @@ def main() -> None:
              "its expert's weights, so with few rows per tile (e.g. 512 tokens over 64 experts, 8 rows) that copy "
              "outweighs the matmul and the k-scaling flattens; at 2048 tokens tiles hold 32 to 64 rows, the regime "
              "of a prefill. The matmul rows are tokens x k plus at most one partial tile per used expert.")
-    print(write_results("moe_scaling", "MoE cost vs top-k and expert count (TensorFlow)", rows, gates, notes))
+    raise SystemExit(publish("moe_scaling", "MoE cost vs top-k and expert count (TensorFlow)", rows, gates, notes))
 
 
 if __name__ == "__main__":

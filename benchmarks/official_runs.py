@@ -25,7 +25,7 @@ from tqdm import tqdm
 from conformance.golden import GoldenCase, check_case
 from conformance.paths import GOLDEN_DIR
 
-from .timing import gate, write_results
+from .timing import gate, publish
 
 DATA = Path(__file__).parent / "data" / "official-runs"
 RUNS = {"h100-fp8-act": ("official/v3-tiny-fp8-act", {"device": "h100"}),
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
              "data/official-runs/*/meta.json). Greedy tokens are not compared on these runs (near ties break "
              "either way on an H100 and in bfloat16).")
     shown = [{k: v for k, v in row.items() if not k.startswith("_")} for row in table]
-    print(write_results("official_runs", "Backends vs repeated runs of the official code (H100 fp8, CPU bfloat16)",
-                        shown, gates, notes))
+    raise SystemExit(publish("official_runs", "Backends vs repeated runs of the official code (H100 fp8, CPU bfloat16)",
+                             shown, gates, notes))
 
 
 if __name__ == "__main__":

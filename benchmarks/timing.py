@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -44,3 +45,13 @@ def write_results(name: str, title: str, rows: list[dict], gates: list[dict], no
              f"Machine: {machine['processor']}, {machine['platform']}, Python {machine['python']}."]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     return RESULTS / f"{name}.json"
+
+
+def publish(name: str, title: str, rows: list[dict], gates: list[dict], notes: str) -> int:
+    """Writes the results (write_results), says where, and returns the command's exit status: 1 when a gate was
+    missed, each named on stderr."""
+    print(write_results(name, title, rows, gates, notes))
+    missed = [entry["claim"] for entry in gates if not entry["passed"]]
+    for claim in missed:
+        print(f"gate missed: {claim}", file=sys.stderr)
+    return 1 if missed else 0

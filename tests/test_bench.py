@@ -87,3 +87,16 @@ def test_fp8_weights_are_counted_as_stored():
     expert = 3 * (config.dim * config.moe_inter_dim + 4 * 2 * 2)
     unused = config.n_routed_experts - config.n_activated_experts
     assert bench.decode_bytes(weights, config, 64) - bench.decode_bytes(weights, config, 1) == unused * expert
+
+
+def test_a_benchmark_with_a_missed_gate_fails_its_command(monkeypatch, tmp_path, capsys):
+    """benchmarks.timing.publish: the results are written either way; a missed gate makes the exit status 1."""
+    from benchmarks import timing
+
+    monkeypatch.setattr(timing, "RESULTS", tmp_path)
+    rows = [{"case": "a", "ms": 1.0}]
+    assert timing.publish("held", "t", rows, [timing.gate("holds", 1.0, True)], "n") == 0
+    assert timing.publish("missed", "t", rows, [timing.gate("holds", 1.0, True),
+                                                timing.gate("too slow", 2.0, False)], "n") == 1
+    assert json.loads((tmp_path / "missed.json").read_text())["passed"] is False
+    assert "gate missed: too slow" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 Prefill attends over its own keys; decode writes one token's latent and rope key into a preallocated
 per-layer cache (`LatentCache`: kv latent and rope key, a row per sequence and position) and attends over
-all T slots of its sequence with a mask, so its shapes never depend on the position.
+the first slots of its sequence with a mask: a window holding every filled slot (impl.model.attention_window),
+so its shapes change only when the window grows, twice per doubling of the sequence.
 """
 
 from __future__ import annotations

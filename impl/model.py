@@ -242,7 +242,7 @@ class Program:
 
     def _decode(self, leaves: list, tokens: tf.Tensor, position: tf.Tensor, window: int,
                 caches: tuple[LatentCache, ...], history: tf.Variable):
-        """Feed tokens [B, q] at positions position.. over the cache's first `window` positions (all it holds)."""
+        """Feed tokens [B, q] at positions position.. over the cache's first `window` positions (every filled one)."""
         batch, count = tokens.shape
         slots = self._slots(position, batch, count)
         mask = attention.causal_mask(position, count, window)

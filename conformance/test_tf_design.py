@@ -105,8 +105,8 @@ def test_steps_are_xla_compiled():
     model = _model(tiny())
     model.prefill(np.zeros((1, 3), np.int64))
     hlo = model.program.decode.experimental_get_compiler_ir(model.leaves, tf.constant([[1]], tf.int32),
-                                                             tf.constant(3, tf.int32), model.caches,
-                                                             model.history)(stage="hlo")
+                                                             tf.constant(3, tf.int32), model.capacity,
+                                                             model.caches, model.history)(stage="hlo")
     assert "HloModule" in hlo
 
 

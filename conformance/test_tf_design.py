@@ -47,6 +47,24 @@ def test_models_of_one_structure_share_their_compilations():
     assert first.program.prefill.experimental_get_tracing_count() == 1
 
 
+def test_a_bound_step_takes_new_per_call_tensors_and_keeps_the_rest():
+    """impl.bound: the flat call gives what the structured call gives for new tokens, with the weights bound;
+    a per-call tensor that is not among the step's inputs is refused, not silently ignored."""
+    import tensorflow as tf
+
+    from impl.bound import BoundStep
+
+    step = tf.function(lambda weights, x, scale: (weights[0] * x + weights[1]) * scale, autograph=False)
+    weights = [tf.Variable([2.0, 3.0]), tf.Variable([1.0, -1.0])]
+    first, second = tf.constant([1.0, 1.0]), tf.constant([5.0, -4.0])
+    bound = BoundStep(step, (weights, first, 3), (first,))
+    np.testing.assert_array_equal(bound((second,)).numpy(), step(weights, second, 3).numpy())
+    weights[1].assign([0.0, 0.0])  # variables are bound by reference: their current values are read
+    np.testing.assert_array_equal(bound((second,)).numpy(), [30.0, -36.0])
+    with pytest.raises(RuntimeError, match="per-call tensors"):
+        BoundStep(step, (weights, first, 3), (tf.constant([0.0, 0.0]),))
+
+
 def test_prefill_in_the_naive_form_then_absorbed_decode_matches_the_reference():
     """`prefill_form` (what the benchmark runs: a naive prefill, absorbed decode steps) changes no logit."""
     from conformance.verdict import expect_close

@@ -39,6 +39,7 @@ from conformance.format.weights import (
 
 from . import attention
 from .attention import LatentCache
+from .bound import BoundStep
 from .fp8 import E4M3
 from .layers import head_logits, rms_norm, swiglu_ffn
 from .moe import StackedMoE, moe
@@ -330,7 +331,7 @@ class Transformer:
         self.history: tf.Variable | None = None  # the main model's state for the MTP modules [B, capacity, dim]
         self.tokens = np.zeros((0, 0), np.int64)  # every token fed to the main model, on the host
         self.mtp_length = 0
-        self._concrete: dict = {}  # the traced step per (step, argument shapes), for the current caches
+        self._bound: dict = {}  # the bound step per (step, argument shapes), for the current caches
 
     @property
     def length(self) -> int:
@@ -354,24 +355,23 @@ class Transformer:
                              f"than the budget of {CACHE_BUDGET_BYTES:,}: lower max_position_embeddings or the "
                              "positions asked for")
         self.caches = self.mtp_caches = ()
-        self._concrete = {}
+        self._bound = {}
         self.caches = tuple(LatentCache.allocate(self.config, batch, self.dtype, capacity) for _ in self.weights.layers)
         self.mtp_caches = tuple(LatentCache.allocate(self.config, batch, self.dtype, capacity)
                                 for _ in self.weights.mtp)
         self.history = tf.Variable(tf.zeros([batch, capacity, self.config.dim], self.dtype), trainable=False)
 
     def _step(self, name: str, *args):
-        """Run a compiled step on this model's weights, caches and history. Through its concrete function: binding
-        the ~150 weight variables of bench-small on every call of the polymorphic tf.function took about 1 ms a
-        decode step (measured), the concrete function's call a third of that."""
+        """Run a compiled step on this model's weights, caches and history, bound once per (step, argument shapes)
+        (impl.bound: binding the ~150 weight variables of bench-small on every call cost 1 to 2 ms a decode step)."""
         caches = self.mtp_caches if name == "mtp" else self.caches
         step = getattr(self.program, name)
         if not hasattr(step, "get_concrete_function"):  # expert parallel: the steps run eagerly
             return step(self.leaves, *args, caches, self.history)
         key = (name, *(tuple(a.shape) if isinstance(a, tf.Tensor) else a for a in args))
-        if key not in self._concrete:
-            self._concrete[key] = step.get_concrete_function(self.leaves, *args, caches, self.history)
-        return self._concrete[key](self.leaves, *args, caches, self.history)
+        if key not in self._bound:
+            self._bound[key] = BoundStep(step, (self.leaves, *args, caches, self.history), args)
+        return self._bound[key](args)
 
     @property
     def capacity(self) -> int:

@@ -22,14 +22,16 @@ class BoundStep:
         self.concrete = step.get_concrete_function(*arguments)
         bound = function_type_utils.canonicalize_function_inputs(arguments, {}, self.concrete.function_type)
         self.flat = list(self.concrete.function_type.unpack_inputs(bound))
-        tensors = [value for value in per_call if isinstance(value, tf.Tensor)]
-        self.slots = [index for value in tensors for index, flat in enumerate(self.flat) if flat is value]
+        tensors = [(position, value) for position, value in enumerate(per_call) if isinstance(value, tf.Tensor)]
+        # (position in per_call, index among the flat inputs) of every per-call tensor
+        self.slots = [(position, index) for position, value in tensors
+                      for index, flat in enumerate(self.flat) if flat is value]
         if len(self.slots) != len(tensors):
             raise RuntimeError(f"binding {step}: found {len(self.slots)} of its {len(tensors)} per-call tensors "
                                "among the flat inputs")
 
     def __call__(self, per_call: tuple):
         flat = list(self.flat)
-        for index, value in zip(self.slots, (value for value in per_call if isinstance(value, tf.Tensor))):
-            flat[index] = value
+        for position, index in self.slots:
+            flat[index] = per_call[position]
         return self.concrete._call_flat(flat, self.concrete.captured_inputs)  # pylint: disable=protected-access

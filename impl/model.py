@@ -363,7 +363,7 @@ class Transformer:
 
     def _step(self, name: str, *args):
         """Run a compiled step on this model's weights, caches and history, bound once per (step, argument shapes)
-        (impl.bound: binding the ~150 weight variables of bench-small on every call cost 1 to 2 ms a decode step)."""
+        (impl.bound: binding the ~150 weight variables of bench-small on every call cost 1 to 3 ms a decode step)."""
         caches = self.mtp_caches if name == "mtp" else self.caches
         step = getattr(self.program, name)
         if not hasattr(step, "get_concrete_function"):  # expert parallel: the steps run eagerly

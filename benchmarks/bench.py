@@ -205,15 +205,22 @@ class PeakResident:
 
 
 def machine() -> dict:
-    """The CPU the numbers were measured on."""
+    """The CPU the numbers were measured on. Virtual machines of one CPU name differ in what moves these numbers
+    (three 2-core "Intel Xeon Processor" machines measured decode ratios from 1.08 to 1.33), so the last-level
+    cache and whether the cores have 512-bit vectors are recorded too, where Linux states them."""
     import os
     import platform
 
     cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-             if line.startswith("model name")]
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), None)
+    caches = sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"))
+    last = caches[-1] if caches else None
     return {"cpu": names[0] if names else platform.processor(), "cores": os.cpu_count(),
-            "platform": platform.platform()}
+            "platform": platform.platform(),
+            "last_level_cache": None if last is None else (last / "size").read_text().strip(),
+            "avx512": None if flags is None else "avx512f" in flags}
 
 
 # Idle seconds before each timed call: the BLAS and OpenMP worker threads of the implementation timed before
@@ -334,8 +341,11 @@ def table(result: dict) -> str:
              "prefill GFLOP/s": f"{r['prefill_flops_per_s'] / 1e9:.1f}", "decode GB/s": f"{r['decode_bytes_per_s'] / 1e9:.1f}",
              "held (GiB)": f"{r['memory_gib']:.2f}", "peak (GiB)": f"{r['peak_memory_gib']:.2f}"}
             for name, r in result["results"].items()]
-    f = result["floors"]
-    return (tabulate(rows, headers="keys", disable_numparse=True) +
+    f, m = result["floors"], result["machine"]
+    labels = {"last_level_cache": "last-level cache", "avx512": "512-bit vectors"}
+    recorded = "".join(f", {label} {m[key]}" for key, label in labels.items() if m.get(key) is not None)
+    return (f"machine: {m['cpu']}, {m['cores']} cores{recorded}\n"
+            + tabulate(rows, headers="keys", disable_numparse=True) +
             f"\nfloors: matmul {f['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s -> prefill >= {f['prefill_floor_s']:.3f} s; "
             f"read {f['read_bytes_per_s'] / 1e9:.1f} GB/s (rounds: {f['read_bytes_per_s_spread'][0] / 1e9:.1f}-"
             f"{f['read_bytes_per_s_spread'][1] / 1e9:.1f}) -> decode >= {f['decode_floor_ms']:.1f} ms"

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,20 @@ def test_the_ci_workload_runs_gated_and_writes_the_contract(tmp_path):
     assert all(r["peak_memory_gib"] >= r["memory_gib"] for r in result["results"].values())
     assert result["floors"]["matmul_flops_per_s"] > 0 and result["floors"]["read_bytes_per_s"] > 0
     assert result["gates"] and done.returncode == (0 if all(g["passed"] for g in result["gates"]) else 1), done.stdout
+
+
+def test_the_machine_record_names_what_tells_machines_of_one_cpu_name_apart():
+    record = bench.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo")
+    assert record["avx512"] == (" avx512f " in f" {cpuinfo.read_text()} ".replace("\n", " "))
+    cache = sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"))
+    assert record["last_level_cache"] == (cache[-1].read_text().strip() if cache else None)
+    assert f"last-level cache {record['last_level_cache']}" in bench.table(
+        {"machine": record, "results": {}, "floors": {"matmul_flops_per_s": 1e9, "prefill_floor_s": 1.0,
+                                                       "read_bytes_per_s": 1e9, "read_bytes_per_s_spread": [1e9, 1e9],
+                                                       "decode_floor_ms": 1.0}, "ratios": {}})
 
 
 def test_a_missed_gate_fails(monkeypatch, tmp_path):

@@ -206,7 +206,7 @@ class PeakResident:
 
 def machine() -> dict:
     """The CPU the numbers were measured on. Virtual machines of one CPU name differ in what moves these numbers
-    (three 2-core "Intel Xeon Processor" machines measured decode ratios from 1.08 to 1.33), so the last-level
+    (three 2-core "Intel Xeon Processor" machines measured decode ratios from 1.08 to 1.46), so the last-level
     cache and whether the cores have 512-bit vectors are recorded too, where Linux states them."""
     import os
     import platform

@@ -10,6 +10,7 @@ import pytest
 from conformance.checks.strategies import build_weights
 from conformance.conftest import selected_backends
 from conformance.format.config import deepseek_v3_671b, tiny, tiny_fp8
+from conformance.format.numerics import Numerics
 from reference.fp8 import E4M3_MAX
 
 
@@ -66,7 +67,8 @@ def test_a_bound_step_takes_new_per_call_tensors_and_keeps_the_rest():
 
 
 def test_prefill_in_the_naive_form_then_absorbed_decode_matches_the_reference():
-    """`prefill_form` (what the benchmark runs: a naive prefill, absorbed decode steps) changes no logit."""
+    """`prefill_form` (what the benchmark runs: a naive prefill in causal query blocks, absorbed decode steps)
+    changes no logit; 7 prompt tokens make the blocks uneven (2, 2, 2, 1)."""
     from conformance.verdict import expect_close
     from impl.model import Transformer
     from reference.model import Transformer as Reference
@@ -75,11 +77,36 @@ def test_prefill_in_the_naive_form_then_absorbed_decode_matches_the_reference():
     weights = build_weights(config, seed=5)
     model, reference = Transformer(config, weights, prefill_form="naive"), Reference(config, weights)
     assert (model.program.prefill_form, model.program.attention_form) == ("naive", "absorbed")
-    prompt = np.arange(12).reshape(2, 6) * 7 % config.vocab_size
+    prompt = np.arange(14).reshape(2, 7) * 7 % config.vocab_size
     expect_close("prefill logits", model.prefill(prompt)[0], reference.prefill(prompt).logits, "cross.float32")
     for step in ([3, 4], [5, 6]):
         expect_close("decode logits", model.decode(np.array(step))[0], reference.decode(np.array(step)).logits,
                      "cross.float32")
+
+
+@pytest.mark.parametrize("queries, keys", [(7, 7), (5, 9)])
+def test_naive_attention_in_query_blocks_sees_every_visible_key(queries, keys):
+    """Blocks of queries scored only against the keys up to their last query give the one-block result, for a
+    prompt (queries = keys) and for queries that are the last of more keys (a verify step's drafts)."""
+    import tensorflow as tf
+
+    from conformance.verdict import expect_close
+    from impl import attention
+    from impl.model import to_tf
+
+    config = tiny()
+    weights = to_tf(build_weights(config, seed=5).layers[0].attn, tf.float32)
+    rng = np.random.default_rng(0)
+
+    def tensor(*shape):
+        return tf.constant(rng.standard_normal(shape), tf.float32)
+    inputs = (tensor(2, queries, config.n_heads, config.qk_nope_head_dim),
+              tensor(2, queries, config.n_heads, config.qk_rope_head_dim), tensor(2, keys, config.kv_lora_rank),
+              tensor(2, keys, config.qk_rope_head_dim))
+    mask = attention.causal_mask(keys - queries, queries, keys)
+    one, blocked = (attention.naive_attention(*inputs, weights, config, Numerics(), mask, 0.3, blocks)
+                    for blocks in (1, 3))
+    expect_close("blocked attention", blocked, one, "cross.float32")
 
 
 def test_attention_window_covers_the_filled_positions_with_little_more():

@@ -87,7 +87,7 @@ def test_prefill_in_the_naive_form_then_absorbed_decode_matches_the_reference():
 @pytest.mark.parametrize("queries, keys", [(7, 7), (5, 9)])
 def test_naive_attention_in_query_blocks_sees_every_visible_key(queries, keys):
     """Blocks of queries scored only against the keys up to their last query give the one-block result, for a
-    prompt (queries = keys) and for queries that are the last of more keys (a verify step's drafts)."""
+    prompt (queries = keys) and for queries that are the last of more keys (a step after a cached prefix)."""
     import tensorflow as tf
 
     from conformance.verdict import expect_close

@@ -123,7 +123,7 @@ def naive_attention(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, 
         scores = tf.matmul(queries[:, :, start:end], keys[:, :, :visible], transpose_b=True)
         probabilities = masked_softmax(scores, mask[None, None, start:end, :visible], scale, q_nope.dtype)
         outputs.append(tf.matmul(probabilities, values[:, :, :visible]))
-    return tf.transpose(outputs[0] if len(outputs) == 1 else tf.concat(outputs, 2), [0, 2, 1, 3])
+    return tf.transpose(tf.concat(outputs, 2), [0, 2, 1, 3])
 
 
 def absorbed_attention(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, rope_key: tf.Tensor,

@@ -14,7 +14,9 @@ only, plus causal attention scores) and the bytes of weights a decode step must 
 (every tensor but the embedding and the routed experts, plus those the step's tokens use: at most k per
 token per MoE layer). Memory per implementation: what it holds once built (weights, caches) and its peak
 while running (held plus the most its warm-up calls added, sampled every 2 ms; compilation included).
-Ratios are taken against each peer and against the floors; `--gate` checks them against
+Each round also records the share of CPU time the hypervisor gave to other machines while it ran (steal,
+from /proc/stat), printed beside the machine: a round slowed by a neighbour shows there. Ratios are taken
+against each peer and against the floors; `--gate` checks them against
 benchmarks/gates.json and fails the command when one is missed.
 
 Workloads:
@@ -223,6 +225,24 @@ def machine() -> dict:
             "avx512": None if flags is None else "avx512f" in flags}
 
 
+def cpu_times(stat: Path = Path("/proc/stat")) -> tuple[int, int] | None:
+    """(steal, total) clock ticks of all CPUs so far, from the first line of /proc/stat (user nice system idle
+    iowait irq softirq steal ...; guest time is counted in user already), None where Linux does not state them.
+    Steal is the time the hypervisor ran other machines while this one had work: on a shared virtual machine it
+    is what a slow round was waiting for."""
+    if not stat.exists():
+        return None
+    fields = [int(v) for v in stat.read_text().splitlines()[0].split()[1:9]]
+    return (fields[7], sum(fields)) if len(fields) == 8 else None
+
+
+def steal_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the CPU time between two `cpu_times` readings that went to other machines."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 # Idle seconds before each timed call: the BLAS and OpenMP worker threads of the implementation timed before
 # spin on the cores for a while after its last call, and would slow whichever runs next.
 SETTLE_S = 0.3
@@ -275,12 +295,15 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
             for measure in measures.values():
                 measure(built[name])
         peak[name] = memory[name] + sampled.rise
+    steal = []  # per round: the share of CPU time the hypervisor gave to other machines
     for round_ in tqdm(range(rounds), desc=f"bench {workload}", unit="round"):
+        before = cpu_times()
         for key, probe in probes.items():  # the machine's floors in every round, beside what they bound
             probed[key].append(probe())
         for name in peers[round_ % len(peers):] + peers[:round_ % len(peers)]:  # who runs first rotates
             for key, measure in measures.items():
                 samples[name][key].append(measure(built[name]))
+        steal.append(steal_fraction(before, cpu_times()))
     floors = {key: None if None in values else statistics.median(values) for key, values in probed.items()}
     floors["read_bytes_per_s_spread"] = [min(probed["read_bytes_per_s"]), max(probed["read_bytes_per_s"])]
     flops = prefill_flops(config, 1, spec["prompt"])
@@ -299,7 +322,8 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
                          "memory_gib": memory[name], "peak_memory_gib": peak[name]}
     floors.update(prefill_flops=flops, prefill_floor_s=flops / floors["matmul_flops_per_s"], decode_bytes=needed,
                   decode_floor_ms=1e3 * needed / floors["read_bytes_per_s"])
-    return {"workload": workload, "config": config.name, "machine": machine(), "prompt": spec["prompt"],
+    return {"workload": workload, "config": config.name, "machine": machine(), "steal_per_round": steal,
+            "prompt": spec["prompt"],
             "decode_steps": spec["decode"], "rounds": rounds, "results": results, "left_out": left_out,
             "floors": floors, "ratios": ratios(results, floors)}
 
@@ -344,7 +368,10 @@ def table(result: dict) -> str:
     f, m = result["floors"], result["machine"]
     labels = {"last_level_cache": "last-level cache", "avx512": "512-bit vectors"}
     recorded = "".join(f", {label} {m[key]}" for key, label in labels.items() if m.get(key) is not None)
-    return (f"machine: {m['cpu']}, {m['cores']} cores{recorded}\n"
+    steal = [share for share in result.get("steal_per_round", ()) if share is not None]
+    contended = (f"; CPU time taken by other machines (steal) per round {100 * min(steal):.1f}-{100 * max(steal):.1f}%"
+                 if steal else "")
+    return (f"machine: {m['cpu']}, {m['cores']} cores{recorded}{contended}\n"
             + tabulate(rows, headers="keys", disable_numparse=True) +
             f"\nfloors: matmul {f['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s -> prefill >= {f['prefill_floor_s']:.3f} s; "
             f"read {f['read_bytes_per_s'] / 1e9:.1f} GB/s (rounds: {f['read_bytes_per_s_spread'][0] / 1e9:.1f}-"

@@ -37,10 +37,27 @@ def test_the_machine_record_names_what_tells_machines_of_one_cpu_name_apart():
     assert record["avx512"] == (" avx512f " in f" {cpuinfo.read_text()} ".replace("\n", " "))
     cache = sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"))
     assert record["last_level_cache"] == (cache[-1].read_text().strip() if cache else None)
-    assert f"last-level cache {record['last_level_cache']}" in bench.table(
-        {"machine": record, "results": {}, "floors": {"matmul_flops_per_s": 1e9, "prefill_floor_s": 1.0,
-                                                       "read_bytes_per_s": 1e9, "read_bytes_per_s_spread": [1e9, 1e9],
-                                                       "decode_floor_ms": 1.0}, "ratios": {}})
+    assert f"last-level cache {record['last_level_cache']}" in _table(record)
+
+
+def _table(record: dict, **more) -> str:
+    """The table of a run with no implementations, on `record`'s machine."""
+    return bench.table({"machine": record, "results": {}, "ratios": {}, **more,
+                        "floors": {"matmul_flops_per_s": 1e9, "prefill_floor_s": 1.0, "read_bytes_per_s": 1e9,
+                                   "read_bytes_per_s_spread": [1e9, 1e9], "decode_floor_ms": 1.0}})
+
+
+def test_steal_is_the_share_of_cpu_time_other_machines_took(tmp_path):
+    # proc(5): the first line sums all CPUs: user nice system idle iowait irq softirq steal guest guest_nice
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 10 0 5 35 7 0\ncpu0 50 0 25 400 5 0 2 18 3 0\n")
+    before = bench.cpu_times(stat)
+    stat.write_text("cpu  200 0 60 1500 10 0 5 235 9 0\ncpu0 100 0 30 750 5 0 2 118 4 0\n")
+    after = bench.cpu_times(stat)
+    assert before == (35, 1000) and after == (235, 2010)
+    assert bench.steal_fraction(before, after) == pytest.approx(200 / 1010)
+    assert bench.steal_fraction(None, after) is None and bench.cpu_times(tmp_path / "absent") is None
+    assert "(steal) per round 2.0-30.0%" in _table(bench.machine(), steal_per_round=[0.3, None, 0.02])
 
 
 def test_a_missed_gate_fails(monkeypatch, tmp_path):

@@ -15,8 +15,8 @@ only, plus causal attention scores) and the bytes of weights a decode step must 
 token per MoE layer). Memory per implementation: what it holds once built (weights, caches) and its peak
 while running (held plus the most its warm-up calls added, sampled every 2 ms; compilation included).
 Each round also records the share of CPU time the hypervisor gave to other machines while it ran (steal,
-from /proc/stat), printed beside the machine: a round slowed by a neighbour shows there. Ratios are taken
-against each peer and against the floors; `--gate` checks them against
+from /proc/stat), printed beside the machine: a neighbour taking the cores shows there, one taking memory
+bandwidth in the floors. Ratios are taken against each peer and against the floors; `--gate` checks them against
 benchmarks/gates.json and fails the command when one is missed.
 
 Workloads:
@@ -228,8 +228,8 @@ def machine() -> dict:
 def cpu_times(stat: Path = Path("/proc/stat")) -> tuple[int, int] | None:
     """(steal, total) clock ticks of all CPUs so far, from the first line of /proc/stat (user nice system idle
     iowait irq softirq steal ...; guest time is counted in user already), None where Linux does not state them.
-    Steal is the time the hypervisor ran other machines while this one had work: on a shared virtual machine it
-    is what a slow round was waiting for."""
+    Steal is the time the hypervisor ran other machines while this one had work to do; neighbours that take
+    memory bandwidth instead show in the floors measured in the same round, not here."""
     if not stat.exists():
         return None
     fields = [int(v) for v in stat.read_text().splitlines()[0].split()[1:9]]
@@ -323,9 +323,8 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
     floors.update(prefill_flops=flops, prefill_floor_s=flops / floors["matmul_flops_per_s"], decode_bytes=needed,
                   decode_floor_ms=1e3 * needed / floors["read_bytes_per_s"])
     return {"workload": workload, "config": config.name, "machine": machine(), "steal_per_round": steal,
-            "prompt": spec["prompt"],
-            "decode_steps": spec["decode"], "rounds": rounds, "results": results, "left_out": left_out,
-            "floors": floors, "ratios": ratios(results, floors)}
+            "prompt": spec["prompt"], "decode_steps": spec["decode"], "rounds": rounds, "results": results,
+            "left_out": left_out, "floors": floors, "ratios": ratios(results, floors)}
 
 
 def ratios(results: dict, floors: dict) -> dict:

@@ -22,7 +22,8 @@ def test_the_ci_workload_runs_gated_and_writes_the_contract(tmp_path):
     done = subprocess.run([sys.executable, "-m", "conformance.cli", "bench", "--workload", "tiny", "--gate",
                            "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     result = json.loads(out.read_text())
-    assert {"workload", "results", "floors", "ratios"} <= set(result)
+    assert {"workload", "results", "floors", "ratios", "steal_per_round"} <= set(result)
+    assert len(result["steal_per_round"]) == result["rounds"]
     assert {"prefill_s", "decode_ms"} <= set(result["results"]["tf"]) and "reference" in result["results"]
     assert all(r["peak_memory_gib"] >= r["memory_gib"] for r in result["results"].values())
     assert result["floors"]["matmul_flops_per_s"] > 0 and result["floors"]["read_bytes_per_s"] > 0

@@ -10,7 +10,8 @@ floors are measured too, and their medians reported: the fp32 matmul rate (NumPy
 so a floor taken once would say more about the minute than the implementation) and, for MoE workloads, the
 matmul rate at the shape a prefill's experts have (mean copies per expert x one expert's projections). Each
 workload's work is counted: prefill FLOPs (2 x activated parameters per token, the head at the last position
-only, plus causal attention scores) and the bytes of weights a decode step must read as they are stored
+only, plus causal attention scores; for bench-small and tiny only what the last logits and the caches need, which
+TF computes and no more: see prefill_flops) and the bytes of weights a decode step must read as they are stored
 (every tensor but the embedding and the routed experts, plus those the step's tokens use: at most k per
 token per MoE layer). Memory per implementation: what it holds once built (weights, caches) and its peak
 while running (held plus the most its warm-up calls added, sampled every 2 ms; compilation included).
@@ -21,7 +22,9 @@ benchmarks/gates.json and fails the command when one is missed.
 
 Workloads:
 - bench-small: 8 layers, hidden 1024, 64 experts (top-6), vocabulary 32000; prefill of 512 tokens at batch 1,
-  32 decode steps, and a decode step at batch 8;
+  32 decode steps, and a decode step at batch 8; TF's prefill computes the last block at the last position only
+  (trim_last_block of impl.model.Transformer: the prefill of generation, which needs the last logits and the
+  caches); so does tiny's. The single-layer workloads measure a layer over every position, untrimmed;
 - tiny: the CI workload, 2 layers, hidden 256, 16 experts; prefill 128 tokens, 16 decode steps;
 - layer-dense: one full-width dense layer of the 671B config (hidden 7168, 128 heads, FFN 18432), float32;
   prefill of 64 tokens, decode at batch 1 and 8;
@@ -60,12 +63,12 @@ WORKLOADS = {
                                     n_activated_experts=6, n_expert_groups=8, n_limited_groups=3, route_scale=2.5,
                                     q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
                                     v_head_dim=64, rope_scaling=None, max_seq_len=1024, name="bench-small"),
-                        prompt=512, decode=32, decode_batch=8, rounds=4),
+                        prompt=512, decode=32, decode_batch=8, rounds=4, trim_last_block=True),
     "tiny": dict(config=tiny(vocab_size=4096, dim=256, inter_dim=512, moe_inter_dim=128, n_layers=2, n_dense_layers=1,
                              n_heads=4, n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
                              n_limited_groups=2, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32,
                              qk_rope_head_dim=32, v_head_dim=32, rope_scaling=None, max_seq_len=256, name="bench-tiny"),
-                 prompt=128, decode=16, decode_batch=8, rounds=3),
+                 prompt=128, decode=16, decode_batch=8, rounds=3, trim_last_block=True),
     # One full-width dense layer of the 671B config (float32; vocabulary cut to 4096 so the embedding and the
     # head stay small, YaRN off so every peer runs the same rotation): 64 tokens of prefill, decode at batch 1
     # and batch 8.
@@ -138,13 +141,25 @@ def read_bandwidth(megabytes: int = 400, repeats: int = 3) -> float:
     return matrix.nbytes / _fastest(lambda: matrix @ vector, repeats)
 
 
-def prefill_flops(config: ModelConfig, batch: int, length: int) -> float:
-    counts = count_parameters(config.replace(n_mtp_layers=0))
-    head = config.vocab_size * config.dim
-    per_token = counts.activated - head
-    attention = config.n_layers * config.n_heads * length * (length + 1) / 2 * \
-        (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * 2
-    return 2 * per_token * batch * length + 2 * head * batch + attention * batch
+def _activated_below_head(config: ModelConfig) -> int:
+    """Parameters a token multiplies with in the blocks (activated, without the embedding and the head)."""
+    return count_parameters(config.replace(n_mtp_layers=0)).activated - config.vocab_size * config.dim
+
+
+def prefill_flops(config: ModelConfig, batch: int, length: int, trimmed: bool = False) -> float:
+    """FLOPs of a prefill for the last position's logits: 2 per activated parameter and token, the head at the
+    last position only, plus the causal attention's scores and values. `trimmed`: only the work those logits and
+    the caches need, as TF's trim_last_block does it (the peers compute every position): the last block's
+    queries, attention output and FFN at the last position, its kv projection still at every position."""
+    per_query = config.n_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * 2
+    causal = length * (length + 1) / 2  # the (query, key) pairs a block scores
+    flops = 2 * _activated_below_head(config) * length + 2 * config.vocab_size * config.dim + \
+        config.n_layers * per_query * causal
+    if trimmed:
+        last_block = _activated_below_head(config) - _activated_below_head(config.replace(n_layers=config.n_layers - 1))
+        kv_projection = config.dim * (config.kv_lora_rank + config.qk_rope_head_dim)
+        flops -= 2 * (last_block - kv_projection) * (length - 1) + per_query * (causal - length)
+    return batch * flops
 
 
 def decode_bytes(weights: ModelWeights, config: ModelConfig, batch: int) -> float:
@@ -270,7 +285,7 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
     built, memory = {}, {}
     for name in peers:
         before = _resident_gib()
-        built[name] = make_peer(name, config, weights, official)
+        built[name] = make_peer(name, config, weights, official, spec.get("trim_last_block", False))
         memory[name] = _resident_gib() - before  # what the implementation holds (weights, caches), measured
     probes = {"matmul_flops_per_s": matmul_rate, "read_bytes_per_s": read_bandwidth,
               "expert_matmul_flops_per_s": lambda: expert_matmul_rate(config, spec["prompt"])}
@@ -306,7 +321,7 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
         steal.append(steal_fraction(before, cpu_times()))
     floors = {key: None if None in values else statistics.median(values) for key, values in probed.items()}
     floors["read_bytes_per_s_spread"] = [min(probed["read_bytes_per_s"]), max(probed["read_bytes_per_s"])]
-    flops = prefill_flops(config, 1, spec["prompt"])
+    flops = prefill_flops(config, 1, spec["prompt"], spec.get("trim_last_block", False))
     needed = decode_bytes(weights, config, 1)
     results = {}
     for name in peers:

@@ -1,8 +1,9 @@
 """The implementations a benchmark runs side by side, each behind the same two calls on the same weights:
 `prefill(tokens [B, S]) -> last logits [B, V]` and `decode(tokens [B]) -> logits [B, V]`.
 
-- tf: this project's TensorFlow implementation, float32, computing the prompt's last logits only; its prefill
-  attends in the naive form (fewer FLOPs over a long prompt), its decode in the absorbed form;
+- tf: this project's TensorFlow implementation, float32, computing the prompt's last logits only (where a
+  workload asks for it, its last block at the last position only: trim_last_block); its prefill attends in the
+  naive form (fewer FLOPs over a long prompt), its decode in the absorbed form;
 - reference: the NumPy reference in float32;
 - hf: transformers' DeepseekV3ForCausalLM, float32 on the CPU with sdpa attention, `logits_to_keep=1`;
 - official: the official `inference/model.py` from a checkout the caller gives (its forward returns the
@@ -35,10 +36,10 @@ class Peer:
 class TFPeer(Peer):
     name = "tf"
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights):
+    def __init__(self, config: ModelConfig, weights: ModelWeights, trim_last_block: bool = False):
         from impl.model import Transformer
 
-        self.model = Transformer(config, weights, logits="last", prefill_form="naive")
+        self.model = Transformer(config, weights, logits="last", prefill_form="naive", trim_last_block=trim_last_block)
 
     def prefill(self, tokens):
         return self.model.prefill(tokens, capacity=self.model.config.max_seq_len)[0][:, -1]
@@ -137,7 +138,11 @@ def _torch(array: np.ndarray):
     return torch.from_numpy(array)
 
 
-def make_peer(name: str, config: ModelConfig, weights: ModelWeights, official: Path | None = None) -> Peer:
+def make_peer(name: str, config: ModelConfig, weights: ModelWeights, official: Path | None = None,
+              trim_last_block: bool = False) -> Peer:
+    """The peer `name`; `trim_last_block` reaches TF only (the others compute every position)."""
     if name == "official":
         return OfficialPeer(config, weights, official)
-    return {"tf": TFPeer, "reference": ReferencePeer, "hf": HFPeer}[name](config, weights)
+    if name == "tf":
+        return TFPeer(config, weights, trim_last_block)
+    return {"reference": ReferencePeer, "hf": HFPeer}[name](config, weights)

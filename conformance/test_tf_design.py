@@ -84,6 +84,38 @@ def test_prefill_in_the_naive_form_then_absorbed_decode_matches_the_reference():
                      "cross.float32")
 
 
+def test_a_trimmed_prefill_keeps_the_last_logits_and_whole_caches():
+    """trim_last_block (the benchmark's prefill for generation): the last block's queries, output and FFN run at
+    the last position only, yet the last logits and the decode steps over the caches it filled keep the
+    reference's values; the last block's output and experts cover the last position only."""
+    from conformance.verdict import expect_close
+    from impl.model import Transformer
+    from reference.model import Transformer as Reference
+
+    config = tiny(vocab_size=306, n_mtp_layers=0)
+    weights = build_weights(config, seed=5)
+    model = Transformer(config, weights, logits="last", prefill_form="naive", trim_last_block=True)
+    reference = Reference(config, weights)
+    prompt = np.arange(14).reshape(2, 7) * 5 % config.vocab_size
+    logits, hidden, experts = model.prefill(prompt)
+    expect_close("last prefill logits", logits[:, -1], reference.prefill(prompt).logits[:, -1], "cross.float32")
+    assert [h.shape[1] for h in hidden] == [7] * (config.n_layers - 1) + [1]
+    assert experts[-1].shape == (2, config.n_activated_experts)
+    for step in ([3, 4], [5, 6]):
+        expect_close("decode logits", model.decode(np.array(step))[0], reference.decode(np.array(step)).logits,
+                     "cross.float32")
+
+
+@pytest.mark.parametrize("logits, mtp_layers", [("all", 0), ("last", 1)])
+def test_trimming_is_refused_where_a_position_would_be_missing(logits, mtp_layers):
+    """All positions' logits, or MTP modules reading every position's final state, need the whole last block."""
+    from impl.model import Transformer
+
+    config = tiny(vocab_size=307, n_mtp_layers=mtp_layers)
+    with pytest.raises(ValueError, match="trim_last_block"):
+        Transformer(config, build_weights(config, seed=5), logits=logits, trim_last_block=True)
+
+
 @pytest.mark.parametrize("queries, keys", [(7, 7), (5, 9)])
 def test_naive_attention_in_query_blocks_sees_every_visible_key(queries, keys):
     """Blocks of queries scored only against the keys up to their last query give the one-block result, for a

@@ -70,13 +70,15 @@ def test_a_missed_gate_fails(monkeypatch, tmp_path):
                                          "passed": False}]
 
 
-@pytest.mark.parametrize("peer", ["tf", "hf"])
-def test_every_peer_computes_the_same_model(peer):
+@pytest.mark.parametrize("peer, trimmed", [("tf", False), ("tf", True), ("hf", False)])
+def test_every_peer_computes_the_same_model(peer, trimmed):
+    """Trimmed, TF's only block runs at the last position: its logits, and a decode step over the caches that
+    prefill filled, stay the reference's."""
     pytest.importorskip("transformers")
     config = bench.WORKLOADS["tiny"]["config"].replace(n_layers=1, n_dense_layers=0, vocab_size=512)
     weights = bench.bench_weights(config)
     tokens = np.random.default_rng(0).integers(0, 512, (1, 12))
-    reference, other = make_peer("reference", config, weights), make_peer(peer, config, weights)
+    reference, other = make_peer("reference", config, weights), make_peer(peer, config, weights, None, trimmed)
     assert np.allclose(other.prefill(tokens), reference.prefill(tokens), rtol=1e-4, atol=1e-4)
     assert np.allclose(other.decode(np.array([3])), reference.decode(np.array([3])), rtol=1e-4, atol=1e-4)
 
@@ -110,6 +112,24 @@ def test_work_counts_of_a_hand_counted_config():
     read = count_parameters(config.replace(n_mtp_layers=0)).main - config.vocab_size * config.dim - unused * expert
     assert bench.decode_bytes(weights, config, 1) == 4 * read
     assert bench.decode_bytes(weights, config, 64) - bench.decode_bytes(weights, config, 1) == 4 * unused * expert
+
+
+def test_a_trimmed_prefill_counts_the_last_block_at_one_position():
+    """What trimming leaves out, counted by hand for the tiny workload (its last block is a MoE block): every
+    projection of that block but the kv one (still needed for the cache) at all but the last position, and the
+    attention of all but the last query."""
+    config = bench.WORKLOADS["tiny"]["config"]
+    length, heads, dim = 128, config.n_heads, config.dim
+    kv = dim * (config.kv_lora_rank + config.qk_rope_head_dim)
+    attention = (dim * config.q_lora_rank + config.q_lora_rank + config.q_lora_rank * heads * config.qk_head_dim + kv
+                 + config.kv_lora_rank + config.kv_lora_rank * heads * (config.qk_nope_head_dim + config.v_head_dim)
+                 + heads * config.v_head_dim * dim)
+    router = config.n_routed_experts * (dim + 1)  # weight and bias
+    experts = (config.n_shared_experts + config.n_activated_experts) * 3 * dim * config.moe_inter_dim
+    block = attention + 2 * dim + router + experts  # 2 norms
+    per_query = heads * (config.qk_head_dim + config.v_head_dim) * 2
+    left_out = 2 * (block - kv) * (length - 1) + per_query * (length * (length + 1) / 2 - length)
+    assert bench.prefill_flops(config, 2, length) - bench.prefill_flops(config, 2, length, trimmed=True) == 2 * left_out
 
 
 def test_fp8_weights_are_counted_as_stored():

@@ -153,10 +153,10 @@ def prefill_flops(config: ModelConfig, batch: int, length: int, trimmed: bool = 
     queries, attention output and FFN at the last position, its kv projection still at every position."""
     per_query = config.n_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * 2
     causal = length * (length + 1) / 2  # the (query, key) pairs a block scores
-    flops = 2 * _activated_below_head(config) * length + 2 * config.vocab_size * config.dim + \
-        config.n_layers * per_query * causal
+    activated = _activated_below_head(config)
+    flops = 2 * activated * length + 2 * config.vocab_size * config.dim + config.n_layers * per_query * causal
     if trimmed:
-        last_block = _activated_below_head(config) - _activated_below_head(config.replace(n_layers=config.n_layers - 1))
+        last_block = activated - _activated_below_head(config.replace(n_layers=config.n_layers - 1))
         kv_projection = config.dim * (config.kv_lora_rank + config.qk_rope_head_dim)
         flops -= 2 * (last_block - kv_projection) * (length - 1) + per_query * (causal - length)
     return batch * flops
@@ -275,6 +275,7 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
 
     spec = WORKLOADS[workload]
     config, rounds = spec["config"], rounds or spec["rounds"]
+    trimmed = spec.get("trim_last_block", False)
     left_out = {name: why for name, why in spec.get("unsupported", {}).items() if name in peers}
     peers = [name for name in peers if name not in left_out]
     weights = bench_weights(config)
@@ -285,7 +286,7 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
     built, memory = {}, {}
     for name in peers:
         before = _resident_gib()
-        built[name] = make_peer(name, config, weights, official, spec.get("trim_last_block", False))
+        built[name] = make_peer(name, config, weights, official, trimmed)
         memory[name] = _resident_gib() - before  # what the implementation holds (weights, caches), measured
     probes = {"matmul_flops_per_s": matmul_rate, "read_bytes_per_s": read_bandwidth,
               "expert_matmul_flops_per_s": lambda: expert_matmul_rate(config, spec["prompt"])}
@@ -321,7 +322,7 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
         steal.append(steal_fraction(before, cpu_times()))
     floors = {key: None if None in values else statistics.median(values) for key, values in probed.items()}
     floors["read_bytes_per_s_spread"] = [min(probed["read_bytes_per_s"]), max(probed["read_bytes_per_s"])]
-    flops = prefill_flops(config, 1, spec["prompt"], spec.get("trim_last_block", False))
+    flops = prefill_flops(config, 1, spec["prompt"], trimmed)
     needed = decode_bytes(weights, config, 1)
     results = {}
     for name in peers:

@@ -216,6 +216,31 @@ def experts_in_place(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacke
     return out
 
 
+def _fp8_groups_in_turn(ordered: tf.Tensor, counts: tf.Tensor, stacked: FFNWeights, rows: dict[int, int],
+                        config: ModelConfig, numerics: Numerics) -> tf.Tensor:
+    """The expert groups of fp8 experts (the copies `ordered` by expert, `counts` [E] rows each) in one loop over
+    the experts, one at a time, an expert dequantized (4 bytes a weight) only when its group has rows: TensorFlow's
+    executor otherwise ran every expert's dequantization ahead of the matmuls, holding all of them in float32 at
+    once (a full-width layer of 64 experts: 11 GB). One loop body, not a branch per expert: tracing a branch per
+    expert of the fp8 GEMM's ops took most of a golden case's minute. An expert without a row of the stack in
+    `rows` (not resident) yields zeros."""
+    n_experts = config.n_routed_experts
+    held = tf.constant([e in rows for e in range(n_experts)])
+    stack_row = tf.constant([rows.get(e, 0) for e in range(n_experts)])
+    starts = tf.cumsum(counts, exclusive=True)
+
+    def body(e, outputs):
+        group = ordered[starts[e]: starts[e] + counts[e]]
+        out = tf.cond(held[e] & (counts[e] > 0),
+                      lambda: _expert_ffn(group, _one_expert(stacked, stack_row[e]), numerics),
+                      lambda: tf.zeros_like(group))
+        return e + 1, outputs.write(e, out)
+
+    outputs = tf.TensorArray(ordered.dtype, size=n_experts, infer_shape=False, element_shape=[None, config.dim])
+    _, outputs = tf.while_loop(lambda e, _: e < n_experts, body, (tf.constant(0), outputs), parallel_iterations=1)
+    return outputs.concat()
+
+
 def grouped_experts(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked: FFNWeights, config: ModelConfig,
                     numerics: Numerics, resident: tuple[int, ...] | None = None) -> tf.Tensor:
     """The routed experts outside XLA, where shapes may depend on the routing: the T*k copies sorted by expert
@@ -223,27 +248,19 @@ def grouped_experts(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked
     copies weighted and summed back per token. Exactly T*k rows, no padding, no weight copied: on 2 cores a
     bench-small MoE layer over 512 tokens took 40 ms this way and 165 ms as XLA tiles (measured side by side).
     With only some experts `resident` (the stack holds those alone, in that order), a group routed elsewhere
-    yields zeros: such a step is refused afterwards (impl.model checks the routing). fp8 experts are dequantized
-    in turn and only for groups with rows: TensorFlow's executor otherwise ran every expert's dequantization
-    ahead of the matmuls, holding all of them in float32 at once (a full-width layer of 64 experts: 11 GB)."""
+    yields zeros: such a step is refused afterwards (impl.model checks the routing). fp8 experts run in turn
+    (`_fp8_groups_in_turn`)."""
     tokens, n_experts = x.shape[0], config.n_routed_experts
     flat_expert, _, sorted_token, sorted_gating = sorted_copies(experts, gating, x.dtype)
     counts = tf.math.bincount(flat_expert, minlength=n_experts, maxlength=n_experts)
-    groups = tf.split(tf.gather(x, sorted_token), counts, num=n_experts)
+    ordered = tf.gather(x, sorted_token)
     rows = {expert: row for row, expert in enumerate(range(n_experts) if resident is None else resident)}
-    outputs, previous = [], []
-    for e, group in enumerate(groups):
-        if e not in rows:
-            outputs.append(tf.zeros_like(group))
-        elif stacked.gate_proj.scale_inv is None:
-            outputs.append(_expert_ffn(group, _one_expert(stacked, rows[e]), numerics))
-        else:  # fp8: an expert is dequantized (4 bytes a weight) only when its group has rows, one at a time
-            expert = _one_expert(stacked, rows[e])
-            with tf.control_dependencies(previous):
-                outputs.append(tf.cond(tf.shape(group)[0] > 0, lambda g=group, w=expert: _expert_ffn(g, w, numerics),
-                                       lambda g=group: tf.zeros_like(g)))
-            previous = outputs[-1:]
-    out = tf.concat(outputs, 0)
+    if stacked.gate_proj.scale_inv is not None:
+        out = _fp8_groups_in_turn(ordered, counts, stacked, rows, config, numerics)
+    else:
+        out = tf.concat([_expert_ffn(group, _one_expert(stacked, rows[e]), numerics) if e in rows
+                         else tf.zeros_like(group)
+                         for e, group in enumerate(tf.split(ordered, counts, num=n_experts))], 0)
     return tf.math.unsorted_segment_sum(out * sorted_gating[:, None], sorted_token, tokens)
 
 

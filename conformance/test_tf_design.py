@@ -243,6 +243,33 @@ def test_e4m3_bytes_decode_to_every_value():
     assert np.isnan(decoded[[0x7F, 0xFF]]).all() and np.isfinite(np.delete(decoded, [0x7F, 0xFF])).all()
 
 
+def test_e4m3_rounding_is_nearest_even_in_and_out_of_xla():
+    """Every finite e4m3 value, every midpoint between neighbours (a tie: to the even one), the floats just beside
+    each midpoint, random values over the range and beyond it: to_e4m3 gives what ml_dtypes' nearest-even cast
+    gives after the clip, eagerly and fused by XLA between other operations (impl.fp8.round_to_e4m3_grid says
+    where XLA's own convert had rounded one step off)."""
+    import ml_dtypes
+    import tensorflow as tf
+
+    from impl.fp8 import to_e4m3
+
+    values = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    values = np.unique(values[np.isfinite(values)])
+    midpoints = ((values[:-1].astype(np.float64) + values[1:]) / 2).astype(np.float32)
+    rng = np.random.default_rng(3)
+    x = np.concatenate([values, midpoints, np.nextafter(midpoints, -np.inf), np.nextafter(midpoints, np.inf),
+                        rng.standard_normal(20000).astype(np.float32) * np.float32(30.0),
+                        rng.standard_normal(20000).astype(np.float32) * np.float32(0.01), [600.0, -1e30]])
+    x = x.astype(np.float32)
+    expected = np.clip(x, -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+
+    def fused(v):  # the cast between two elementwise ops: one XLA fusion
+        return tf.cast(to_e4m3(v * 2.0 - v), tf.float32) * 4.0
+
+    np.testing.assert_array_equal(tf.cast(to_e4m3(tf.constant(x)), tf.float32).numpy(), expected)
+    np.testing.assert_array_equal(tf.function(fused, jit_compile=True)(tf.constant(x)).numpy(), expected * 4)
+
+
 def test_cast_rule_is_needed_in_tensorflow():
     """TensorFlow's own cast gives NaN beyond 448 where torch saturates; impl.fp8.to_e4m3 saturates."""
     import tensorflow as tf

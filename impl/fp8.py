@@ -19,9 +19,33 @@ E4M3 = tf.as_dtype("float8_e4m3fn")
 ACT_AMAX_FLOOR = 1e-4
 
 
+E4M3_MIN_NORMAL = 2.0 ** -6  # below it e4m3 is subnormal, spaced 2^-9
+E4M3_DROPPED_BITS = 20  # float32 keeps 23 mantissa bits, e4m3 3
+
+
+def round_to_e4m3_grid(x: tf.Tensor) -> tf.Tensor:
+    """Float32 x (within +-448) rounded to the nearest e4m3 value, ties to even, still in float32.
+
+    Inside some fusions XLA on the CPU converts float32 to e4m3 through float16, rounding twice: an expert's
+    hidden value -123.995 became -124 (float16), a tie, then -128, where the nearest e4m3 is -120 (measured in
+    a decode step of golden/official/v3-tiny-fp8-act: 2% off in that expert's output, 3e-2 in the logits).
+    So the rounding is done here, once and exactly, and the cast that follows is exact on any route: normal
+    numbers drop 20 mantissa bits to nearest-even on their bits, subnormals round x * 2^9 to an integer
+    (tf.round: ties to even). NaN stays NaN."""
+    bits = tf.bitcast(x, tf.int32)
+    odd = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, E4M3_DROPPED_BITS), 1)
+    half = (1 << (E4M3_DROPPED_BITS - 1)) - 1
+    kept = ~((1 << E4M3_DROPPED_BITS) - 1)
+    normal = tf.bitcast(tf.bitwise.bitwise_and(bits + half + odd, kept), tf.float32)
+    subnormal = tf.round(x * 2.0 ** 9) * 2.0 ** -9
+    rounded = tf.where(tf.abs(x) < E4M3_MIN_NORMAL, subnormal, normal)
+    return tf.where(tf.math.is_nan(x), x, rounded)
+
+
 def to_e4m3(x: tf.Tensor) -> tf.Tensor:
-    """Cast to e4m3fn under the harness rule (clip to +-448 first; NaN passes through the clip)."""
-    return tf.cast(tf.clip_by_value(tf.cast(x, tf.float32), -E4M3_MAX, E4M3_MAX), E4M3)
+    """Cast to e4m3fn under the harness rule (clip to +-448 first; NaN passes through the clip), rounded to
+    nearest-even by `round_to_e4m3_grid` whatever XLA fuses the cast with."""
+    return tf.cast(round_to_e4m3_grid(tf.clip_by_value(tf.cast(x, tf.float32), -E4M3_MAX, E4M3_MAX)), E4M3)
 
 
 def e4m3_values(weight: tf.Tensor) -> tf.Tensor:
@@ -132,9 +156,14 @@ def quantize_weight(weight: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 def _row_scaled_gemm(a_q: tf.Tensor, a_scale: tf.Tensor, b_q: tf.Tensor, b_scale: tf.Tensor) -> tf.Tensor:
     """a [..., M, K] @ b [..., N, K]^T where both operands carry a scale per row and 128-wide slice of K (the
     weight's block scales repeated over its rows in `fp8_gemm`; the Wgrad GEMM's two 128x1-tiled activation
-    operands as they are): each slice's product in float32, scaled by both, summed in float32."""
-    a, b = in_blocks(e4m3_values(a_q)), in_blocks(e4m3_values(b_q))
-    partial = tf.einsum("...mbk,...nbk->...mnb", a, b)
+    operands as they are): each slice's product exact, rounded to float32 once, scaled by both, summed in float32.
+
+    A slice's 128 e4m3 products are multiples of 2^-18 below 2^18, so their sum has at most 43 significant bits:
+    float64 holds it exactly in any order. Summed in float32, the order XLA picks (by shape: one row or
+    several) changed the rounding, and an ulp can flip a later e4m3 rounding (a golden case's decode logits
+    moved by 3e-2)."""
+    a, b = (in_blocks(tf.cast(e4m3_values(operand), tf.float64)) for operand in (a_q, b_q))
+    partial = tf.cast(tf.einsum("...mbk,...nbk->...mnb", a, b), tf.float32)
     return tf.reduce_sum(partial * tf.expand_dims(a_scale, -2) * tf.expand_dims(b_scale, -3), axis=-1)
 
 

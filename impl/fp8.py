@@ -130,7 +130,7 @@ def fp8_gemm(x_q: tf.Tensor, x_scale: tf.Tensor, w_q: tf.Tensor, w_scale: tf.Ten
     """Float32 x @ w^T from e4m3 operands with 128-wide K promotion.
 
     x_q [M, K] with w_q [N, K], or per-group x_q [G, M, K] with w_q [G, N, K]; scales [.., K/128] and
-    [.., ceil(N/128), K/128]. Each K block's product accumulates in float32, is scaled by both scales, and
+    [.., ceil(N/128), K/128]. Each K block's product is exact, then float32, scaled by both scales, and
     the blocks are summed in float32.
     """
     k = x_q.shape[-1]

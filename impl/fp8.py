@@ -159,9 +159,8 @@ def _row_scaled_gemm(a_q: tf.Tensor, a_scale: tf.Tensor, b_q: tf.Tensor, b_scale
     operands as they are): each slice's product exact, rounded to float32 once, scaled by both, summed in float32.
 
     A slice's 128 e4m3 products are multiples of 2^-18 below 2^18, so their sum has at most 43 significant bits:
-    float64 holds it exactly in any order. Summed in float32, the order XLA picks (by shape: one row or
-    several) changed the rounding, and an ulp can flip a later e4m3 rounding (a golden case's decode logits
-    moved by 3e-2)."""
+    float64 holds it exactly in any order. Summed in float32, the order XLA picks depends on the shape (one row
+    or several: sums an ulp apart, measured), and an ulp can flip a later e4m3 rounding."""
     a, b = (in_blocks(tf.cast(e4m3_values(operand), tf.float64)) for operand in (a_q, b_q))
     partial = tf.cast(tf.einsum("...mbk,...nbk->...mnb", a, b), tf.float32)
     return tf.reduce_sum(partial * tf.expand_dims(a_scale, -2) * tf.expand_dims(b_scale, -3), axis=-1)

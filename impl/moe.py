@@ -207,11 +207,11 @@ def copies_in_place(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked
     """The routed experts inside XLA: a loop over the T*k routed copies in expert order, each one token's row
     against its expert's weights in place, weighted by its gate and added to its token's row. XLA reads the
     slice of the stack inside a one-row product (it fuses the slice into the matrix-vector product) but copies
-    the slice out of the stack before a product of several rows: a bench-small decode step at 8 sequences took
-    1.18x less time this way than with a loop over the used experts multiplying every token (`experts_in_place`),
-    at 4 sequences 1.26x less (paired, README); at one sequence the two do the same work. Consecutive copies of
-    one expert find its weights in cache. At 16 and 32 sequences it replaced the tiles: 8.6x and 7.2x faster
-    steps (paired, README)."""
+    the slice out of the stack before a product of several rows: a bench-small decode step at 8 sequences ran
+    1.18x faster this way than with a loop over the used experts multiplying every token (`experts_in_place`),
+    at 4 sequences 1.26x (paired, README); at one sequence the two do the same work. Consecutive copies of one
+    expert find its weights in cache. At 16 and 32 sequences it replaced the tiles: 8.6x and 7.2x faster steps
+    (paired, README)."""
     _, sorted_expert, sorted_token, sorted_gating = sorted_copies(experts, gating, x.dtype)
 
     def body(i, out):

@@ -292,3 +292,69 @@ def test_moe_rows_grow_with_tokens_times_k(tokens, k, experts):
     computed = tile_count(copies, experts, rows) * rows
     assert copies <= computed <= copies + min(experts, copies) * (rows - 1)
     assert computed < tokens * experts
+
+
+def _kernel_or_skip():
+    import os
+    import shutil
+
+    from impl import matvec
+
+    if shutil.which(os.environ.get("CXX", "g++")) is None or os.environ.get("DSV3_MATVEC_KERNEL") == "0":
+        pytest.skip("no C++ compiler here (or the kernel is switched off): decode steps use XLA's products")
+    assert matvec.available(), "a compiler is here but the matvec kernel did not build or register (see stderr)"
+    return matvec
+
+
+@pytest.mark.parametrize("rows, out, width", [(1, 256, 1024), (3, 37, 50), (8, 64, 16), (11, 21, 33)])
+def test_matvec_kernel_matches_float64_products_in_place_in_a_stack(rows, out, width):
+    """Every row count (the kernel takes 8 rows at a time), output counts off its blocks of 4 and 16 rows, widths
+    off its 16-float vectors; each matrix of the stack read where it lies, an index past the stack clamped as
+    XLA's gather clamps."""
+    import tensorflow as tf
+
+    matvec = _kernel_or_skip()
+    rng = np.random.default_rng(rows * out)
+    x = rng.standard_normal((rows, width)).astype(np.float32)
+    stack = rng.standard_normal((5, out, width)).astype(np.float32)
+    products = tf.function(lambda x, stack: [matvec.matvec(x, stack, index) for index in range(6)], jit_compile=True)
+    for index, got in enumerate(products(tf.constant(x), tf.constant(stack))):
+        expected = x.astype(np.float64) @ stack[min(index, 4)].astype(np.float64).T
+        # float32 sums of `width` products, in another order than float64's: a few ulps of the terms' magnitude
+        bound = 8 * width * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(stack[min(index, 4)]).T)
+        assert np.all(np.abs(got.numpy() - expected) <= bound), (index, np.abs(got.numpy() - expected).max())
+
+
+def test_decode_steps_take_the_matvec_kernel_and_agree_with_xla_products():
+    """Where the kernel builds, a compiled decode step calls it (the dense products, the head and the routed
+    experts read in their stacks); its logits agree with the same step through XLA's products."""
+    import tensorflow as tf
+
+    from impl import matvec
+
+    _kernel_or_skip()
+    config = tiny()
+    prompt, following = np.arange(12).reshape(2, 6) % config.vocab_size, np.array([3, 7])
+    model = _model(config)
+    model.prefill(prompt)
+    hlo = model.program.decode.experimental_get_compiler_ir(model.leaves, tf.constant(following[:, None], tf.int32),
+                                                             tf.constant(6, tf.int32), model.capacity,
+                                                             model.caches, model.history)(stage="hlo")
+    assert hlo.count(f'custom_call_target="{matvec.TARGET}"') >= config.n_layers
+    with_kernel = model.decode(following)[0]
+
+    original = matvec.available
+    matvec.available = lambda: False
+    try:
+        from impl.model import program
+        program.cache_clear()
+        plain = _model(config)
+        plain.prefill(prompt)
+        assert f'"{matvec.TARGET}"' not in plain.program.decode.experimental_get_compiler_ir(
+            plain.leaves, tf.constant(following[:, None], tf.int32), tf.constant(6, tf.int32), plain.capacity,
+            plain.caches, plain.history)(stage="hlo")
+        without = plain.decode(following)[0]
+    finally:
+        matvec.available = original
+        program.cache_clear()
+    np.testing.assert_allclose(with_kernel, without, rtol=1e-4, atol=1e-5)

@@ -7,6 +7,7 @@ import tensorflow as tf
 from conformance.format.numerics import LinearModule, Numerics
 from conformance.format.weights import FFNWeights, LinearWeight
 
+from . import matvec
 from .fp8 import dequantize_weight, fp8_gemm, fp8_training_matmul, quantize_activation
 
 
@@ -23,12 +24,18 @@ def rms_norm(x: tf.Tensor, weight: tf.Tensor, eps: float) -> tf.Tensor:
 MATVEC_ROWS = 8
 
 
-def project(x: tf.Tensor, weight: tf.Tensor) -> tf.Tensor:
-    """x [..., in] @ weight [out, in]^T (an einsum outside XLA: a 2-D matmul of the flattened rows was slower)."""
+def project(x: tf.Tensor, weight: tf.Tensor, stored: bool = False) -> tf.Tensor:
+    """x [..., in] @ weight [out, in]^T (an einsum outside XLA: a 2-D matmul of the flattened rows was slower).
+    `stored`: the weight is a stored float tensor, which a decode step's few rows multiply in place on every core
+    (impl.matvec) rather than through XLA's one-core product; a computed weight (dequantized fp8) stays in XLA."""
     rows = x.shape[:-1].num_elements()
     if rows is not None and rows <= MATVEC_ROWS:
         flat = tf.reshape(x, [rows, x.shape[-1]])
-        return tf.reshape(tf.transpose(tf.matmul(weight, flat, transpose_b=True)), [*x.shape[:-1], weight.shape[0]])
+        if stored and matvec.applies(x):
+            out = matvec.matvec(flat, weight[None], 0)
+        else:
+            out = tf.transpose(tf.matmul(weight, flat, transpose_b=True))
+        return tf.reshape(out, [*x.shape[:-1], weight.shape[0]])
     return tf.einsum("...k,nk->...n", x, weight)
 
 
@@ -38,7 +45,7 @@ def head_logits(x: tf.Tensor, head: tf.Tensor) -> tf.Tensor:
     which the fp8-path bfloat16 cross check stays within its measured bound (0.31 instead of <= 7.9e-2 the
     other way)."""
     if x.dtype == tf.float32:
-        return project(x, head)
+        return project(x, head, stored=True)
     return tf.einsum("bsd,vd->bsv", x, head)
 
 
@@ -59,7 +66,7 @@ def linear(x: tf.Tensor, weight: LinearWeight, numerics: Numerics, module: Linea
         x_q, x_scale = quantize_activation(rows, numerics.scale_format(module))
         out = fp8_gemm(x_q, x_scale, weight.weight, weight.scale_inv)
         return tf.cast(tf.reshape(out, [*x.shape[:-1], weight.weight.shape[0]]), x.dtype)
-    return project(x, dense_weight(weight, x.dtype))
+    return project(x, dense_weight(weight, x.dtype), stored=weight.scale_inv is None)
 
 
 def silu(x: tf.Tensor) -> tf.Tensor:

@@ -37,7 +37,7 @@ from conformance.format.weights import (
     MoEWeights,
 )
 
-from . import attention
+from . import attention, matvec
 from .attention import LatentCache
 from .bound import BoundStep
 from .fp8 import E4M3
@@ -153,7 +153,11 @@ class Program:
         self.prefill_form = attention_form if prefill_form is None else prefill_form
         self.trim_last_block = trim_last_block  # see Transformer
         if expert_parallel is None:
-            compiled = functools.partial(tf.function, jit_compile=True, autograph=False)
+            def compiled(step):  # an inference step inside XLA: its few-row products may take the matvec kernel
+                def traced(*args):
+                    with matvec.kernel_scope():
+                        return step(*args)
+                return tf.function(traced, jit_compile=True, autograph=False)
             # The prefill is a graph but not XLA: XLA needs static shapes, and a prompt's experts are fastest
             # as ragged groups (impl.moe.grouped_experts); its large matmuls run as fast outside XLA.
             self.prefill = tf.function(self._prefill, autograph=False)

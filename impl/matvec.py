@@ -1,0 +1,110 @@
+"""The decode steps' products as a kernel of our own inside XLA: y = x W^T for a few rows x against a float32 weight
+read where it lies (an expert's matrix inside its stack too), split over every core (impl/native/matvec.cc).
+
+XLA's CPU dot runs a matrix-vector product of at most 2 MB of weights as one task on one core, and on the 2-core
+machines measured one core reads about half the bandwidth of two (README, Performance). The kernel is compiled
+once per machine with the system's C++ compiler (`CXX`, default g++) into a cache directory and registered as an
+XLA custom call; without a compiler, or with DSV3_MATVEC_KERNEL=0, the steps keep XLA's own products (same
+results within float32 rounding: the kernel sums in another order).
+
+The kernel is used only while a compiled inference step is traced (`kernel_scope`): XLA cannot differentiate a
+custom call, and outside XLA (the prefill's graph) there is no kernel to call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import tensorflow as tf
+from tensorflow.compiler.tf2xla.ops import gen_xla_ops
+
+SOURCE = pathlib.Path(__file__).with_name("native") / "matvec.cc"
+TARGET = "dsv3_matvec"
+FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-pthread")
+
+_in_scope = contextvars.ContextVar("matvec_kernel", default=False)
+
+
+def _cache_dir() -> pathlib.Path:
+    root = os.environ.get("DSV3_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dsv3-conformance")
+    return pathlib.Path(root)
+
+
+def _machine() -> bytes:
+    """What -march=native compiles for: the CPU's model and flags."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return b""
+    return "\n".join(line for line in lines if line.startswith(("model name", "flags")))[:4096].encode()
+
+
+def _build() -> pathlib.Path:
+    compiler = os.environ.get("CXX", "g++")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode() + _machine()).hexdigest()[:16]
+    library = _cache_dir() / f"matvec-{key}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+            built = pathlib.Path(scratch) / library.name
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True,
+                           timeout=300)
+            os.replace(built, library)  # atomic: concurrent builders (test workers) each land a whole file
+    return library
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is built, loaded and registered (once per process); False, with a note on stderr, when it
+    cannot be (no compiler, a TensorFlow without the registry's symbols), or when DSV3_MATVEC_KERNEL=0."""
+    if os.environ.get("DSV3_MATVEC_KERNEL", "1") == "0":
+        return False
+    tf_library = os.path.join(tf.sysconfig.get_lib(), "libtensorflow_cc.so.2")
+    try:
+        library = ctypes.CDLL(str(_build()))
+        library.dsv3_register_matvec.argtypes = [ctypes.c_char_p]
+        if library.dsv3_register_matvec(tf_library.encode()) != 0:
+            raise OSError(f"XLA's custom-call registry was not found in {tf_library}")
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", b"") or b""
+        print(f"dsv3-conformance: the matvec kernel is not available ({error} {detail.decode()[-500:]}); decode steps "
+              "use XLA's products", file=sys.stderr)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def kernel_scope():
+    """While a compiled inference step is traced: its few-row float32 products call the kernel (when available)."""
+    token = _in_scope.set(available())
+    try:
+        yield
+    finally:
+        _in_scope.reset(token)
+
+
+def applies(x: tf.Tensor) -> bool:
+    """Whether a few-row product of x against a stored float32 weight is the kernel's here."""
+    return _in_scope.get() and x.dtype == tf.float32
+
+
+def matvec(x: tf.Tensor, stack: tf.Tensor, index) -> tf.Tensor:
+    """x [rows, in] @ stack[index]^T for a float32 stack [S, out, in] -> [rows, out] (index clamped into [0, S))."""
+    rows, width = x.shape
+    count, out, stack_width = stack.shape
+    if width != stack_width:
+        raise ValueError(f"matvec: x has {width} columns, the weights {stack_width}")
+    return gen_xla_ops.xla_custom_call_v2(
+        operands=[x, stack, tf.cast(index, tf.int32)], call_target_name=TARGET,
+        backend_config=f"{rows},{out},{width},{count}", has_side_effect=False, result_dtypes=[tf.float32],
+        result_shapes=[[rows, out]])[0]

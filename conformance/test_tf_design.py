@@ -333,14 +333,17 @@ def test_decode_steps_take_the_matvec_kernel_and_agree_with_xla_products():
     from impl import matvec
 
     _kernel_or_skip()
-    config = tiny()
+    # wide enough that the dense FFN, the head and each expert's projections reach matvec.MIN_WEIGHT
+    config = tiny(dim=256, inter_dim=384, moe_inter_dim=256, vocab_size=512)
     prompt, following = np.arange(12).reshape(2, 6) % config.vocab_size, np.array([3, 7])
     model = _model(config)
     model.prefill(prompt)
     hlo = model.program.decode.experimental_get_compiler_ir(model.leaves, tf.constant(following[:, None], tf.int32),
                                                              tf.constant(6, tf.int32), model.capacity,
                                                              model.caches, model.history)(stage="hlo")
-    assert hlo.count(f'custom_call_target="{matvec.TARGET}"') >= config.n_layers
+    calls = [line for line in hlo.splitlines() if f'custom_call_target="{matvec.TARGET}"' in line]
+    assert any(f"f32[{config.n_routed_experts},{config.moe_inter_dim},{config.dim}]" in line for line in calls)
+    assert any(f"f32[1,{config.vocab_size},{config.dim}]" in line for line in calls)
     with_kernel = model.decode(following)[0]
 
     original = matvec.available
@@ -358,3 +361,17 @@ def test_decode_steps_take_the_matvec_kernel_and_agree_with_xla_products():
         matvec.available = original
         program.cache_clear()
     np.testing.assert_allclose(with_kernel, without, rtol=1e-4, atol=1e-5)
+
+
+def test_without_a_compiler_the_steps_keep_xla_products_and_say_so(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), DSV3_KERNEL_CACHE=str(tmp_path),
+               DSV3_MATVEC_KERNEL="1")
+    result = subprocess.run([sys.executable, "-c", "from impl import matvec; print(matvec.available())"], env=env,
+                            capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"
+    assert "matvec kernel is not available" in result.stderr and "XLA's products" in result.stderr

@@ -31,7 +31,7 @@ def project(x: tf.Tensor, weight: tf.Tensor, stored: bool = False) -> tf.Tensor:
     rows = x.shape[:-1].num_elements()
     if rows is not None and rows <= MATVEC_ROWS:
         flat = tf.reshape(x, [rows, x.shape[-1]])
-        if stored and matvec.applies(x):
+        if stored and matvec.applies(x, weight.shape):
             out = matvec.matvec(flat, weight[None], 0)
         else:
             out = tf.transpose(tf.matmul(weight, flat, transpose_b=True))

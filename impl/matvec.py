@@ -31,6 +31,11 @@ SOURCE = pathlib.Path(__file__).with_name("native") / "matvec.cc"
 TARGET = "dsv3_matvec"
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-pthread")
 
+# Smallest weight (floats) the kernel takes: below it a product is a few microseconds in XLA, where the custom call
+# and waking the other cores cost about as much (bench-small's smallest, 256 x 1024, is above; the tiny configs'
+# are below).
+MIN_WEIGHT = 1 << 16
+
 _in_scope = contextvars.ContextVar("matvec_kernel", default=False)
 
 
@@ -93,9 +98,10 @@ def kernel_scope():
         _in_scope.reset(token)
 
 
-def applies(x: tf.Tensor) -> bool:
-    """Whether a few-row product of x against a stored float32 weight is the kernel's here."""
-    return _in_scope.get() and x.dtype == tf.float32
+def applies(x: tf.Tensor, weight_shape) -> bool:
+    """Whether a few-row product of x against a stored float32 weight of `weight_shape` ([out, in]) is the kernel's
+    here."""
+    return _in_scope.get() and x.dtype == tf.float32 and weight_shape.num_elements() >= MIN_WEIGHT
 
 
 def matvec(x: tf.Tensor, stack: tf.Tensor, index) -> tf.Tensor:

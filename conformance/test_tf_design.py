@@ -325,6 +325,29 @@ def test_matvec_kernel_matches_float64_products_in_place_in_a_stack(rows, out, w
         assert np.all(np.abs(got.numpy() - expected) <= bound), (index, np.abs(got.numpy() - expected).max())
 
 
+@pytest.mark.parametrize("rows, first, count", [(1, 0, 16), (3, 16, 16), (9, 5, 7)])
+def test_per_head_kernel_products_match_float64_both_ways(rows, first, count):
+    """The absorbed attention's per-head products: each head's rows of x against rows first..first+count of its
+    block, as x B^T and as x B (transposed), read inside the blocks."""
+    import tensorflow as tf
+
+    matvec = _kernel_or_skip()
+    rng = np.random.default_rng(rows + first)
+    blocks = rng.standard_normal((4, 32, 24)).astype(np.float32)
+    x = rng.standard_normal((4, rows, 24)).astype(np.float32)
+    x_t = rng.standard_normal((4, rows, count)).astype(np.float32)
+    products = tf.function(lambda x, x_t, blocks: (matvec.per_head(x, blocks, first, count),
+                                                   matvec.per_head(x_t, blocks, first, count, transposed=True)),
+                           jit_compile=True)
+    got, got_t = products(tf.constant(x), tf.constant(x_t), tf.constant(blocks))
+    used = blocks[:, first:first + count].astype(np.float64)
+    for value, expected, terms in ((got, x @ used.transpose(0, 2, 1), np.abs(x) @ np.abs(used).transpose(0, 2, 1)),
+                                   (got_t, x_t @ used, np.abs(x_t) @ np.abs(used))):
+        bound = 8 * 24 * np.finfo(np.float32).eps * terms
+        assert value.shape == expected.shape
+        assert np.all(np.abs(value.numpy() - expected) <= bound), np.abs(value.numpy() - expected).max()
+
+
 def test_decode_steps_take_the_matvec_kernel_and_agree_with_xla_products():
     """Where the kernel builds, a compiled decode step calls it (the dense products, the head and the routed
     experts read in their stacks); its logits agree with the same step through XLA's products."""
@@ -333,8 +356,9 @@ def test_decode_steps_take_the_matvec_kernel_and_agree_with_xla_products():
     from impl import matvec
 
     _kernel_or_skip()
-    # wide enough that the dense FFN, the head and each expert's projections reach matvec.MIN_WEIGHT
-    config = tiny(dim=256, inter_dim=384, moe_inter_dim=256, vocab_size=512)
+    # wide enough that the dense FFN, the head, each expert's projections and wkv_b reach matvec.MIN_WEIGHT
+    config = tiny(dim=256, inter_dim=384, moe_inter_dim=256, vocab_size=512, qk_nope_head_dim=64, v_head_dim=64,
+                  kv_lora_rank=128)
     prompt, following = np.arange(12).reshape(2, 6) % config.vocab_size, np.array([3, 7])
     model = _model(config)
     model.prefill(prompt)
@@ -344,6 +368,7 @@ def test_decode_steps_take_the_matvec_kernel_and_agree_with_xla_products():
     calls = [line for line in hlo.splitlines() if f'custom_call_target="{matvec.TARGET}"' in line]
     assert any(f"f32[{config.n_routed_experts},{config.moe_inter_dim},{config.dim}]" in line for line in calls)
     assert any(f"f32[1,{config.vocab_size},{config.dim}]" in line for line in calls)
+    assert hlo.count(f'custom_call_target="{matvec.HEADS_TARGET}"') == 2 * config.n_layers  # both wkv_b products
     with_kernel = model.decode(following)[0]
 
     original = matvec.available
@@ -353,9 +378,10 @@ def test_decode_steps_take_the_matvec_kernel_and_agree_with_xla_products():
         program.cache_clear()
         plain = _model(config)
         plain.prefill(prompt)
-        assert f'"{matvec.TARGET}"' not in plain.program.decode.experimental_get_compiler_ir(
+        plain_hlo = plain.program.decode.experimental_get_compiler_ir(
             plain.leaves, tf.constant(following[:, None], tf.int32), tf.constant(6, tf.int32), plain.capacity,
             plain.caches, plain.history)(stage="hlo")
+        assert f'"{matvec.TARGET}"' not in plain_hlo and f'"{matvec.HEADS_TARGET}"' not in plain_hlo
         without = plain.decode(following)[0]
     finally:
         matvec.available = original

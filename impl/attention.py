@@ -16,7 +16,8 @@ from conformance.format.config import ModelConfig
 from conformance.format.numerics import AttentionForm, Numerics
 from conformance.format.weights import AttentionWeights
 
-from .layers import dense_weight, linear, rms_norm
+from . import matvec
+from .layers import MATVEC_ROWS, dense_weight, linear, rms_norm
 
 
 class LatentCache(NamedTuple):
@@ -133,15 +134,35 @@ def absorbed_attention(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tenso
     Both foldings multiply wkv_b's whole per-head block [H, nope + v, c] where it lies: the queries padded with
     zeros over the value rows, and the value rows kept from the output. Slicing the key and value rows out of the
     block made XLA copy both halves of it on every decode step (seen in the optimized HLO)."""
-    dtype = q_nope.dtype
+    dtype, nope = q_nope.dtype, config.qk_nope_head_dim
     up = tf.reshape(dense_weight(weights.kv_b_proj, dtype), [config.n_heads, -1, config.kv_lora_rank])
-    q_padded = tf.pad(q_nope, [[0, 0], [0, 0], [0, 0], [0, config.v_head_dim]])
-    q_latent = tf.einsum("bshj,hjc->bshc", q_padded, up)
+    # A decode step's heads in the matvec kernel: each head's key rows and value rows of the block read in place
+    # (XLA's per-head products read it at 5 GB/s, 6.3 ms of a 33 ms bench-small step; README).
+    in_kernel = (weights.kv_b_proj.scale_inv is None and matvec.applies(q_nope, up.shape)
+                 and q_nope.shape[0] * q_nope.shape[1] <= MATVEC_ROWS)
+    if in_kernel:
+        q_latent = _from_heads(matvec.per_head(_to_heads(q_nope), up, 0, nope, transposed=True), q_nope.shape)
+    else:
+        q_padded = tf.pad(q_nope, [[0, 0], [0, 0], [0, 0], [0, config.v_head_dim]])
+        q_latent = tf.einsum("bshj,hjc->bshc", q_padded, up)
     # The cache is the left operand: XLA's CPU dot reads it where it lies (on the right, every layer's cache was
     # transposed, copied, every step).
     scores = tf.einsum("btc,bshc->bsht", kv_latent, q_latent) + tf.einsum("btr,bshr->bsht", rope_key, q_rope)
     latent_out = tf.einsum("bsht,btc->bshc", masked_softmax(scores, mask[None, :, None, :], scale, dtype), kv_latent)
-    return tf.einsum("hjc,bshc->bshj", up, latent_out)[..., config.qk_nope_head_dim:]
+    if in_kernel:
+        return _from_heads(matvec.per_head(_to_heads(latent_out), up, nope, config.v_head_dim), latent_out.shape)
+    return tf.einsum("hjc,bshc->bshj", up, latent_out)[..., nope:]
+
+
+def _to_heads(x: tf.Tensor) -> tf.Tensor:
+    """[B, S, H, d] -> [H, B*S, d]."""
+    batch, length, heads, width = x.shape
+    return tf.transpose(tf.reshape(x, [batch * length, heads, width]), [1, 0, 2])
+
+
+def _from_heads(x: tf.Tensor, like: tf.TensorShape) -> tf.Tensor:
+    """[H, B*S, d] -> [B, S, H, d] (B, S from `like`)."""
+    return tf.reshape(tf.transpose(x, [1, 0, 2]), [like[0], like[1], x.shape[0], x.shape[2]])
 
 
 def attend(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, rope_key: tf.Tensor,

@@ -1,5 +1,6 @@
 """The decode steps' products as a kernel of our own inside XLA: y = x W^T for a few rows x against a float32 weight
-read where it lies (an expert's matrix inside its stack too), split over every core (impl/native/matvec.cc).
+read where it lies (an expert's matrix inside its stack too; the absorbed attention's per-head blocks of wkv_b, both
+ways), split over every core (impl/native/matvec.cc).
 
 XLA's CPU dot runs a matrix-vector product of at most 2 MB of weights as one task on one core, and on the 2-core
 machines measured one core reads about half the bandwidth of two (README, Performance). The kernel is compiled
@@ -29,6 +30,7 @@ from tensorflow.compiler.tf2xla.ops import gen_xla_ops
 
 SOURCE = pathlib.Path(__file__).with_name("native") / "matvec.cc"
 TARGET = "dsv3_matvec"
+HEADS_TARGET = "dsv3_heads"
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-pthread")
 
 # Smallest weight (floats) the kernel takes: below it a product is a few microseconds in XLA, where the custom call
@@ -104,13 +106,28 @@ def applies(x: tf.Tensor, weight_shape) -> bool:
     return _in_scope.get() and x.dtype == tf.float32 and weight_shape.num_elements() >= MIN_WEIGHT
 
 
+def _call(target: str, operands: list, config: str, shape: list[int]) -> tf.Tensor:
+    return gen_xla_ops.xla_custom_call_v2(operands=operands, call_target_name=target, backend_config=config,
+                                          has_side_effect=False, result_dtypes=[tf.float32], result_shapes=[shape])[0]
+
+
 def matvec(x: tf.Tensor, stack: tf.Tensor, index) -> tf.Tensor:
     """x [rows, in] @ stack[index]^T for a float32 stack [S, out, in] -> [rows, out] (index clamped into [0, S))."""
     rows, width = x.shape
     count, out, stack_width = stack.shape
     if width != stack_width:
         raise ValueError(f"matvec: x has {width} columns, the weights {stack_width}")
-    return gen_xla_ops.xla_custom_call_v2(
-        operands=[x, stack, tf.cast(index, tf.int32)], call_target_name=TARGET,
-        backend_config=f"{rows},{out},{width},{count}", has_side_effect=False, result_dtypes=[tf.float32],
-        result_shapes=[[rows, out]])[0]
+    return _call(TARGET, [x, stack, tf.cast(index, tf.int32)], f"{rows},{out},{width},{count}", [rows, out])
+
+
+def per_head(x: tf.Tensor, blocks: tf.Tensor, first_row: int, count: int, transposed: bool = False) -> tf.Tensor:
+    """Each head's rows of x against rows first_row..first_row+count of its block of blocks [H, R, C] (a stored
+    weight seen per head, read in place): x [H, rows, C] -> x B^T [H, rows, count], or, `transposed`,
+    x [H, rows, count] -> x B [H, rows, C]."""
+    heads, rows, width = x.shape
+    block_heads, block_rows, block_width = blocks.shape
+    inner, out = (count, block_width) if transposed else (block_width, count)
+    if heads != block_heads or width != inner or first_row + count > block_rows:
+        raise ValueError(f"per_head: x {x.shape} against rows {first_row}..{first_row + count} of blocks {blocks.shape}")
+    config = f"{rows},{out},{inner},{heads},{first_row * block_width},{block_rows * block_width},{int(transposed)}"
+    return _call(HEADS_TARGET, [x, blocks], config, [heads, rows, out])

@@ -6,8 +6,9 @@
 // Here every product is split by output rows over a small pool of threads that spin briefly between calls (a
 // decode step issues a product every few tens of microseconds) and then sleep on a futex.
 //
-// Operands (impl/matvec.py builds the call): x [rows, in] f32, stack [S, out, in] f32, index s32 (clamped into
-// [0, S) as XLA's gather clamps); result [rows, out] f32. The opaque string is "rows,out,in,S".
+// dsv3_matvec's operands (impl/matvec.py builds the call): x [rows, in] f32, stack [S, out, in] f32, index s32
+// (clamped into [0, S) as XLA's gather clamps); result [rows, out] f32. The opaque string is "rows,out,in,S".
+// dsv3_heads (below) multiplies each attention head's rows by its own block of a weight, either way round.
 
 #include <algorithm>
 #include <atomic>
@@ -43,7 +44,10 @@ struct Product {
   const float* x;
   const float* w;
   float* y;
-  long rows, out, in;
+  long rows, out, in;       // per matrix: x [rows, in], y [rows, out]
+  long mats = 1;            // matrices (attention heads), each with its own rows of x and y, laid out one after another
+  long w_stride = 0;        // floats from one matrix's first weight row used to the next one's
+  bool transposed = false;  // y = x W with W's rows [in, out] (rows `out` floats apart), not x W^T
 };
 
 // Output rows [n0, n1) of one product, R rows of x against W weight rows at a time: each weight row is read once
@@ -101,38 +105,93 @@ void product_rows_any(const Product& p, long n0, long n1) {
   }
 }
 
-// A pool of `helpers` threads; part 0 of every product runs on the calling thread.
+// y = x W for one matrix `m` of a transposed product: each weight row read once per row of x, scaled and added to
+// the output row (which stays in L1).
+void transposed_rows(const Product& p, long m) {
+  const float* w = p.w + m * p.w_stride;
+  for (long r = 0; r < p.rows; ++r) {
+    const float* x = p.x + (m * p.rows + r) * p.in;
+    float* y = p.y + (m * p.rows + r) * p.out;
+    for (long c = 0; c < p.out; ++c) y[c] = 0.0f;
+    for (long j = 0; j < p.in; ++j) {
+      const float scale = x[j];
+      const float* row = w + j * p.out;
+      for (long c = 0; c < p.out; ++c) y[c] += scale * row[c];
+    }
+  }
+}
+
+// The units the threads share: 16 output rows of one matrix, or a whole matrix of a transposed product.
+constexpr long kBlock = 16;
+long units(const Product& p) { return p.transposed ? p.mats : p.mats * ((p.out + kBlock - 1) / kBlock); }
+
+void run_units(const Product& p, long u0, long u1) {
+  if (p.transposed) {
+    for (long m = u0; m < u1; ++m) transposed_rows(p, m);
+    return;
+  }
+  const long per = (p.out + kBlock - 1) / kBlock;
+  for (long m = u0 / per; m * per < u1; ++m) {
+    Product one = p;
+    one.x += m * p.rows * p.in;
+    one.w += m * p.w_stride;
+    one.y += m * p.rows * p.out;
+    const long n0 = std::max(u0 - m * per, 0L) * kBlock, n1 = std::min(std::min(u1 - m * per, per) * kBlock, p.out);
+    if (n0 < n1) product_rows_any(one, n0, n1);
+  }
+}
+
+// A pool of `helpers` threads sharing each product with the calling thread in chunks: every thread claims chunks
+// until none is left, so a helper the OS has not scheduled (test workers sharing the cores) delays nothing: the
+// caller runs its chunks. A chunk is claimed by advancing a ticket that also names the product (a sequence number)
+// and its chunk count, so a helper waking late cannot claim a chunk of a product already finished.
 class Pool {
  public:
   explicit Pool(int helpers) : helpers_(helpers) {
-    for (int part = 1; part <= helpers_; ++part) std::thread([this, part] { serve(part); }).detach();
+    for (int part = 1; part <= helpers_; ++part) std::thread([this] { serve(); }).detach();
   }
 
   void run(const Product& p) {
     std::unique_lock<std::mutex> lock(busy_, std::try_to_lock);
+    const long total = units(p);
     // Alone when another product is running, or in a process forked from this one (it has no helpers).
-    if (!lock.owns_lock() || helpers_ == 0 || getpid() != owner_) {
-      product_rows_any(p, 0, p.out);
+    if (!lock.owns_lock() || helpers_ == 0 || getpid() != owner_ || total < 2) {
+      run_units(p, 0, total);
       return;
     }
     product_ = p;
-    remaining_.store(helpers_, std::memory_order_relaxed);
+    chunk_ = std::max(1L, total / ((helpers_ + 1) * kChunksPerThread));
+    const uint64_t chunks = (total + chunk_ - 1) / chunk_;
+    done_.store(0, std::memory_order_relaxed);
+    sequence_ = (sequence_ + 1) & kSequenceMask;
+    ticket_.store(sequence_ << 40 | chunks << 20, std::memory_order_release);
     generation_.fetch_add(1, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) generation_.notify_all();
-    work(0);
-    while (remaining_.load(std::memory_order_acquire) != 0) relax();
+    claim_all();
+    for (int spins = 0; done_.load(std::memory_order_acquire) != chunks; ++spins) {
+      if (spins < 4096) relax(); else std::this_thread::yield();  // a helper mid-chunk was descheduled
+    }
   }
 
  private:
-  void work(int part) {
-    const long parts = helpers_ + 1, block = 16;
-    const long blocks = (product_.out + block - 1) / block;
-    const long n0 = std::min(product_.out, blocks * part / parts * block);
-    const long n1 = std::min(product_.out, blocks * (part + 1) / parts * block);
-    if (n0 < n1) product_rows_any(product_, n0, n1);
+  // Claims and runs chunks of the product the ticket names until none is left.
+  void claim_all() {
+    uint64_t ticket = ticket_.load(std::memory_order_acquire);
+    const uint64_t sequence = ticket >> 40;
+    for (;;) {
+      const uint64_t chunks = (ticket >> 20) & kFieldMask, next = ticket & kFieldMask;
+      if ((ticket >> 40) != sequence || next >= chunks) return;
+      if (!ticket_.compare_exchange_weak(ticket, ticket + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+        continue;  // another thread claimed it (ticket now holds the new value)
+      }
+      const long u0 = static_cast<long>(next) * chunk_;
+      run_units(product_, u0, std::min(u0 + chunk_, units(product_)));
+      done_.fetch_add(1, std::memory_order_release);
+      ticket = ticket_.load(std::memory_order_acquire);
+    }
   }
 
-  void serve(int part) {
+  void serve() {
     unsigned seen = 0;  // the generation before the first product, whenever this thread starts
     for (;;) {
       auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
@@ -146,18 +205,22 @@ class Pool {
         }
       }
       seen = now;
-      work(part);
-      remaining_.fetch_sub(1, std::memory_order_acq_rel);
+      claim_all();
     }
   }
 
-  static constexpr int kSpinMicros = 200;
+  static constexpr int kSpinMicros = 100;
+  static constexpr long kChunksPerThread = 4;
+  static constexpr uint64_t kSequenceMask = (1u << 24) - 1, kFieldMask = (1u << 20) - 1;
   const int helpers_;
   const pid_t owner_ = getpid();
   std::mutex busy_;
   Product product_{};
+  long chunk_ = 1;
+  uint64_t sequence_ = 0;
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<uint64_t> done_{0};
   std::atomic<unsigned> generation_{0};
-  std::atomic<int> remaining_{0};
   std::atomic<int> sleepers_{0};
 };
 
@@ -183,7 +246,19 @@ extern "C" void dsv3_matvec(void* out, const void** in, const char* opaque, size
   pool().run(p);
 }
 
-// Registers dsv3_matvec with XLA's custom-call registry for the host platform, found in TensorFlow's already loaded
+// Per-head products (the absorbed attention's, against wkv_b's per-head blocks): x [mats, rows, in], result
+// [mats, rows, out]; the opaque string is "rows,out,in,mats,first,stride,transposed": matrix m's first weight row
+// used starts `first + m * stride` floats into the weight operand; transposed 1 multiplies x W (W's rows `out` wide).
+extern "C" void dsv3_heads(void* out, const void** in, const char* opaque, size_t opaque_len, XlaCustomCallStatus*) {
+  long rows = 0, n_out = 0, n_in = 0, mats = 0, first = 0, stride = 0, transposed = 0;
+  std::string dims(opaque, opaque_len);
+  std::sscanf(dims.c_str(), "%ld,%ld,%ld,%ld,%ld,%ld,%ld", &rows, &n_out, &n_in, &mats, &first, &stride, &transposed);
+  Product p{static_cast<const float*>(in[0]), static_cast<const float*>(in[1]) + first, static_cast<float*>(out),
+            rows, n_out, n_in, mats, stride, transposed != 0};
+  pool().run(p);
+}
+
+// Registers dsv3_matvec and dsv3_heads with XLA's custom-call registry for the host platform, found in TensorFlow's already loaded
 // libtensorflow_cc (`library`: its path) by its exported symbols, so that building this file needs no TensorFlow
 // headers and no link against that library (which took 10 s). Returns 0, or 1 when a symbol is missing.
 extern "C" int dsv3_register_matvec(const char* library) {
@@ -196,5 +271,6 @@ extern "C" int dsv3_register_matvec(const char* library) {
       handle, "_ZN3xla24CustomCallTargetRegistry8RegisterERKNSt7__cxx1112basic_stringIcSt11char_traitsIcESaIcEEEPvS8_"));
   if (global == nullptr || add == nullptr) return 1;
   add(global(), "dsv3_matvec", reinterpret_cast<void*>(&dsv3_matvec), "Host");
+  add(global(), "dsv3_heads", reinterpret_cast<void*>(&dsv3_heads), "Host");
   return 0;
 }

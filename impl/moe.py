@@ -22,8 +22,8 @@ from conformance.format.config import ModelConfig
 from conformance.format.numerics import Numerics
 from conformance.format.weights import FFNWeights, GateWeights, LinearWeight
 
-from .fp8 import dequantize_weight, fp8_gemm, fp8_training_matmul, quantize_activation
 from . import matvec
+from .fp8 import dequantize_weight, fp8_gemm, fp8_training_matmul, quantize_activation
 from .layers import project, silu, swiglu_ffn
 
 MAX_TILE_ROWS = 64

@@ -348,9 +348,36 @@ def test_per_head_kernel_products_match_float64_both_ways(rows, first, count):
         assert np.all(np.abs(value.numpy() - expected) <= bound), np.abs(value.numpy() - expected).max()
 
 
+@pytest.mark.parametrize("tokens, copies", [(1, 6), (5, 13), (3, 30)])
+def test_experts_kernel_matches_float64_swiglu_experts(tokens, copies):
+    """Token copies sorted by expert (runs of one expert longer than the kernel's groups of 8 at 30 copies), an
+    expert index past the stack clamped; widths off the 16-float vectors and 16-row blocks."""
+    import tensorflow as tf
+
+    matvec = _kernel_or_skip()
+    rng = np.random.default_rng(copies)
+    dim, inter, stack = 40, 24, 4
+    x = rng.standard_normal((tokens, dim)).astype(np.float32)
+    gate, up = (rng.standard_normal((stack, inter, dim)).astype(np.float32) for _ in range(2))
+    down = rng.standard_normal((stack, dim, inter)).astype(np.float32)
+    expert = np.sort(rng.integers(0, stack + 1, copies)).astype(np.int32)
+    token = rng.integers(0, tokens, copies).astype(np.int32)
+    weight = rng.standard_normal(copies).astype(np.float32)
+    got = tf.function(matvec.experts, jit_compile=True)(x, gate, up, down, expert, token, weight).numpy()
+    expected, magnitude = np.zeros((tokens, dim)), np.zeros((tokens, dim))
+    for e, t, w in zip(np.minimum(expert, stack - 1), token, weight.astype(np.float64)):
+        g, u = gate[e] @ x[t].astype(np.float64), up[e] @ x[t].astype(np.float64)
+        hidden = g / (1 + np.exp(-g)) * u
+        expected[t] += w * (down[e] @ hidden)
+        magnitude[t] += abs(w) * (np.abs(down[e]) @ np.abs(hidden))
+    # float32 sums of dim then inter products, in another order than float64's: a few ulps of the terms' magnitude
+    bound = 8 * (dim + inter) * np.finfo(np.float32).eps * magnitude
+    assert np.all(np.abs(got - expected) <= bound), np.abs(got - expected).max()
+
+
 def test_decode_steps_take_the_matvec_kernel_and_agree_with_xla_products():
-    """Where the kernel builds, a compiled decode step calls it (the dense products, the head and the routed
-    experts read in their stacks); its logits agree with the same step through XLA's products."""
+    """Where the kernel builds, a compiled decode step calls it (the dense products, the head, the dense FFN and
+    the routed experts read in their stacks); its logits agree with the same step through XLA's products."""
     import tensorflow as tf
 
     from impl import matvec
@@ -366,8 +393,10 @@ def test_decode_steps_take_the_matvec_kernel_and_agree_with_xla_products():
                                                              tf.constant(6, tf.int32), model.capacity,
                                                              model.caches, model.history)(stage="hlo")
     calls = [line for line in hlo.splitlines() if f'custom_call_target="{matvec.TARGET}"' in line]
-    assert any(f"f32[{config.n_routed_experts},{config.moe_inter_dim},{config.dim}]" in line for line in calls)
     assert any(f"f32[1,{config.vocab_size},{config.dim}]" in line for line in calls)
+    ffns = [line for line in hlo.splitlines() if f'custom_call_target="{matvec.EXPERTS_TARGET}"' in line]
+    assert any(f"f32[{config.n_routed_experts},{config.moe_inter_dim},{config.dim}]" in line for line in ffns)
+    assert any(f"f32[1,{config.inter_dim},{config.dim}]" in line for line in ffns)  # the dense layers' FFN
     assert hlo.count(f'custom_call_target="{matvec.HEADS_TARGET}"') == 2 * config.n_layers  # both wkv_b products
     with_kernel = model.decode(following)[0]
 
@@ -381,7 +410,8 @@ def test_decode_steps_take_the_matvec_kernel_and_agree_with_xla_products():
         plain_hlo = plain.program.decode.experimental_get_compiler_ir(
             plain.leaves, tf.constant(following[:, None], tf.int32), tf.constant(6, tf.int32), plain.capacity,
             plain.caches, plain.history)(stage="hlo")
-        assert f'"{matvec.TARGET}"' not in plain_hlo and f'"{matvec.HEADS_TARGET}"' not in plain_hlo
+        assert not any(f'"{target}"' in plain_hlo for target in (matvec.TARGET, matvec.HEADS_TARGET,
+                                                                     matvec.EXPERTS_TARGET))
         without = plain.decode(following)[0]
     finally:
         matvec.available = original

@@ -78,6 +78,16 @@ def silu(x: tf.Tensor) -> tf.Tensor:
 
 
 def swiglu_ffn(x: tf.Tensor, weights: FFNWeights, numerics: Numerics, module: LinearModule) -> tf.Tensor:
-    """down(silu(gate(x)) * up(x)) of the dense FFN or the shared experts (`module`)."""
+    """down(silu(gate(x)) * up(x)) of the dense FFN or the shared experts (`module`); a decode step's few rows
+    against stored float32 weights in one kernel call (impl.matvec.experts: one expert, every row a copy of weight
+    1)."""
+    rows = x.shape[:-1].num_elements()
+    projections = (weights.gate_proj, weights.up_proj, weights.down_proj)
+    stored = not numerics.fp8_training and all(p.scale_inv is None for p in projections)
+    if stored and rows is not None and rows <= MATVEC_ROWS and matvec.applies(x, weights.gate_proj.weight.shape):
+        flat = tf.reshape(x, [rows, x.shape[-1]])
+        out = matvec.experts(flat, *(p.weight[None] for p in projections), tf.zeros([rows], tf.int32), tf.range(rows),
+                             tf.ones([rows], tf.float32))
+        return tf.reshape(out, x.shape)
     hidden = silu(linear(x, weights.gate_proj, numerics, module)) * linear(x, weights.up_proj, numerics, module)
     return linear(hidden, weights.down_proj, numerics, module)

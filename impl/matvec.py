@@ -31,6 +31,7 @@ from tensorflow.compiler.tf2xla.ops import gen_xla_ops
 SOURCE = pathlib.Path(__file__).with_name("native") / "matvec.cc"
 TARGET = "dsv3_matvec"
 HEADS_TARGET = "dsv3_heads"
+EXPERTS_TARGET = "dsv3_experts"
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-pthread")
 
 # Smallest weight (floats) the kernel takes: below it a product is a few microseconds in XLA, where the custom call
@@ -131,3 +132,17 @@ def per_head(x: tf.Tensor, blocks: tf.Tensor, first_row: int, count: int, transp
         raise ValueError(f"per_head: x {x.shape} against rows {first_row}..{first_row + count} of blocks {blocks.shape}")
     config = f"{rows},{out},{inner},{heads},{first_row * block_width},{block_rows * block_width},{int(transposed)}"
     return _call(HEADS_TARGET, [x, blocks], config, [heads, rows, out])
+
+
+def experts(x: tf.Tensor, gate: tf.Tensor, up: tf.Tensor, down: tf.Tensor, expert: tf.Tensor, token: tf.Tensor,
+            weight: tf.Tensor) -> tf.Tensor:
+    """SwiGLU experts on token copies, in one call: for copies sorted by expert, sum over c of weight[c] *
+    down[e](silu(gate[e] x[t]) * up[e] x[t]) into row t = token[c], e = expert[c], for x [T, dim] and float32 stacks
+    gate, up [S, inter, dim], down [S, dim, inter] read in place -> [T, dim]."""
+    tokens, dim = x.shape
+    count, inter, _ = gate.shape
+    if up.shape != gate.shape or down.shape != (count, dim, inter) or gate.shape[2] != dim:
+        raise ValueError(f"experts: x {x.shape}, stacks {gate.shape}, {up.shape}, {down.shape}")
+    copies = expert.shape[0]
+    operands = [x, gate, up, down, tf.cast(expert, tf.int32), tf.cast(token, tf.int32), tf.cast(weight, tf.float32)]
+    return _call(EXPERTS_TARGET, operands, f"{tokens},{dim},{inter},{count},{copies}", [tokens, dim])

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -121,25 +122,86 @@ void transposed_rows(const Product& p, long m) {
   }
 }
 
-// The units the threads share: 16 output rows of one matrix, or a whole matrix of a transposed product.
-constexpr long kBlock = 16;
-long units(const Product& p) { return p.transposed ? p.mats : p.mats * ((p.out + kBlock - 1) / kBlock); }
+// Work the pool shares: `units` pieces, any range of which any thread may run.
+struct Job {
+  virtual long units() const = 0;
+  virtual void run(long u0, long u1) const = 0;
+};
 
-void run_units(const Product& p, long u0, long u1) {
-  if (p.transposed) {
-    for (long m = u0; m < u1; ++m) transposed_rows(p, m);
-    return;
+// A product's units: 16 output rows of one matrix, or a whole matrix of a transposed product.
+constexpr long kBlock = 16;
+long blocks(long rows) { return (rows + kBlock - 1) / kBlock; }
+
+struct ProductJob : Job {
+  Product p;
+  explicit ProductJob(const Product& product) : p(product) {}
+  long units() const override { return p.transposed ? p.mats : p.mats * blocks(p.out); }
+  void run(long u0, long u1) const override {
+    if (p.transposed) {
+      for (long m = u0; m < u1; ++m) transposed_rows(p, m);
+      return;
+    }
+    const long per = blocks(p.out);
+    for (long m = u0 / per; m * per < u1; ++m) {
+      Product one = p;
+      one.x += m * p.rows * p.in;
+      one.w += m * p.w_stride;
+      one.y += m * p.rows * p.out;
+      const long n0 = std::max(u0 - m * per, 0L) * kBlock, n1 = std::min(std::min(u1 - m * per, per) * kBlock, p.out);
+      if (n0 < n1) product_rows_any(one, n0, n1);
+    }
   }
-  const long per = (p.out + kBlock - 1) / kBlock;
-  for (long m = u0 / per; m * per < u1; ++m) {
-    Product one = p;
-    one.x += m * p.rows * p.in;
-    one.w += m * p.w_stride;
-    one.y += m * p.rows * p.out;
-    const long n0 = std::max(u0 - m * per, 0L) * kBlock, n1 = std::min(std::min(u1 - m * per, per) * kBlock, p.out);
-    if (n0 < n1) product_rows_any(one, n0, n1);
+};
+
+// SwiGLU experts on token copies sorted by expert: each copy c of token t_c routed to expert e_c with gate weight
+// g_c adds g_c * down_e(silu(gate_e x) * up_e x) to its token's output row. The copies are taken in groups of up to 8
+// consecutive copies of one expert (an expert's rows read once per group) in two passes over the pool: every group's
+// hidden rows (gate and up rows of a unit read side by side, silu applied as they are made), then their down
+// products; the weighted sum back per token runs in the calling thread.
+struct Copies {
+  long dim = 0, inter = 0;
+  const float *gate = nullptr, *up = nullptr, *down = nullptr;  // stacks [S, inter, dim], [S, inter, dim], [S, dim, inter]
+  std::vector<long> first, expert;     // per group: its first copy (one more entry: the end), its expert
+  std::vector<float> xs, gated, hidden, ys;  // [C, dim] the copies' rows; [C, inter] twice; [C, dim] their outputs
+  long groups() const { return static_cast<long>(expert.size()); }
+  long rows(long g) const { return first[g + 1] - first[g]; }
+};
+
+struct HiddenJob : Job {  // a unit: 16 hidden rows of one group
+  Copies& c;
+  explicit HiddenJob(Copies& copies) : c(copies) {}
+  long units() const override { return c.groups() * blocks(c.inter); }
+  void run(long u0, long u1) const override {
+    for (long u = u0; u < u1; ++u) {
+      const long g = u / blocks(c.inter), n0 = u % blocks(c.inter) * kBlock, n1 = std::min(n0 + kBlock, c.inter);
+      const long at = c.first[g], rows = c.rows(g), weights = c.expert[g] * c.inter * c.dim;
+      product_rows_any(Product{&c.xs[at * c.dim], c.gate + weights, &c.gated[at * c.inter], rows, c.inter, c.dim},
+                       n0, n1);
+      product_rows_any(Product{&c.xs[at * c.dim], c.up + weights, &c.hidden[at * c.inter], rows, c.inter, c.dim},
+                       n0, n1);
+      for (long r = at; r < at + rows; ++r) {
+        for (long n = n0; n < n1; ++n) {
+          const float gate = c.gated[r * c.inter + n];
+          c.hidden[r * c.inter + n] *= gate / (1.0f + std::exp(-gate));
+        }
+      }
+    }
   }
-}
+};
+
+struct DownJob : Job {  // a unit: 16 output columns of one group
+  Copies& c;
+  explicit DownJob(Copies& copies) : c(copies) {}
+  long units() const override { return c.groups() * blocks(c.dim); }
+  void run(long u0, long u1) const override {
+    for (long u = u0; u < u1; ++u) {
+      const long g = u / blocks(c.dim), n0 = u % blocks(c.dim) * kBlock, n1 = std::min(n0 + kBlock, c.dim);
+      const long at = c.first[g];
+      product_rows_any(Product{&c.hidden[at * c.inter], c.down + c.expert[g] * c.dim * c.inter, &c.ys[at * c.dim],
+                               c.rows(g), c.dim, c.inter}, n0, n1);
+    }
+  }
+};
 
 // A pool of `helpers` threads sharing each product with the calling thread in chunks: every thread claims chunks
 // until none is left, so a helper the OS has not scheduled (test workers sharing the cores) delays nothing: the
@@ -151,15 +213,15 @@ class Pool {
     for (int part = 1; part <= helpers_; ++part) std::thread([this] { serve(); }).detach();
   }
 
-  void run(const Product& p) {
+  void run(const Job& job) {
     std::unique_lock<std::mutex> lock(busy_, std::try_to_lock);
-    const long total = units(p);
+    const long total = job.units();
     // Alone when another product is running, or in a process forked from this one (it has no helpers).
     if (!lock.owns_lock() || helpers_ == 0 || getpid() != owner_ || total < 2) {
-      run_units(p, 0, total);
+      job.run(0, total);
       return;
     }
-    product_ = p;
+    job_ = &job;
     chunk_ = std::max(1L, total / ((helpers_ + 1) * kChunksPerThread));
     const uint64_t chunks = (total + chunk_ - 1) / chunk_;
     done_.store(0, std::memory_order_relaxed);
@@ -185,7 +247,7 @@ class Pool {
         continue;  // another thread claimed it (ticket now holds the new value)
       }
       const long u0 = static_cast<long>(next) * chunk_;
-      run_units(product_, u0, std::min(u0 + chunk_, units(product_)));
+      job_->run(u0, std::min(u0 + chunk_, job_->units()));
       done_.fetch_add(1, std::memory_order_release);
       ticket = ticket_.load(std::memory_order_acquire);
     }
@@ -215,7 +277,7 @@ class Pool {
   const int helpers_;
   const pid_t owner_ = getpid();
   std::mutex busy_;
-  Product product_{};
+  const Job* job_ = nullptr;
   long chunk_ = 1;
   uint64_t sequence_ = 0;
   std::atomic<uint64_t> ticket_{0};
@@ -243,7 +305,7 @@ extern "C" void dsv3_matvec(void* out, const void** in, const char* opaque, size
   const long index = std::clamp<long>(*static_cast<const int32_t*>(in[2]), 0, stack - 1);
   Product p{static_cast<const float*>(in[0]), static_cast<const float*>(in[1]) + index * n_out * n_in,
             static_cast<float*>(out), rows, n_out, n_in};
-  pool().run(p);
+  pool().run(ProductJob(p));
 }
 
 // Per-head products (the absorbed attention's, against wkv_b's per-head blocks): x [mats, rows, in], result
@@ -255,10 +317,49 @@ extern "C" void dsv3_heads(void* out, const void** in, const char* opaque, size_
   std::sscanf(dims.c_str(), "%ld,%ld,%ld,%ld,%ld,%ld,%ld", &rows, &n_out, &n_in, &mats, &first, &stride, &transposed);
   Product p{static_cast<const float*>(in[0]), static_cast<const float*>(in[1]) + first, static_cast<float*>(out),
             rows, n_out, n_in, mats, stride, transposed != 0};
-  pool().run(p);
+  pool().run(ProductJob(p));
 }
 
-// Registers dsv3_matvec and dsv3_heads with XLA's custom-call registry for the host platform, found in TensorFlow's already loaded
+// The routed (or shared) experts of a few tokens: operands x [T, dim], gate and up stacks [S, inter, dim], down stack
+// [S, dim, inter], and per copy (sorted by expert) its expert (clamped into [0, S)), token (clamped into [0, T)) and
+// gate weight: s32 [C], s32 [C], f32 [C]; result [T, dim]. The opaque string is "tokens,dim,inter,S,C".
+extern "C" void dsv3_experts(void* out, const void** in, const char* opaque, size_t opaque_len, XlaCustomCallStatus*) {
+  long tokens = 0, stack = 0, count = 0;
+  Copies c;
+  std::string dims(opaque, opaque_len);
+  std::sscanf(dims.c_str(), "%ld,%ld,%ld,%ld,%ld", &tokens, &c.dim, &c.inter, &stack, &count);
+  const float* x = static_cast<const float*>(in[0]);
+  c.gate = static_cast<const float*>(in[1]);
+  c.up = static_cast<const float*>(in[2]);
+  c.down = static_cast<const float*>(in[3]);
+  const int32_t* expert = static_cast<const int32_t*>(in[4]);
+  const int32_t* token = static_cast<const int32_t*>(in[5]);
+  const float* weight = static_cast<const float*>(in[6]);
+  auto token_of = [&](long i) { return std::clamp<long>(token[i], 0, tokens - 1); };
+  c.xs.resize(count * c.dim);
+  c.gated.resize(count * c.inter);
+  c.hidden.resize(count * c.inter);
+  c.ys.resize(count * c.dim);
+  for (long i = 0; i < count; ++i) {
+    std::copy_n(x + token_of(i) * c.dim, c.dim, &c.xs[i * c.dim]);
+    const long e = std::clamp<long>(expert[i], 0, stack - 1);
+    if (i == 0 || e != c.expert.back() || i - c.first.back() == 8) {
+      c.first.push_back(i);
+      c.expert.push_back(e);
+    }
+  }
+  c.first.push_back(count);
+  pool().run(HiddenJob(c));
+  pool().run(DownJob(c));
+  float* y = static_cast<float*>(out);
+  std::fill_n(y, tokens * c.dim, 0.0f);
+  for (long i = 0; i < count; ++i) {
+    float* row = y + token_of(i) * c.dim;
+    for (long j = 0; j < c.dim; ++j) row[j] += weight[i] * c.ys[i * c.dim + j];
+  }
+}
+
+// Registers dsv3_matvec, dsv3_heads and dsv3_experts with XLA's custom-call registry for the host platform, found in TensorFlow's already loaded
 // libtensorflow_cc (`library`: its path) by its exported symbols, so that building this file needs no TensorFlow
 // headers and no link against that library (which took 10 s). Returns 0, or 1 when a symbol is missing.
 extern "C" int dsv3_register_matvec(const char* library) {
@@ -272,5 +373,6 @@ extern "C" int dsv3_register_matvec(const char* library) {
   if (global == nullptr || add == nullptr) return 1;
   add(global(), "dsv3_matvec", reinterpret_cast<void*>(&dsv3_matvec), "Host");
   add(global(), "dsv3_heads", reinterpret_cast<void*>(&dsv3_heads), "Host");
+  add(global(), "dsv3_experts", reinterpret_cast<void*>(&dsv3_experts), "Host");
   return 0;
 }

@@ -375,6 +375,42 @@ def test_experts_kernel_matches_float64_swiglu_experts(tokens, copies):
     assert np.all(np.abs(got - expected) <= bound), np.abs(got - expected).max()
 
 
+@pytest.mark.parametrize("batch, length, heads, latent, window", [(1, 1, 16, 256, 40), (2, 3, 3, 20, 37),
+                                                                  (3, 1, 17, 33, 16)])
+def test_latent_attention_kernel_matches_float64_softmax_attention(batch, length, heads, latent, window):
+    """The absorbed attention's core in the kernel: causal visibility (each query sees the positions up to its own,
+    none past the window, the cache longer than the window), latent widths off its 16-column blocks, more heads than
+    its 16 accumulators, several sequences and queries."""
+    import tensorflow as tf
+
+    matvec = _kernel_or_skip()
+    rng = np.random.default_rng(batch * 100 + window)
+    capacity, rope, scale, start = window + 9, 8, 0.3, window - length - 2
+    q_latent = rng.standard_normal((heads, batch * length, latent)).astype(np.float32)
+    q_rope = rng.standard_normal((batch * length, heads, rope)).astype(np.float32)
+    kv = rng.standard_normal((batch, capacity, latent)).astype(np.float32)
+    rope_key = rng.standard_normal((batch, capacity, rope)).astype(np.float32)
+    visible = np.arange(window)[None, :] <= start + np.arange(length)[:, None]
+    got = tf.function(lambda *a: matvec.latent_attention(*a, scale), jit_compile=True)(
+        q_latent, q_rope, kv, rope_key, visible).numpy()
+    assert got.shape == (heads, batch * length, latent)
+    for b in range(batch):
+        for s in range(length):
+            q = b * length + s
+            keys = visible[s].nonzero()[0]
+            scores = scale * (kv[b, keys].astype(np.float64) @ q_latent[:, q].T.astype(np.float64)
+                              + rope_key[b, keys].astype(np.float64) @ q_rope[q].T.astype(np.float64))  # [t, h]
+            weights = np.exp(scores - scores.max(axis=0))
+            weights /= weights.sum(axis=0)
+            expected = weights.T @ kv[b, keys].astype(np.float64)  # [h, c]
+            # float32 scores of latent + rope terms, a softmax and a weighted sum: ulps of the terms' magnitudes
+            magnitude = np.abs(weights.T) @ np.abs(kv[b, keys]) + np.abs(expected)
+            score_error = 8 * (latent + rope) * np.finfo(np.float32).eps * scale * (
+                np.abs(kv[b, keys]) @ np.abs(q_latent[:, q]).T + np.abs(rope_key[b, keys]) @ np.abs(q_rope[q]).T).max()
+            bound = (16 * len(keys) * np.finfo(np.float32).eps + 2 * score_error) * magnitude
+            assert np.all(np.abs(got[:, q] - expected) <= bound), (b, s, np.abs(got[:, q] - expected).max())
+
+
 def test_decode_steps_take_the_matvec_kernel_and_agree_with_xla_products():
     """Where the kernel builds, a compiled decode step calls it (the dense products, the head, the dense FFN and
     the routed experts read in their stacks); its logits agree with the same step through XLA's products."""
@@ -398,6 +434,7 @@ def test_decode_steps_take_the_matvec_kernel_and_agree_with_xla_products():
     assert any(f"f32[{config.n_routed_experts},{config.moe_inter_dim},{config.dim}]" in line for line in ffns)
     assert any(f"f32[1,{config.inter_dim},{config.dim}]" in line for line in ffns)  # the dense layers' FFN
     assert hlo.count(f'custom_call_target="{matvec.HEADS_TARGET}"') == 2 * config.n_layers  # both wkv_b products
+    assert hlo.count(f'custom_call_target="{matvec.ATTENTION_TARGET}"') == config.n_layers
     with_kernel = model.decode(following)[0]
 
     original = matvec.available
@@ -411,7 +448,7 @@ def test_decode_steps_take_the_matvec_kernel_and_agree_with_xla_products():
             plain.leaves, tf.constant(following[:, None], tf.int32), tf.constant(6, tf.int32), plain.capacity,
             plain.caches, plain.history)(stage="hlo")
         assert not any(f'"{target}"' in plain_hlo for target in (matvec.TARGET, matvec.HEADS_TARGET,
-                                                                     matvec.EXPERTS_TARGET))
+                                                                     matvec.EXPERTS_TARGET, matvec.ATTENTION_TARGET))
         without = plain.decode(following)[0]
     finally:
         matvec.available = original

@@ -129,29 +129,39 @@ def naive_attention(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, 
 
 def absorbed_attention(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, rope_key: tf.Tensor,
                        weights: AttentionWeights, config: ModelConfig, mask: tf.Tensor, scale: float) -> tf.Tensor:
-    """Attention in latent space (W_UK folded into the queries, W_UV applied after): [B,S,H,v].
+    """Attention in latent space (W_UK folded into the queries, W_UV applied after): [B,S,H,v], over the first
+    mask.shape[-1] positions of the keys.
 
     Both foldings multiply wkv_b's whole per-head block [H, nope + v, c] where it lies: the queries padded with
     zeros over the value rows, and the value rows kept from the output. Slicing the key and value rows out of the
     block made XLA copy both halves of it on every decode step (seen in the optimized HLO)."""
     dtype, nope = q_nope.dtype, config.qk_nope_head_dim
     up = tf.reshape(dense_weight(weights.kv_b_proj, dtype), [config.n_heads, -1, config.kv_lora_rank])
-    # A decode step's heads in the matvec kernel: each head's key rows and value rows of the block read in place
-    # (XLA's per-head products read it at 5 GB/s, 6.3 ms of a 33 ms bench-small step; README).
-    in_kernel = (weights.kv_b_proj.scale_inv is None and matvec.applies(q_nope, up.shape)
-                 and q_nope.shape[0] * q_nope.shape[1] <= MATVEC_ROWS)
-    if in_kernel:
-        q_latent = _from_heads(matvec.per_head(_to_heads(q_nope), up, 0, nope, transposed=True), q_nope.shape)
-    else:
-        q_padded = tf.pad(q_nope, [[0, 0], [0, 0], [0, 0], [0, config.v_head_dim]])
-        q_latent = tf.einsum("bshj,hjc->bshc", q_padded, up)
+    if (weights.kv_b_proj.scale_inv is None and matvec.applies(q_nope, up.shape)
+            and q_nope.shape[0] * q_nope.shape[1] <= MATVEC_ROWS):
+        return _absorbed_in_kernel(q_nope, q_rope, kv_latent, rope_key, up, config, mask, scale)
+    window = mask.shape[-1]
+    kv_latent, rope_key = kv_latent[:, :window], rope_key[:, :window]
+    q_padded = tf.pad(q_nope, [[0, 0], [0, 0], [0, 0], [0, config.v_head_dim]])
+    q_latent = tf.einsum("bshj,hjc->bshc", q_padded, up)
     # The cache is the left operand: XLA's CPU dot reads it where it lies (on the right, every layer's cache was
     # transposed, copied, every step).
     scores = tf.einsum("btc,bshc->bsht", kv_latent, q_latent) + tf.einsum("btr,bshr->bsht", rope_key, q_rope)
     latent_out = tf.einsum("bsht,btc->bshc", masked_softmax(scores, mask[None, :, None, :], scale, dtype), kv_latent)
-    if in_kernel:
-        return _from_heads(matvec.per_head(_to_heads(latent_out), up, nope, config.v_head_dim), latent_out.shape)
     return tf.einsum("hjc,bshc->bshj", up, latent_out)[..., nope:]
+
+
+def _absorbed_in_kernel(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, rope_key: tf.Tensor,
+                        up: tf.Tensor, config: ModelConfig, mask: tf.Tensor, scale: float) -> tf.Tensor:
+    """absorbed_attention for a decode step's few queries in the matvec kernel (impl.matvec), wkv_b's per-head
+    blocks and the caches read in place: each head's key rows of the block as x B, the core over the visible
+    positions (XLA had copied the cache's window out of each layer's cache, 0.5 ms of a 10 ms bench-small step), each
+    head's value rows as x B^T (XLA's per-head products had read the block at 5 GB/s)."""
+    batch, length, heads, nope = q_nope.shape
+    q_latent = matvec.per_head(_to_heads(q_nope), up, 0, nope, transposed=True)
+    latent_out = matvec.latent_attention(q_latent, tf.reshape(q_rope, [batch * length, heads, -1]), kv_latent,
+                                         rope_key, mask, scale)
+    return _from_heads(matvec.per_head(latent_out, up, nope, config.v_head_dim), q_nope.shape)
 
 
 def _to_heads(x: tf.Tensor) -> tf.Tensor:
@@ -168,11 +178,13 @@ def _from_heads(x: tf.Tensor, like: tf.TensorShape) -> tf.Tensor:
 def attend(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, rope_key: tf.Tensor,
            weights: AttentionWeights, config: ModelConfig, numerics: Numerics, mask: tf.Tensor, scale: float,
            form: AttentionForm, query_blocks: int = 1) -> tf.Tensor:
-    """Per-head attention outputs [B,S,H,v] over keys given by latents [B,T,c] and rope keys [B,T,r]
-    (`query_blocks`: see naive_attention)."""
+    """Per-head attention outputs [B,S,H,v] over the keys given by latents [B,T,c] and rope keys [B,T,r], their
+    first mask.shape[-1] positions (a decode step's window of the cache; `query_blocks`: see naive_attention)."""
     if form == "absorbed":
         return absorbed_attention(q_nope, q_rope, kv_latent, rope_key, weights, config, mask, scale)
-    return naive_attention(q_nope, q_rope, kv_latent, rope_key, weights, config, numerics, mask, scale, query_blocks)
+    window = mask.shape[-1]
+    return naive_attention(q_nope, q_rope, kv_latent[:, :window], rope_key[:, :window], weights, config, numerics,
+                           mask, scale, query_blocks)
 
 
 def output(heads: tf.Tensor, weights: AttentionWeights, numerics: Numerics) -> tf.Tensor:

@@ -32,6 +32,7 @@ SOURCE = pathlib.Path(__file__).with_name("native") / "matvec.cc"
 TARGET = "dsv3_matvec"
 HEADS_TARGET = "dsv3_heads"
 EXPERTS_TARGET = "dsv3_experts"
+ATTENTION_TARGET = "dsv3_latent_attention"
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-pthread")
 
 # Smallest weight (floats) the kernel takes: below it a product is a few microseconds in XLA, where the custom call
@@ -146,3 +147,26 @@ def experts(x: tf.Tensor, gate: tf.Tensor, up: tf.Tensor, down: tf.Tensor, exper
     copies = expert.shape[0]
     operands = [x, gate, up, down, tf.cast(expert, tf.int32), tf.cast(token, tf.int32), tf.cast(weight, tf.float32)]
     return _call(EXPERTS_TARGET, operands, f"{tokens},{dim},{inter},{count},{copies}", [tokens, dim])
+
+
+def latent_attention(q_latent: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, rope_key: tf.Tensor,
+                     visible: tf.Tensor, scale: float) -> tf.Tensor:
+    """The absorbed attention's core over a latent cache read in place: for each head h and query q = b * S + s, the
+    softmax over positions t of scale * (q_latent[h, q] . kv_latent[b, t] + q_rope[q, h] . rope_key[b, t]) where
+    visible[s, t] (else excluded), then sum over t of it times kv_latent[b, t]. q_latent [H, Q, c], q_rope [Q, H, r],
+    caches [B, capacity, c] and [B, capacity, r] of which the first `window` = visible.shape[1] positions are looked
+    at, visible [S, window] bool -> [H, Q, c]. Every query must see a position (else the softmax has none)."""
+    heads, queries, latent = q_latent.shape
+    batch, capacity, _ = kv_latent.shape
+    length, window = visible.shape
+    rope = q_rope.shape[-1]
+    if (queries != batch * length or q_rope.shape != (queries, heads, rope) or kv_latent.shape[2] != latent
+            or rope_key.shape != (batch, capacity, rope) or window > capacity):
+        raise ValueError(f"latent_attention: queries {q_latent.shape}, {q_rope.shape}, caches {kv_latent.shape}, "
+                         f"{rope_key.shape}, visible {visible.shape}")
+    config = f"{batch},{length},{heads},{latent},{rope},{capacity},{window},{float(scale)!r}"
+    # The caches go in flat, as the layer's cache variables hold them: as [B, capacity, .] XLA fused that reshape into
+    # the cache's update, which then no longer ran in place (a copy of every layer's cache, every step).
+    caches = [tf.reshape(kv_latent, [batch * capacity, latent]), tf.reshape(rope_key, [batch * capacity, rope])]
+    return _call(ATTENTION_TARGET, [q_latent, q_rope, *caches, tf.cast(visible, tf.uint8)], config,
+                 [heads, queries, latent])

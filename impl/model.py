@@ -238,14 +238,13 @@ class Program:
         return tf.stack([rows, tf.tile(start + tf.range(count), [batch])], axis=1)
 
     @staticmethod
-    def _writer(slots: tf.Tensor, capacity: int, window: int | None = None) -> Store:
+    def _writer(slots: tf.Tensor, capacity: int) -> Store:
         """Writes the entries of the (sequence, position) `slots` into a cache of `capacity` positions; the keys
-        returned are every sequence's first `window` positions (default all)."""
+        returned are every sequence's whole cache (the attention looks at the first positions its mask covers)."""
         rows = slots[:, 0] * capacity + slots[:, 1]
 
         def store(cache: LatentCache, kv_latent: tf.Tensor, rope_key: tf.Tensor):
-            keys_latent, keys_rope = cache.write(rows, kv_latent, rope_key)
-            return keys_latent[:, :window], keys_rope[:, :window]
+            return cache.write(rows, kv_latent, rope_key)
         return store
 
     def _prefill(self, leaves: list, tokens: tf.Tensor, caches: tuple[LatentCache, ...], history: tf.Variable):
@@ -270,7 +269,7 @@ class Program:
         slots = self._slots(position, batch, count)
         mask = attention.causal_mask(position, count, window)
         logits, hidden, experts, source = self._forward(self.unflatten(leaves), tokens, position + tf.range(count), mask,
-                                                        caches, self._writer(slots, history.shape[1], window))
+                                                        caches, self._writer(slots, history.shape[1]))
         history.scatter_nd_update(slots, tf.reshape(source, [-1, source.shape[-1]]))
         return logits, hidden, experts
 

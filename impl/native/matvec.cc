@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstddef>
@@ -229,6 +230,154 @@ struct DownJob : Job {  // a unit: 16 output columns of one group
   }
 };
 
+// e^x for 16 floats: x = n ln2 + r with |r| <= ln2/2, e^r by the degree-6 polynomial of Cephes' expf (about one ulp
+// off the rounded value), times 2^n put into the exponent bits; exactly 0 below -87.3 (a masked score's -inf among
+// them), where 2^n would leave the normal range; NaN stays NaN.
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+v16 exp16(v16 x) {
+  const v16 zero = {}, low = zero - 87.3f, high = zero + 88.3f;
+  const v16 clamped = x < high ? x : high;
+  const v16 t = clamped * 1.44269504088896341f;
+  const v16i n = __builtin_convertvector(t + (t >= 0.0f ? zero + 0.5f : zero - 0.5f), v16i);
+  const v16 nf = __builtin_convertvector(n, v16);
+  const v16 r = clamped - nf * 0.693359375f + nf * 2.12194440e-4f;
+  v16 poly = zero + 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const v16 value = poly * r * r + r + 1.0f;
+  const v16 scaled = std::bit_cast<v16>(std::bit_cast<v16i>(value) + (n << 23));
+  return x < low ? zero : (x != x ? x : scaled);  // NaN stays NaN
+}
+
+// The absorbed attention's core for a decode step's few queries, over a latent cache read where it lies: for query
+// q = b * S + s and head h, softmax over the visible positions t of scale * (q_latent[h, q] . kv[b, t] + q_rope[q, h] .
+// rope[b, t]), then the latents weighted by it. Three passes over the pool: the scores (units of 16 positions of one
+// sequence), each (head, query) row's softmax, the weighted latents (units of 16 latent columns of one sequence, every
+// head's accumulators in registers).
+struct LatentAttention {
+  long batch = 0, length = 0, heads = 0, latent = 0, rope = 0, capacity = 0, window = 0;
+  float scale = 1.0f;
+  const float *q_latent = nullptr, *q_rope = nullptr, *kv = nullptr, *rope_key = nullptr;  // see dsv3_latent_attention
+  const uint8_t* visible = nullptr;  // [length, window]
+  long keys = 0, padded = 0;         // positions up to the last visible one; rounded up to 16
+  std::vector<float> scores;         // [heads, queries, padded], then the probabilities
+  std::vector<float> lanes;          // the queries transposed: [queries, groups of 16 heads, latent + rope, 16]
+  float* out = nullptr;              // [heads, queries, latent]
+  long queries() const { return batch * length; }
+  long groups() const { return (heads + 15) / 16; }
+  float* row(long h, long q) { return &scores[(h * queries() + q) * padded]; }
+  float* lane(long q, long g) { return &lanes[(q * groups() + g) * (latent + rope) * 16]; }
+};
+
+struct ScoresJob : Job {  // a unit: 16 positions of one sequence, every query and head
+  LatentAttention& a;
+  explicit ScoresJob(LatentAttention& attention) : a(attention) {}
+  long units() const override { return a.batch * blocks(a.keys); }
+  // Eight positions at a time against 16 heads held in a vector's lanes (the queries transposed, a.lanes), so that
+  // nothing is summed across lanes: per latent (or rope) column, each position's value times the heads' vector.
+  void run(long u0, long u1) const override {
+    constexpr int kPositions = 8;
+    for (long u = u0; u < u1; ++u) {
+      const long b = u / blocks(a.keys), t0 = u % blocks(a.keys) * kBlock, t1 = std::min(t0 + kBlock, a.keys);
+      for (long s = 0; s < a.length; ++s) {
+        const long q = b * a.length + s;
+        for (long g = 0; g < a.groups(); ++g) {
+          const float* lanes = a.lane(q, g);
+          for (long t = t0; t < t1; t += kPositions) {
+            const float* kv[kPositions];
+            const float* rope[kPositions];
+            for (int i = 0; i < kPositions; ++i) {  // past t1: the last position again, its result dropped
+              const long row = b * a.capacity + std::min(t + i, t1 - 1);
+              kv[i] = a.kv + row * a.latent;
+              rope[i] = a.rope_key + row * a.rope;
+            }
+            v16 acc[kPositions] = {};
+            for (long c = 0; c < a.latent; ++c) {
+              const v16 heads = *reinterpret_cast<const v16u*>(lanes + c * 16);
+              for (int i = 0; i < kPositions; ++i) acc[i] += kv[i][c] * heads;
+            }
+            for (long c = 0; c < a.rope; ++c) {
+              const v16 heads = *reinterpret_cast<const v16u*>(lanes + (a.latent + c) * 16);
+              for (int i = 0; i < kPositions; ++i) acc[i] += rope[i][c] * heads;
+            }
+            for (int i = 0; i < kPositions && t + i < t1; ++i) {
+              const bool seen = a.visible[s * a.window + t + i] != 0;
+              for (long h = g * 16; h < std::min(a.heads, g * 16 + 16); ++h) {
+                a.row(h, q)[t + i] = seen ? acc[i][h - g * 16] * a.scale : -INFINITY;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+};
+
+struct SoftmaxJob : Job {  // a unit: one (head, query) row
+  LatentAttention& a;
+  explicit SoftmaxJob(LatentAttention& attention) : a(attention) {}
+  long units() const override { return a.heads * a.queries(); }
+  void run(long u0, long u1) const override {
+    for (long u = u0; u < u1; ++u) {
+      float* row = a.row(u / a.queries(), u % a.queries());
+      for (long t = a.keys; t < a.padded; ++t) row[t] = -INFINITY;
+      v16 top = {};
+      top -= INFINITY;
+      for (long t = 0; t < a.padded; t += 16) {
+        const v16 x = *reinterpret_cast<const v16u*>(row + t);
+        top = x > top ? x : top;
+      }
+      float most = top[0];
+      for (int j = 1; j < 16; ++j) most = std::max(most, top[j]);
+      v16 total = {};
+      for (long t = 0; t < a.padded; t += 16) {
+        const v16 e = exp16(*reinterpret_cast<const v16u*>(row + t) - most);
+        *reinterpret_cast<v16u*>(row + t) = e;
+        total += e;
+      }
+      float sum = 0.0f;
+      for (int j = 0; j < 16; ++j) sum += total[j];
+      for (long t = 0; t < a.keys; ++t) row[t] /= sum;
+    }
+  }
+};
+
+struct WeightedJob : Job {  // a unit: 16 latent columns of one sequence, every query and head
+  LatentAttention& a;
+  explicit WeightedJob(LatentAttention& attention) : a(attention) {}
+  long units() const override { return a.batch * blocks(a.latent); }
+  void run(long u0, long u1) const override {
+    constexpr long kHeads = 16;  // accumulators held in registers at once
+    for (long u = u0; u < u1; ++u) {
+      const long b = u / blocks(a.latent), c0 = u % blocks(a.latent) * kBlock, width = std::min(kBlock, a.latent - c0);
+      for (long s = 0; s < a.length; ++s) {
+        const long q = b * a.length + s;
+        for (long h0 = 0; h0 < a.heads; h0 += kHeads) {
+          const long count = std::min(kHeads, a.heads - h0);
+          v16 acc[kHeads] = {};
+          const float* p[kHeads];
+          for (long j = 0; j < count; ++j) p[j] = a.row(h0 + j, q);
+          for (long t = 0; t < a.keys; ++t) {
+            v16 kv = {};
+            const float* source = a.kv + (b * a.capacity + t) * a.latent + c0;
+            if (width == kBlock) kv = *reinterpret_cast<const v16u*>(source);
+            else for (long c = 0; c < width; ++c) kv[c] = source[c];
+            for (long j = 0; j < count; ++j) acc[j] += p[j][t] * kv;
+          }
+          for (long j = 0; j < count; ++j) {
+            float* target = a.out + ((h0 + j) * a.queries() + q) * a.latent + c0;
+            for (long c = 0; c < width; ++c) target[c] = acc[j][c];
+          }
+        }
+      }
+    }
+  }
+};
+
 // A pool of `helpers` threads sharing each product with the calling thread in chunks: every thread claims chunks
 // until none is left, so a helper the OS has not scheduled (test workers sharing the cores) delays nothing: the
 // caller runs its chunks. A chunk is claimed by advancing a ticket that also names the product (a sequence number)
@@ -385,7 +534,45 @@ extern "C" void dsv3_experts(void* out, const void** in, const char* opaque, siz
   }
 }
 
-// Registers dsv3_matvec, dsv3_heads and dsv3_experts with XLA's custom-call registry for the host platform, found in TensorFlow's already loaded
+// The absorbed attention's core (LatentAttention): operands q_latent [H, Q, c] and q_rope [Q, H, r] for Q = B * S
+// queries, the latent cache [B, capacity, c] and rope keys [B, capacity, r] (updated, read in place), visible u8
+// [S, window] (1 where query s may see position t); result [H, Q, c]. The opaque string is
+// "B,S,H,c,r,capacity,window,scale".
+extern "C" void dsv3_latent_attention(void* out, const void** in, const char* opaque, size_t opaque_len,
+                                      XlaCustomCallStatus*) {
+  LatentAttention a;
+  double scale = 1.0;
+  std::string dims(opaque, opaque_len);
+  std::sscanf(dims.c_str(), "%ld,%ld,%ld,%ld,%ld,%ld,%ld,%lf", &a.batch, &a.length, &a.heads, &a.latent, &a.rope,
+              &a.capacity, &a.window, &scale);
+  a.scale = static_cast<float>(scale);
+  a.q_latent = static_cast<const float*>(in[0]);
+  a.q_rope = static_cast<const float*>(in[1]);
+  a.kv = static_cast<const float*>(in[2]);
+  a.rope_key = static_cast<const float*>(in[3]);
+  a.visible = static_cast<const uint8_t*>(in[4]);
+  a.out = static_cast<float*>(out);
+  for (long t = 0; t < a.window; ++t) {  // no position past the last visible one is read
+    for (long s = 0; s < a.length; ++s) {
+      if (a.visible[s * a.window + t] != 0) a.keys = t + 1;
+    }
+  }
+  a.padded = (a.keys + 15) / 16 * 16;
+  a.scores.resize(a.heads * a.queries() * std::max(a.padded, 16L));
+  a.lanes.assign(a.queries() * a.groups() * (a.latent + a.rope) * 16, 0.0f);
+  for (long q = 0; q < a.queries(); ++q) {
+    for (long h = 0; h < a.heads; ++h) {
+      float* lanes = a.lane(q, h / 16) + h % 16;
+      for (long c = 0; c < a.latent; ++c) lanes[c * 16] = a.q_latent[(h * a.queries() + q) * a.latent + c];
+      for (long c = 0; c < a.rope; ++c) lanes[(a.latent + c) * 16] = a.q_rope[(q * a.heads + h) * a.rope + c];
+    }
+  }
+  pool().run(ScoresJob(a));
+  pool().run(SoftmaxJob(a));
+  pool().run(WeightedJob(a));
+}
+
+// Registers dsv3_matvec, dsv3_heads, dsv3_experts and dsv3_latent_attention with XLA's custom-call registry for the host platform, found in TensorFlow's already loaded
 // libtensorflow_cc (`library`: its path) by its exported symbols, so that building this file needs no TensorFlow
 // headers and no link against that library (which took 10 s). Returns 0, or 1 when a symbol is missing.
 extern "C" int dsv3_register_matvec(const char* library) {
@@ -400,5 +587,6 @@ extern "C" int dsv3_register_matvec(const char* library) {
   add(global(), "dsv3_matvec", reinterpret_cast<void*>(&dsv3_matvec), "Host");
   add(global(), "dsv3_heads", reinterpret_cast<void*>(&dsv3_heads), "Host");
   add(global(), "dsv3_experts", reinterpret_cast<void*>(&dsv3_experts), "Host");
+  add(global(), "dsv3_latent_attention", reinterpret_cast<void*>(&dsv3_latent_attention), "Host");
   return 0;
 }

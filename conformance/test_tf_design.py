@@ -436,6 +436,8 @@ def test_decode_steps_take_the_matvec_kernel_and_agree_with_xla_products():
     assert hlo.count(f'custom_call_target="{matvec.HEADS_TARGET}"') == 2 * config.n_layers  # both wkv_b products
     assert hlo.count(f'custom_call_target="{matvec.ATTENTION_TARGET}"') == config.n_layers
     with_kernel = model.decode(following)[0]
+    several = np.array([[5, 9, 2], [4, 1, 8]])  # three queries per sequence: the kernel's causal visibility
+    with_kernel_several = model.decode(several)[0]
 
     original = matvec.available
     matvec.available = lambda: False
@@ -450,10 +452,12 @@ def test_decode_steps_take_the_matvec_kernel_and_agree_with_xla_products():
         assert not any(f'"{target}"' in plain_hlo for target in (matvec.TARGET, matvec.HEADS_TARGET,
                                                                      matvec.EXPERTS_TARGET, matvec.ATTENTION_TARGET))
         without = plain.decode(following)[0]
+        without_several = plain.decode(several)[0]
     finally:
         matvec.available = original
         program.cache_clear()
     np.testing.assert_allclose(with_kernel, without, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(with_kernel_several, without_several, rtol=1e-4, atol=1e-5)
 
 
 def test_without_a_compiler_the_steps_keep_xla_products_and_say_so(tmp_path):

@@ -1,6 +1,8 @@
-"""The decode steps' products as a kernel of our own inside XLA: y = x W^T for a few rows x against a float32 weight
-read where it lies (an expert's matrix inside its stack too; the absorbed attention's per-head blocks of wkv_b, both
-ways), split over every core (impl/native/matvec.cc).
+"""The decode steps' work as a kernel of our own inside XLA (impl/native/matvec.cc), split over every core, every
+weight read where it lies: y = x W^T for a few rows x against a float32 weight (`matvec`; the absorbed attention's
+per-head blocks of wkv_b both ways, `per_head`), a SwiGLU FFN over token copies with the experts read in their
+stacks (`experts`: a MoE block's routed copies, its shared experts, a dense FFN), and the absorbed attention's core
+over a layer's latent cache (`latent_attention`).
 
 XLA's CPU dot runs a matrix-vector product of at most 2 MB of weights as one task on one core, and on the 2-core
 machines measured one core reads about half the bandwidth of two (README, Performance). The kernel is compiled
@@ -60,7 +62,8 @@ def _machine() -> bytes:
 
 def _build() -> pathlib.Path:
     compiler = os.environ.get("CXX", "g++")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode() + _machine()).hexdigest()[:16]
+    sources = b"".join(path.read_bytes() for path in sorted(SOURCE.parent.glob("*.[ch]*")))  # matvec.cc and its headers
+    key = hashlib.sha256(sources + " ".join((compiler, *FLAGS)).encode() + _machine()).hexdigest()[:16]
     library = _cache_dir() / f"matvec-{key}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)

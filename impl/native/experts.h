@@ -22,39 +22,44 @@ struct Copies {
   long rows(long g) const { return first[g + 1] - first[g]; }
 };
 
-struct HiddenJob : Job {  // a unit: 16 hidden rows of one group
+// A pass over every group of copies, a unit being 16 of the `width` outputs of one group.
+struct GroupPass : Job {
   Copies& c;
-  explicit HiddenJob(Copies& copies) : c(copies) {}
-  long units() const override { return c.groups() * blocks(c.inter); }
+  const long width;
+  GroupPass(Copies& copies, long outputs) : c(copies), width(outputs) {}
+  long units() const override { return c.groups() * blocks(width); }
   void run(long u0, long u1) const override {
     for (long u = u0; u < u1; ++u) {
-      const long g = u / blocks(c.inter), n0 = u % blocks(c.inter) * kBlock, n1 = std::min(n0 + kBlock, c.inter);
-      const long at = c.first[g], rows = c.rows(g), weights = c.expert[g] * c.inter * c.dim;
-      product_rows_any(Product{&c.xs[at * c.dim], c.gate + weights, &c.gated[at * c.inter], rows, c.inter, c.dim},
-                       n0, n1);
-      product_rows_any(Product{&c.xs[at * c.dim], c.up + weights, &c.hidden[at * c.inter], rows, c.inter, c.dim},
-                       n0, n1);
-      for (long r = at; r < at + rows; ++r) {
-        for (long n = n0; n < n1; ++n) {
-          const float gate = c.gated[r * c.inter + n];
-          c.hidden[r * c.inter + n] *= gate / (1.0f + std::exp(-gate));
-        }
+      const long g = u / blocks(width), n0 = u % blocks(width) * kBlock;
+      outputs(g, c.first[g], n0, std::min(n0 + kBlock, width));
+    }
+  }
+  // Outputs [n0, n1) of group g, whose copies start at copy `at`.
+  virtual void outputs(long g, long at, long n0, long n1) const = 0;
+};
+
+struct HiddenJob : GroupPass {  // the hidden rows: gate and up products, silu(gate) * up
+  explicit HiddenJob(Copies& copies) : GroupPass(copies, copies.inter) {}
+  void outputs(long g, long at, long n0, long n1) const override {
+    const long rows = c.rows(g), weights = c.expert[g] * c.inter * c.dim;
+    product_rows_any(Product{&c.xs[at * c.dim], c.gate + weights, &c.gated[at * c.inter], rows, c.inter, c.dim}, n0,
+                     n1);
+    product_rows_any(Product{&c.xs[at * c.dim], c.up + weights, &c.hidden[at * c.inter], rows, c.inter, c.dim}, n0,
+                     n1);
+    for (long r = at; r < at + rows; ++r) {
+      for (long n = n0; n < n1; ++n) {
+        const float gate = c.gated[r * c.inter + n];
+        c.hidden[r * c.inter + n] *= gate / (1.0f + std::exp(-gate));
       }
     }
   }
 };
 
-struct DownJob : Job {  // a unit: 16 output columns of one group
-  Copies& c;
-  explicit DownJob(Copies& copies) : c(copies) {}
-  long units() const override { return c.groups() * blocks(c.dim); }
-  void run(long u0, long u1) const override {
-    for (long u = u0; u < u1; ++u) {
-      const long g = u / blocks(c.dim), n0 = u % blocks(c.dim) * kBlock, n1 = std::min(n0 + kBlock, c.dim);
-      const long at = c.first[g];
-      product_rows_any(Product{&c.hidden[at * c.inter], c.down + c.expert[g] * c.dim * c.inter, &c.ys[at * c.dim],
-                               c.rows(g), c.dim, c.inter}, n0, n1);
-    }
+struct DownJob : GroupPass {  // the down products of the hidden rows
+  explicit DownJob(Copies& copies) : GroupPass(copies, copies.dim) {}
+  void outputs(long g, long at, long n0, long n1) const override {
+    product_rows_any(Product{&c.hidden[at * c.inter], c.down + c.expert[g] * c.dim * c.inter, &c.ys[at * c.dim],
+                             c.rows(g), c.dim, c.inter}, n0, n1);
   }
 };
 

@@ -10,10 +10,11 @@
 
 namespace dsv3 {
 
+typedef int32_t v16i __attribute__((vector_size(64)));
+
 // e^x for 16 floats: x = n ln2 + r with |r| <= ln2/2, e^r by the degree-6 polynomial of Cephes' expf (about one ulp
 // off the rounded value), times 2^n put into the exponent bits; exactly 0 below -87.3 (a masked score's -inf among
 // them), where 2^n would leave the normal range; NaN stays NaN.
-typedef int32_t v16i __attribute__((vector_size(64)));
 
 v16 exp16(v16 x) {
   const v16 zero = {}, low = zero - 87.3f, high = zero + 88.3f;
@@ -36,8 +37,8 @@ v16 exp16(v16 x) {
 // The absorbed attention's core for a decode step's few queries, over a latent cache read where it lies: for query
 // q = b * S + s and head h, softmax over the visible positions t of scale * (q_latent[h, q] . kv[b, t] + q_rope[q, h] .
 // rope[b, t]), then the latents weighted by it. Three passes over the pool: the scores (units of 16 positions of one
-// sequence), each (head, query) row's softmax, the weighted latents (units of 16 latent columns of one sequence, every
-// head's accumulators in registers).
+// sequence), each (head, query) row's softmax, the weighted latents (units of 4 heads by 64 latent columns of one
+// query, their accumulators in registers).
 struct LatentAttention {
   long batch = 0, length = 0, heads = 0, latent = 0, rope = 0, capacity = 0, window = 0;
   float scale = 1.0f;

@@ -9,8 +9,8 @@
 namespace dsv3 {
 
 // SwiGLU experts on token copies sorted by expert: each copy c of token t_c routed to expert e_c with gate weight
-// g_c adds g_c * down_e(silu(gate_e x) * up_e x) to its token's output row. The copies are taken in groups of up to 8
-// consecutive copies of one expert (an expert's rows read once per group) in two passes over the pool: every group's
+// g_c adds g_c * down_e(silu(gate_e x) * up_e x) to its token's output row. The copies are taken in groups of up to
+// kMaxRows consecutive copies of one expert (an expert's rows read once per group) in two passes over the pool: every group's
 // hidden rows (gate and up rows of a unit read side by side, silu applied as they are made), then their down
 // products; the weighted sum back per token runs in the calling thread.
 struct Copies {

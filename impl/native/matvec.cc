@@ -73,7 +73,7 @@ extern "C" void dsv3_experts(void* out, const void** in, const char* opaque, siz
   for (long i = 0; i < count; ++i) {
     std::copy_n(x + token_of(i) * c.dim, c.dim, &c.xs[i * c.dim]);
     const long e = std::clamp<long>(expert[i], 0, stack - 1);
-    if (i == 0 || e != c.expert.back() || i - c.first.back() == 8) {
+    if (i == 0 || e != c.expert.back() || i - c.first.back() == kMaxRows) {
       c.first.push_back(i);
       c.expert.push_back(e);
     }
@@ -127,9 +127,10 @@ extern "C" void dsv3_latent_attention(void* out, const void** in, const char* op
   pool().run(WeightedJob(a));
 }
 
-// Registers dsv3_matvec, dsv3_heads, dsv3_experts and dsv3_latent_attention with XLA's custom-call registry for the host platform, found in TensorFlow's already loaded
-// libtensorflow_cc (`library`: its path) by its exported symbols, so that building this file needs no TensorFlow
-// headers and no link against that library (which took 10 s). Returns 0, or 1 when a symbol is missing.
+// Registers dsv3_matvec, dsv3_heads, dsv3_experts and dsv3_latent_attention with XLA's custom-call registry for the
+// host platform, found in TensorFlow's already loaded libtensorflow_cc (`library`: its path) by its exported symbols,
+// so that building this file needs no TensorFlow headers and no link against that library (which took 10 s).
+// Returns 0, or 1 when a symbol is missing.
 extern "C" int dsv3_register_matvec(const char* library) {
   void* handle = dlopen(library, RTLD_NOW | RTLD_NOLOAD);
   if (handle == nullptr) return 1;

@@ -83,12 +83,15 @@ void product_rows(const Product& p, long n0, long n1) {
   product_rows<R, 1>(p, blocked, n1);
 }
 
+// Rows of x taken at a time: a product of more reads its weights once per kMaxRows.
+constexpr long kMaxRows = 8;
+
 void product_rows_any(const Product& p, long n0, long n1) {
-  for (long r0 = 0; r0 < p.rows; r0 += 8) {
+  for (long r0 = 0; r0 < p.rows; r0 += kMaxRows) {
     Product part = p;
     part.x = p.x + r0 * p.in;
     part.y = p.y + r0 * p.out;
-    switch (std::min(p.rows - r0, 8L)) {
+    switch (std::min(p.rows - r0, kMaxRows)) {
       case 1: single_row(part, n0, n1); break;
       case 2: product_rows<2>(part, n0, n1); break;
       case 3: product_rows<3>(part, n0, n1); break;

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
+#include <pthread.h>
 #include <thread>
 #include <unistd.h>
 
@@ -78,6 +79,7 @@ class Pool {
   }
 
   void serve() {
+    pthread_setname_np(pthread_self(), "dsv3_pool");  // as `top -H` and /proc/<pid>/task/*/comm show it
     unsigned seen = 0;  // the generation before the first job, whenever this thread starts
     for (;;) {
       auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);

@@ -47,10 +47,18 @@ void product_rows(const Product& p, long n0, long n1) {
   }
 }
 
-// One row of x (a decode step at one sequence): each weight row alone, summed into four accumulators along it. On a
-// 2-core AMD EPYC, a chain of a bench-small step's 149 products read 1.07x to 1.13x faster this way than four weight
-// rows side by side with the prefetch (medians of 40 interleaved chains each, three times; one 411 MB product 1.17x),
-// and bench-small's decode step at one sequence took 1.14x to 1.20x less time (8 paired rounds in one process).
+// One row of x (a decode step at one sequence): each weight row alone, summed into four accumulators along it, the
+// cache lines kAhead floats (8 KB) further along the weights prefetched as it goes (past a row's end that is the next
+// rows, which the same thread reads next). On a 2-core AMD EPYC, a chain of a bench-small step's 149 products read
+// 1.07x to 1.13x faster this way than four weight rows side by side with the prefetch (medians of 40 interleaved
+// chains each, three times). The prefetch ahead then made one 400 MB product 1.8x faster in the minutes when
+// OpenBLAS's gemv read about 50 GB/s (29 -> 53 GB/s, above OpenBLAS's) and 1.7x in those when it read about 68
+// (43 -> 76); distances of 2 KB and more read alike when the machine was slow, 8 KB and 12 KB best when it was fast,
+// 4 KB (the same column of the next row) unevenly. bench-small's decode step at one sequence: 14.3 -> 12.1 ms (medians
+// of 29 rounds paired in one process, the distance switched at run time, while OpenBLAS read 36-66 GB/s; in the 6 rounds
+// at 61-66 GB/s, 9.9 ms without and 10.5 with: no gain there).
+constexpr long kAhead = 2048;
+
 void single_row(const Product& p, long n0, long n1) {
   const long in = p.in, wide_end = in - in % 64, vec_end = in - in % 16;
   const float* x = p.x;
@@ -59,6 +67,7 @@ void single_row(const Product& p, long n0, long n1) {
     v16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
     long k = 0;
     for (; k < wide_end; k += 64) {
+      for (long line = 0; line < 64; line += 16) __builtin_prefetch(w + k + kAhead + line);
       a0 += *reinterpret_cast<const v16u*>(w + k) * *reinterpret_cast<const v16u*>(x + k);
       a1 += *reinterpret_cast<const v16u*>(w + k + 16) * *reinterpret_cast<const v16u*>(x + k + 16);
       a2 += *reinterpret_cast<const v16u*>(w + k + 32) * *reinterpret_cast<const v16u*>(x + k + 32);

@@ -54,11 +54,14 @@ WINDOW_QUANTUM = 128  # the smallest attention window (positions); see attention
 
 
 def _constant(array: np.ndarray, dtype: tf.DType) -> tf.Tensor:
-    """A weight as a constant tensor, not a variable: a compiled step takes each as an argument, and TensorFlow's call
-    handles a variable's resource per call (bench-small's decode step, 134 weights: 1.03x faster with constants, the
-    median of 12 rounds paired in one process, the same logits bit for bit; 150 arguments of a trivial compiled
-    function cost 458 us a call as variables, 109 us as constants, 1043 and 591 us after a 400 MB read)."""
-    return tf.cast(tf.constant(array), dtype)
+    """A weight as a tensor, not a variable: a compiled step takes each weight as an argument, and TensorFlow's call
+    looks up a variable's resource on every call. 150 arguments of a trivial compiled function cost 309 to 458 us a
+    call as variables and 109 to 195 us as tensors (751 to 1043 us and 591 to 751 us right after a 400 MB read, as in
+    a decode step; two runs); bench-small's decode step was 1.03x faster over 12 paired rounds in one process (equal
+    within noise over 12 more, on a busier machine), its logits equal bit for bit. The tensor is the value of a
+    variable made for it: tf.constant of a host array kept two copies (resident memory grew by 1.52 GiB for 0.75),
+    a variable one."""
+    return tf.Variable(tf.cast(tf.constant(array), dtype), trainable=False).read_value()
 
 
 def _linear(weight: LinearWeight, dtype: tf.DType) -> LinearWeight:

@@ -325,16 +325,17 @@ def test_matvec_kernel_matches_float64_products_in_place_in_a_stack(rows, out, w
         assert np.all(np.abs(got.numpy() - expected) <= bound), (index, np.abs(got.numpy() - expected).max())
 
 
-@pytest.mark.parametrize("rows, first, count", [(1, 0, 16), (3, 16, 16), (9, 5, 7)])
-def test_per_head_kernel_products_match_float64_both_ways(rows, first, count):
+@pytest.mark.parametrize("rows, first, count, width", [(1, 0, 16, 24), (3, 16, 16, 24), (9, 5, 7, 24), (2, 3, 20, 533)])
+def test_per_head_kernel_products_match_float64_both_ways(rows, first, count, width):
     """The absorbed attention's per-head products: each head's rows of x against rows first..first+count of its
-    block, as x B^T and as x B (transposed), read inside the blocks."""
+    block, as x B^T and as x B (transposed), read inside the blocks; a width of 533 takes the transposed product's
+    blocks of 256 outputs twice and the rest after them."""
     import tensorflow as tf
 
     matvec = _kernel_or_skip()
     rng = np.random.default_rng(rows + first)
-    blocks = rng.standard_normal((4, 32, 24)).astype(np.float32)
-    x = rng.standard_normal((4, rows, 24)).astype(np.float32)
+    blocks = rng.standard_normal((4, 32, width)).astype(np.float32)
+    x = rng.standard_normal((4, rows, width)).astype(np.float32)
     x_t = rng.standard_normal((4, rows, count)).astype(np.float32)
     products = tf.function(lambda x, x_t, blocks: (matvec.per_head(x, blocks, first, count),
                                                    matvec.per_head(x_t, blocks, first, count, transposed=True)),
@@ -343,7 +344,7 @@ def test_per_head_kernel_products_match_float64_both_ways(rows, first, count):
     used = blocks[:, first:first + count].astype(np.float64)
     for value, expected, terms in ((got, x @ used.transpose(0, 2, 1), np.abs(x) @ np.abs(used).transpose(0, 2, 1)),
                                    (got_t, x_t @ used, np.abs(x_t) @ np.abs(used))):
-        bound = 8 * 24 * np.finfo(np.float32).eps * terms
+        bound = 8 * max(width, count) * np.finfo(np.float32).eps * terms
         assert value.shape == expected.shape
         assert np.all(np.abs(value.numpy() - expected) <= bound), np.abs(value.numpy() - expected).max()
 

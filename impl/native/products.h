@@ -113,18 +113,32 @@ void product_rows_any(const Product& p, long n0, long n1) {
   }
 }
 
-// y = x W for one matrix `m` of a transposed product: each weight row read once per row of x, scaled and added to
-// the output row (which stays in L1).
+// y = x W for one matrix `m` of a transposed product: 256 outputs at a time held in 16 vector registers while every
+// weight row adds its part, scaled by its element of x (the rows lie one after another, prefetched kAhead floats
+// ahead); the last out % 256 outputs added up in place in the output row (in L1). A bench-small decode step's per-head
+// products (both ways) took 0.50 ms instead of 0.54 (medians of 32 rounds paired in one process; only the
+// transposed ones changed: before, every output was added up in place).
 void transposed_rows(const Product& p, long m) {
+  constexpr long kVectors = 16, kWidth = kVectors * 16;
   const float* w = p.w + m * p.w_stride;
   for (long r = 0; r < p.rows; ++r) {
     const float* x = p.x + (m * p.rows + r) * p.in;
     float* y = p.y + (m * p.rows + r) * p.out;
-    for (long c = 0; c < p.out; ++c) y[c] = 0.0f;
-    for (long j = 0; j < p.in; ++j) {
+    long c0 = 0;
+    for (; c0 + kWidth <= p.out; c0 += kWidth) {
+      v16 acc[kVectors] = {};
+      for (long j = 0; j < p.in; ++j) {
+        const float* row = w + j * p.out + c0;
+        for (long line = 0; line < kWidth; line += 16) __builtin_prefetch(row + kAhead + line);
+        for (long v = 0; v < kVectors; ++v) acc[v] += x[j] * *reinterpret_cast<const v16u*>(row + v * 16);
+      }
+      for (long v = 0; v < kVectors; ++v) *reinterpret_cast<v16u*>(y + c0 + v * 16) = acc[v];
+    }
+    for (long c = c0; c < p.out; ++c) y[c] = 0.0f;
+    for (long j = 0; j < p.in && c0 < p.out; ++j) {
       const float scale = x[j];
       const float* row = w + j * p.out;
-      for (long c = 0; c < p.out; ++c) y[c] += scale * row[c];
+      for (long c = c0; c < p.out; ++c) y[c] += scale * row[c];
     }
   }
 }

@@ -100,7 +100,7 @@ def _stacked_moe(weights: MoEWeights, dtype: tf.DType) -> StackedMoE:
 
 
 def to_tf(weights, dtype: tf.DType):
-    """The weight tree as TensorFlow constants, routed experts stacked."""
+    """The weight tree as TensorFlow tensors (see _constant), routed experts stacked."""
     if weights is None:
         return None
     if isinstance(weights, np.ndarray):

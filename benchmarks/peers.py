@@ -44,8 +44,8 @@ class TFPeer(Peer):
     def prefill(self, tokens):
         return self.model.prefill(tokens, capacity=self.model.config.max_seq_len)[0][:, -1]
 
-    def decode(self, tokens):
-        return self.model.decode(tokens)[0][:, -1]
+    def decode(self, tokens):  # generation's step: the logits only, as the official code's forward returns
+        return self.model.next_logits(tokens)[:, -1]
 
 
 class ReferencePeer(Peer):

@@ -4,6 +4,8 @@ and MoE work that grows with tokens x k."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -473,3 +475,45 @@ def test_without_a_compiler_the_steps_keep_xla_products_and_say_so(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False"
     assert "matvec kernel is not available" in result.stderr and "XLA's products" in result.stderr
+
+
+def test_next_logits_are_decode_logits_and_refuse_an_expert_not_loaded():
+    """Transformer.next_logits (generation: the logits only) gives decode's logits step after step; with a MoE
+    block missing one routed expert that the prompt does not use and the next step does, the prefill runs and the
+    step is refused, as decode refuses it."""
+    from conformance.format.weights import ExpertNotResident
+    from impl.model import Transformer
+
+    config = tiny(vocab_size=305)
+    weights = build_weights(config, seed=8)
+    full, generating = Transformer(config, weights), Transformer(config, weights)
+    prompt = np.arange(8).reshape(2, 4) * 11 % config.vocab_size
+    _, _, prompt_experts = full.prefill(prompt)
+    generating.prefill(prompt)
+    for step in range(3):
+        token = np.array([step + 3, 2 * step + 1])
+        logits, _, step_experts = full.decode(token)
+        np.testing.assert_array_equal(generating.next_logits(token), logits)
+    prompt = prompt[:, :1]  # one token a sequence: few experts chosen, so some next token needs another
+    _, _, prompt_experts = full.prefill(prompt)
+    moe_layers = [index for index, layer in enumerate(weights.layers) if hasattr(layer.ffn, "experts")]
+
+    def unused_expert(token):
+        full.truncate(prompt.shape[1])
+        _, _, step_experts = full.decode(token)
+        return next(((block, int(e)) for block in range(len(moe_layers)) for e in np.unique(step_experts[block])
+                     if e not in prompt_experts[block]), None)
+
+    token, (block, missing) = next((token, found) for token in (np.array([t, t + 1]) for t in range(0, 60, 2))
+                                   if (found := unused_expert(token)) is not None)
+    ffn = weights.layers[moe_layers[block]].ffn
+    without = dataclasses.replace(ffn, experts=tuple(None if e == missing else expert
+                                                     for e, expert in enumerate(ffn.experts)))
+    layers = list(weights.layers)
+    layers[moe_layers[block]] = dataclasses.replace(layers[moe_layers[block]], ffn=without)
+    partial = dataclasses.replace(weights, layers=tuple(layers))
+    for step_name in ("next_logits", "decode"):
+        model = Transformer(config, partial)
+        model.prefill(prompt)
+        with pytest.raises(ExpertNotResident):
+            getattr(model, step_name)(token)

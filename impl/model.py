@@ -119,6 +119,11 @@ def _moe_blocks(weights: ModelWeights) -> list:
     return [layer.ffn for layer in weights.layers if isinstance(layer.ffn, StackedMoE)]
 
 
+def _partial_blocks(weights: ModelWeights) -> list:
+    """The MoE blocks holding only some of their routed experts (next_logits returns the experts chosen in these)."""
+    return [block for block in _moe_blocks(weights) if block.resident is not None]
+
+
 def _check_resident(chosen: tuple[np.ndarray, ...], blocks: list) -> None:
     """Refuse a step that routed a token to an expert that is not resident (its output would be another's);
     chosen[i]: the experts chosen in the i-th of the blocks held here (StackedMoE)."""
@@ -290,7 +295,7 @@ class Program:
     def _next_logits(self, leaves: list, tokens: tf.Tensor, position: tf.Tensor, window: int,
                      caches: tuple[LatentCache, ...], history: tf.Variable):
         """_decode for generation: the logits, and the experts chosen in the blocks that hold only some of theirs
-        (_partial_blocks; the host refuses a token routed to a missing one); no block outputs."""
+        (in the order of _partial_blocks; the host refuses a token routed to a missing one); no block outputs."""
         logits, _, experts = self._decode(leaves, tokens, position, window, caches, history)
         return logits, tuple(chosen for chosen, partial in zip(experts, _moe_blocks(self.unflatten(leaves)))
                              if partial.resident is not None)
@@ -460,25 +465,25 @@ class Transformer:
         """The cache positions a step feeding `count` tokens attends over (see attention_window)."""
         return attention_window(self.length + count, self.capacity)
 
-    def decode(self, tokens: np.ndarray):
-        """Feed one token per sequence [B] (or q of them, [B, q]) at the next positions."""
+    def _feed(self, step: str, tokens: np.ndarray):
+        """Run `step` ("decode" or "next_logits") on tokens [B] or [B, q] at the next positions; they are fed."""
         tokens = self._check_next(tokens)
-        result = self._step("decode", tf.constant(tokens, tf.int32), tf.constant(self.length, tf.int32),
+        result = self._step(step, tf.constant(tokens, tf.int32), tf.constant(self.length, tf.int32),
                             self._window(tokens.shape[1]))
         self.tokens = np.concatenate([self.tokens, tokens], axis=1)
-        return self._numpy(result)
+        return result
+
+    def decode(self, tokens: np.ndarray):
+        """Feed one token per sequence [B] (or q of them, [B, q]) at the next positions."""
+        return self._numpy(self._feed("decode", tokens))
 
     def next_logits(self, tokens: np.ndarray) -> np.ndarray:
         """decode for generation: the logits [B, q, V] only. The block outputs and chosen experts stay inside the
         step: fewer outputs to hand back and convert (bench-small's decode step 1.05x faster than decode's, the median
         ratio of 49 rounds paired in one process; the logits equal bit for bit). A token routed to an expert that is
         not loaded is refused as in decode."""
-        tokens = self._check_next(tokens)
-        logits, experts = self._step("next_logits", tf.constant(tokens, tf.int32), tf.constant(self.length, tf.int32),
-                                     self._window(tokens.shape[1]))
-        _check_resident(tuple(e.numpy() for e in experts),
-                        [block for block in _moe_blocks(self.weights) if block.resident is not None])
-        self.tokens = np.concatenate([self.tokens, tokens], axis=1)
+        logits, experts = self._feed("next_logits", tokens)
+        _check_resident(tuple(e.numpy() for e in experts), _partial_blocks(self.weights))
         return logits.numpy()
 
     def mtp(self, following: np.ndarray, options: MTPOptions = MTPOptions()):

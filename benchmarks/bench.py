@@ -5,10 +5,13 @@ process; after one warm-up call each, the rounds interleave the implementations 
 turn, starting with the r-th, so that none always runs first after the floors' probes; the cores idle 0.3 s
 before each timed call, so no implementation's spinning worker threads slow the next), and the median over
 rounds is reported with its spread (min, max). In every round the machine's
-floors are measured too, and their medians reported: the fp32 matmul rate (NumPy, 2048^3), the read bandwidth
-(a BLAS matrix-vector product over 400 MB; this shared machine's bandwidth varies by half between minutes,
-so a floor taken once would say more about the minute than the implementation) and, for MoE workloads, the
-matmul rate at the shape a prefill's experts have (mean copies per expert x one expert's projections). Each
+floors are measured too, and their medians reported: the fp32 matmul rate (NumPy, 2048^3) and, for MoE workloads,
+the matmul rate at the shape a prefill's experts have (mean copies per expert x one expert's projections), at the
+start of the round; the read bandwidth (a BLAS matrix-vector product over 400 MB) beside every decode measurement,
+just before and just after its steps, the faster of the two kept (the stricter floor). This shared machine's
+bandwidth swings by half from one second to the next (benchmarks/results/repeats/), so a decode is held against the
+floor of its own moment: an implementation's decode_floor_fraction is the median over rounds of (floor of the
+round / its decode of the round), not a ratio of medians taken seconds apart. Each
 workload's work is counted: prefill FLOPs (2 x activated parameters per token, the head at the last position
 only, plus causal attention scores; for bench-small and tiny only what the last logits and the caches need, which
 TF computes and no more: see prefill_flops) and the bytes of weights a decode step must read as they are stored
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -132,13 +136,26 @@ def expert_matmul_rate(config: ModelConfig, tokens: int, repeats: int = 3) -> fl
         lambda: [x @ w.T for w in experts], repeats)
 
 
-def read_bandwidth(megabytes: int = 400, repeats: int = 3) -> float:
-    """Bytes/s of a float32 matrix-vector product over a matrix too large for any cache: the operation a
-    decode step is made of, run by the BLAS on every core. (A plain numpy sum is single-threaded and reads at
-    about half this rate, below what the official code reaches, so it would not be a floor.)"""
-    matrix = np.ones((megabytes * (1 << 20) // 4096, 1024), np.float32)
-    vector = np.ones(1024, np.float32)
-    return matrix.nbytes / _fastest(lambda: matrix @ vector, repeats)
+def read_matrix(megabytes: int = 400) -> np.ndarray:
+    """The matrix read_bandwidth reads: too large for any cache. A run allocates it once, before the warm-up, so
+    that it shows in no implementation's peak memory."""
+    return np.ones((megabytes * (1 << 20) // 4096, 1024), np.float32)
+
+
+def read_bandwidth(matrix: np.ndarray, repeats: int = 3) -> float:
+    """Bytes/s of a float32 matrix-vector product over `matrix` (read_matrix): the operation a decode step is made
+    of, run by the BLAS on every core; the fastest of `repeats` back to back, after one untimed call that follows
+    SETTLE_S of idle cores. (A plain numpy sum is single-threaded and reads at about half this rate, below what
+    the official code reaches, so it would not be a floor.)"""
+    vector = np.ones(matrix.shape[1], np.float32)
+    time.sleep(SETTLE_S)
+    matrix @ vector
+    fastest = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matrix @ vector
+        fastest = min(fastest, time.perf_counter() - start)
+    return matrix.nbytes / fastest
 
 
 def _activated_below_head(config: ModelConfig) -> int:
@@ -288,27 +305,31 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
         before = _resident_gib()
         built[name] = make_peer(name, config, weights, official, trimmed)
         memory[name] = _resident_gib() - before  # what the implementation holds (weights, caches), measured
-    probes = {"matmul_flops_per_s": matmul_rate, "read_bytes_per_s": read_bandwidth,
+    probes = {"matmul_flops_per_s": matmul_rate,
               "expert_matmul_flops_per_s": lambda: expert_matmul_rate(config, spec["prompt"])}
     probed = {key: [] for key in probes}
+    matrix = read_matrix()
 
     def prefill(peer):
-        return _time(lambda: peer.prefill(prompt))
+        return {"prefill_s": _time(lambda: peer.prefill(prompt))}
 
     def decode(peer):
         peer.prefill(prompt)
-        return _time(lambda: [peer.decode(following[:1, t]) for t in range(spec["decode"])]) / spec["decode"]
+        before = read_bandwidth(matrix)
+        seconds = _time(lambda: [peer.decode(following[:1, t]) for t in range(spec["decode"])]) / spec["decode"]
+        return {"decode_ms": seconds, "read_bytes_per_s": max(before, read_bandwidth(matrix))}
 
     def decode_batch(peer):
         peer.prefill(batch_prompt)
-        return _time(lambda: [peer.decode(following[:, t]) for t in range(4)]) / 4
+        return {"decode_batch_ms": _time(lambda: [peer.decode(following[:, t]) for t in range(4)]) / 4}
 
-    measures = {"prefill_s": prefill, "decode_ms": decode, "decode_batch_ms": decode_batch}
-    samples = {name: {key: [] for key in measures} for name in peers}
+    measures = (prefill, decode, decode_batch)
+    samples = {name: {key: [] for key in ("prefill_s", "decode_ms", "read_bytes_per_s", "decode_batch_ms")}
+               for name in peers}
     peak = {}
     for name in peers:  # warm-up: compilation and first-call costs, and the peak memory of the calls
         with PeakResident() as sampled:
-            for measure in measures.values():
+            for measure in measures:
                 measure(built[name])
         peak[name] = memory[name] + sampled.rise
     steal = []  # per round: the share of CPU time the hypervisor gave to other machines
@@ -317,11 +338,13 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
         for key, probe in probes.items():  # the machine's floors in every round, beside what they bound
             probed[key].append(probe())
         for name in peers[round_ % len(peers):] + peers[:round_ % len(peers)]:  # who runs first rotates
-            for key, measure in measures.items():
-                samples[name][key].append(measure(built[name]))
+            for measure in measures:
+                for key, value in measure(built[name]).items():
+                    samples[name][key].append(value)
         steal.append(steal_fraction(before, cpu_times()))
     floors = {key: None if None in values else statistics.median(values) for key, values in probed.items()}
-    floors["read_bytes_per_s_spread"] = [min(probed["read_bytes_per_s"]), max(probed["read_bytes_per_s"])]
+    read = [bandwidth for name in peers for bandwidth in samples[name]["read_bytes_per_s"]]
+    floors.update(read_bytes_per_s=statistics.median(read), read_bytes_per_s_spread=[min(read), max(read)])
     flops = prefill_flops(config, 1, spec["prompt"], trimmed)
     needed = decode_bytes(weights, config, 1)
     results = {}
@@ -330,17 +353,28 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
         prefill_s = statistics.median(s["prefill_s"])
         decode_s = statistics.median(s["decode_ms"])
         batch_s = statistics.median(s["decode_batch_ms"])
+        at_floor = floor_fractions(needed, s["read_bytes_per_s"], s["decode_ms"])
         results[name] = {"prefill_s": prefill_s, "decode_ms": decode_s * 1e3, "decode_batch8_ms": batch_s * 1e3,
                          "prefill_spread_s": [min(s["prefill_s"]), max(s["prefill_s"])],
                          "decode_spread_ms": [1e3 * min(s["decode_ms"]), 1e3 * max(s["decode_ms"])],
                          "prefill_tokens_per_s": spec["prompt"] / prefill_s, "decode_tokens_per_s": 1 / decode_s,
                          "prefill_flops_per_s": flops / prefill_s, "decode_bytes_per_s": needed / decode_s,
+                         "decode_floor_fraction": statistics.median(at_floor),
+                         "decode_floor_fraction_per_round": at_floor,
+                         "read_bytes_per_s_per_round": s["read_bytes_per_s"],
                          "memory_gib": memory[name], "peak_memory_gib": peak[name]}
     floors.update(prefill_flops=flops, prefill_floor_s=flops / floors["matmul_flops_per_s"], decode_bytes=needed,
                   decode_floor_ms=1e3 * needed / floors["read_bytes_per_s"])
     return {"workload": workload, "config": config.name, "machine": machine(), "steal_per_round": steal,
             "prompt": spec["prompt"], "decode_steps": spec["decode"], "rounds": rounds, "results": results,
             "left_out": left_out, "floors": floors, "ratios": ratios(results, floors)}
+
+
+def floor_fractions(needed: float, bandwidths: list[float], seconds: list[float]) -> list[float]:
+    """Each round's decode step (`seconds`) against the read floor of that round: the `needed` bytes at the
+    bandwidth probed beside it. Their median is the decode_floor_fraction (not the ratio of the medians, which
+    would set a floor read in a fast second against a step timed in a slow one)."""
+    return [needed / bandwidth / step for bandwidth, step in zip(bandwidths, seconds, strict=True)]
 
 
 def ratios(results: dict, floors: dict) -> dict:
@@ -357,7 +391,7 @@ def ratios(results: dict, floors: dict) -> dict:
     if peers:
         out["prefill_vs_best_peer"] = min(peers) / tf["prefill_s"]
     out["prefill_matmul_fraction"] = tf["prefill_flops_per_s"] / floors["matmul_flops_per_s"]
-    out["decode_floor_fraction"] = floors["decode_floor_ms"] / tf["decode_ms"]
+    out["decode_floor_fraction"] = tf["decode_floor_fraction"]
     return out
 
 
@@ -378,6 +412,7 @@ def table(result: dict) -> str:
              "prefill spread": "{:.3f}-{:.3f}".format(*r["prefill_spread_s"]),
              "decode b=1 (ms/token)": f"{r['decode_ms']:.1f}", "decode b=8 (ms/step)": f"{r['decode_batch8_ms']:.1f}",
              "prefill GFLOP/s": f"{r['prefill_flops_per_s'] / 1e9:.1f}", "decode GB/s": f"{r['decode_bytes_per_s'] / 1e9:.1f}",
+             "decode at floor": f"{r['decode_floor_fraction']:.2f}",
              "held (GiB)": f"{r['memory_gib']:.2f}", "peak (GiB)": f"{r['peak_memory_gib']:.2f}"}
             for name, r in result["results"].items()]
     f, m = result["floors"], result["machine"]
@@ -389,7 +424,7 @@ def table(result: dict) -> str:
     return (f"machine: {m['cpu']}, {m['cores']} cores{recorded}{contended}\n"
             + tabulate(rows, headers="keys", disable_numparse=True) +
             f"\nfloors: matmul {f['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s -> prefill >= {f['prefill_floor_s']:.3f} s; "
-            f"read {f['read_bytes_per_s'] / 1e9:.1f} GB/s (rounds: {f['read_bytes_per_s_spread'][0] / 1e9:.1f}-"
+            f"read {f['read_bytes_per_s'] / 1e9:.1f} GB/s (beside each decode: {f['read_bytes_per_s_spread'][0] / 1e9:.1f}-"
             f"{f['read_bytes_per_s_spread'][1] / 1e9:.1f}) -> decode >= {f['decode_floor_ms']:.1f} ms"
             + (f"; matmul at the experts' shape {f['expert_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s"
                if f.get("expert_matmul_flops_per_s") else "") + "\n"

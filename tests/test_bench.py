@@ -24,6 +24,7 @@ def test_the_ci_workload_runs_gated_and_writes_the_contract(tmp_path):
     result = json.loads(out.read_text())
     assert {"workload", "results", "floors", "ratios", "steal_per_round"} <= set(result)
     assert len(result["steal_per_round"]) == result["rounds"]
+    assert all(len(r["decode_floor_fraction_per_round"]) == result["rounds"] for r in result["results"].values())
     assert {"prefill_s", "decode_ms"} <= set(result["results"]["tf"]) and "reference" in result["results"]
     assert all(r["peak_memory_gib"] >= r["memory_gib"] for r in result["results"].values())
     assert result["floors"]["matmul_flops_per_s"] > 0 and result["floors"]["read_bytes_per_s"] > 0
@@ -59,6 +60,14 @@ def test_steal_is_the_share_of_cpu_time_other_machines_took(tmp_path):
     assert bench.steal_fraction(before, after) == pytest.approx(200 / 1010)
     assert bench.steal_fraction(None, after) is None and bench.cpu_times(tmp_path / "absent") is None
     assert "(steal) per round 2.0-30.0%" in _table(bench.machine(), steal_per_round=[0.3, None, 0.02])
+
+
+def test_a_decode_is_held_against_the_floor_of_its_own_round():
+    # 1 GB a step: round 1 reads at 1 GB/s (floor 1 s) and steps in 1 s, round 2 at 2 GB/s (floor 0.5 s) in 0.25 s
+    fractions = bench.floor_fractions(1e9, [1e9, 2e9], [1.0, 0.25])
+    assert fractions == pytest.approx([1.0, 2.0])  # the medians' ratio would be 0.75 / 0.625 = 1.2
+    with pytest.raises(ValueError):
+        bench.floor_fractions(1e9, [1e9], [1.0, 0.25])
 
 
 def test_a_missed_gate_fails(monkeypatch, tmp_path):

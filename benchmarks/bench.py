@@ -67,7 +67,7 @@ WORKLOADS = {
                                     n_activated_experts=6, n_expert_groups=8, n_limited_groups=3, route_scale=2.5,
                                     q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
                                     v_head_dim=64, rope_scaling=None, max_seq_len=1024, name="bench-small"),
-                        prompt=512, decode=32, decode_batch=8, rounds=4, trim_last_block=True),
+                        prompt=512, decode=32, decode_batch=8, rounds=6, trim_last_block=True),
     "tiny": dict(config=tiny(vocab_size=4096, dim=256, inter_dim=512, moe_inter_dim=128, n_layers=2, n_dense_layers=1,
                              n_heads=4, n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
                              n_limited_groups=2, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32,

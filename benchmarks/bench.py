@@ -392,6 +392,8 @@ def ratios(results: dict, floors: dict) -> dict:
         out["prefill_vs_best_peer"] = min(peers) / tf["prefill_s"]
     out["prefill_matmul_fraction"] = tf["prefill_flops_per_s"] / floors["matmul_flops_per_s"]
     out["decode_floor_fraction"] = tf["decode_floor_fraction"]
+    # as runs before the pairing took it (not gated): the median floor over the median step
+    out["decode_floor_fraction_of_medians"] = floors["decode_floor_ms"] / tf["decode_ms"]
     return out
 
 

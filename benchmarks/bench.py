@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -148,14 +147,8 @@ def read_bandwidth(matrix: np.ndarray, repeats: int = 3) -> float:
     SETTLE_S of idle cores. (A plain numpy sum is single-threaded and reads at about half this rate, below what
     the official code reaches, so it would not be a floor.)"""
     vector = np.ones(matrix.shape[1], np.float32)
-    time.sleep(SETTLE_S)
-    matrix @ vector
-    fastest = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matrix @ vector
-        fastest = min(fastest, time.perf_counter() - start)
-    return matrix.nbytes / fastest
+    _time(lambda: matrix @ vector)
+    return matrix.nbytes / min(_time(lambda: matrix @ vector, settle_s=0.0) for _ in range(repeats))
 
 
 def _activated_below_head(config: ModelConfig) -> int:
@@ -280,8 +273,8 @@ def steal_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None
 SETTLE_S = 0.3
 
 
-def _time(call) -> float:
-    time.sleep(SETTLE_S)
+def _time(call, settle_s: float = SETTLE_S) -> float:
+    time.sleep(settle_s)
     start = time.perf_counter()
     call()
     return time.perf_counter() - start

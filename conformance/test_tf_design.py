@@ -488,11 +488,11 @@ def test_next_logits_are_decode_logits_and_refuse_an_expert_not_loaded():
     weights = build_weights(config, seed=8)
     full, generating = Transformer(config, weights), Transformer(config, weights)
     prompt = np.arange(8).reshape(2, 4) * 11 % config.vocab_size
-    _, _, prompt_experts = full.prefill(prompt)
+    full.prefill(prompt)
     generating.prefill(prompt)
     for step in range(3):
         token = np.array([step + 3, 2 * step + 1])
-        logits, _, step_experts = full.decode(token)
+        logits, _, _ = full.decode(token)
         np.testing.assert_array_equal(generating.next_logits(token), logits)
     prompt = prompt[:, :1]  # one token a sequence: few experts chosen, so some next token needs another
     _, _, prompt_experts = full.prefill(prompt)

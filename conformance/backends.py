@@ -39,8 +39,14 @@ class BackendError(BadInput):
 class Unsupported(Exception):
     """The backend does not implement this setting (a dtype, a numerics path, a config feature).
 
-    Checks skip it (per example under hypothesis); it is neither a pass nor a failure.
+    What it stops from running is not compared: the verdict is INCOMPLETE unless the user allows that part to
+    be missing (conformance.verdict). `part` names it (verdict.PARTS) where the raiser knows; otherwise the
+    harness names it by what it asked for.
     """
+
+    def __init__(self, reason: str, part: str | None = None):
+        super().__init__(reason)
+        self.part = part
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,7 @@ class Runner(ABC):
         `following` [B, j]: the tokens after the last fed one (j >= 1; the greedy choice, or known tokens);
         depths beyond j read the drafts of the depths before them. `forced_experts`: one array per depth.
         """
-        raise Unsupported(f"{type(self).__name__} has no MTP modules")
+        raise Unsupported(f"{type(self).__name__} has no MTP modules", "mtp")
 
     def verify(self, following: np.ndarray, drafts: np.ndarray) -> tuple[np.ndarray, int]:
         """Feed `following` [B] and `drafts` [B, d] in one forward step; keep the accepted drafts.
@@ -104,7 +110,7 @@ class Runner(ABC):
         Returns the new tokens [B, a+1] (a accepted drafts, then the main model's own next token) and a;
         the rejected positions are rolled back out of every cache.
         """
-        raise Unsupported(f"{type(self).__name__} cannot verify drafted tokens")
+        raise Unsupported(f"{type(self).__name__} cannot verify drafted tokens", "speculative")
 
 
 @dataclass(frozen=True)
@@ -131,7 +137,8 @@ class Backend:
         for what, value, supported in (("dtype", dtype, self.dtypes), ("gemm_impl", gemm_impl, self.gemm_impls),
                                        ("attention form", attention, self.attention_forms)):
             if value is not None and value not in supported:
-                raise Unsupported(f"backend {self.name} has no {what} {value} (it has {', '.join(supported)})")
+                part = {"fp8": "fp8", "bf16": "dequantized"}.get(value, value) if what == "gemm_impl" else value
+                raise Unsupported(f"backend {self.name} has no {what} {value} (it has {', '.join(supported)})", part)
 
     def make_runner(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics = Numerics(),
                     dtype: str | None = None, attention: AttentionForm = "absorbed") -> Runner:
@@ -144,7 +151,7 @@ class Backend:
         holder = importlib.import_module(self.components) if isinstance(self.components, str) else self.components
         function = getattr(holder, name, None)
         if function is None:
-            raise Unsupported(f"backend {self.name} does not expose the component {name!r}")
+            raise Unsupported(f"backend {self.name} does not expose the component {name!r}", "components")
         return function
 
     @property

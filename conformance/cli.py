@@ -39,6 +39,7 @@ from .pipeline.execution import add_command as pipeline_step_command
 from .profiles import PROFILES
 from .runners import NonFiniteOutput, greedy
 from .speculative import speculative_generate
+from .verdict import PASSED, Missing, allowed, parse_allow
 
 PASS, FAILURE, BAD_INPUT, INTERNAL = 0, 1, 2, 3
 
@@ -62,21 +63,26 @@ def write_output(path: str, text: str) -> None:
         raise BadInput(f"{path}: cannot write the output file ({error.strerror or error})") from None
 
 
+def missing_table(missing: list[Missing], allow: tuple[str, ...]) -> str:
+    return tabulate([{"not compared": m.what, "part": m.part, "allowed": "yes" if allowed(m, allow) else "no",
+                      "why": m.reason} for m in missing], headers="keys", disable_numparse=True,
+                    maxcolwidths=[None, None, None, 90])
+
+
 def _check_golden(args: argparse.Namespace) -> int:
     backend = resolve_backend(args.backend)
+    allow = parse_allow(args.allow_missing)
     case = GoldenCase.load(args.case_dir)
     report_unknown_fields(case.config, str(case.path / "config.json"))
-    result = check_case(case, backend, args.dtype)
+    result = check_case(case, backend, args.dtype, allow=allow)
     print(f"case {result.case} on backend {result.backend}")
-    print(results_table(result))
-    if result.not_compared:
-        print(f"not compared (unknown to this harness, or not run by the backend): {', '.join(result.not_compared)}",
-              file=sys.stderr)
-    failed = [r for r in result.results if not r.passed]
-    print(f"{'PASSED' if result.passed else 'FAILED'}: {len(result.results) - len(failed)}/{len(result.results)} "
-          "tensors within tolerance")
+    if result.results:
+        print(results_table(result))
+    if result.missing:
+        print(missing_table(result.missing, allow))
     if args.json:
         write_output(args.json, json.dumps(result.to_json(), indent=2))
+    print(result.summary())
     return PASS if result.passed else FAILURE
 
 
@@ -150,7 +156,7 @@ def mutation_table(results) -> str:
 
 def _mutants(args: argparse.Namespace) -> int:
     from .mutation.catalogue import CATALOGUE
-    from .mutation.runner import run_catalogue, select
+    from .mutation.runner import run_catalogue, select, summarize
 
     if args.list:
         print(tabulate([(m.key, m.origin, m.bug) for m in CATALOGUE], headers=["mutant", "origin", "bug"]))
@@ -163,16 +169,13 @@ def _mutants(args: argparse.Namespace) -> int:
     resolve_backends(specs)
     results = run_catalogue(specs, args.mutant, args.first_kill, args.jobs, args.hypothesis_profile)
     print(mutation_table(results))
-    real = [r for r in results if not r.control and r.verdict != "not applicable"]
-    bad = [f"{r.mutant} on {r.backend}: {r.verdict}" for r in results if not r.ok]
-    print(f"{sum(r.verdict == 'killed' for r in real)}/{len(real)} mutants killed, "
-          f"{sum(r.ok for r in results if r.control)}/{sum(r.control for r in results)} controls survived"
-          + (f"; NOT OK: {', '.join(bad)}" if bad else ""))
     if args.json:
         write_output(args.json, json.dumps([r.to_json() for r in results], indent=2))
+    verdict, line = summarize(results)
+    print(line)
     if any(r.verdict == "error" for r in results):
         return INTERNAL
-    return FAILURE if bad else PASS
+    return PASS if verdict == PASSED else FAILURE
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -187,9 +190,12 @@ def _report(args: argparse.Namespace) -> int:
     if unknown:
         raise BadInput(f"--sections: unknown section(s) {unknown}: expected 'all', 'none' or a comma-separated "
                        f"list of {', '.join(CAPABILITIES)}")
+    from .checks import CHECKS
+
+    allow = parse_allow(args.allow_missing, set(CHECKS) | {key.split(":")[0] for key in CHECKS})
     report = build_report(Path(args.golden_dir), specs, Path(args.out), suite=not args.no_suite,
                           mutants=args.mutants, jobs=args.jobs, profile=args.hypothesis_profile,
-                          capabilities=capabilities)
+                          capabilities=capabilities, allow=allow)
     print(f"wrote {Path(args.out) / 'report.html'}, report.md and report.json")
     print(report.summary())
     return PASS if report.passed else FAILURE
@@ -212,6 +218,8 @@ def _at_least(minimum: int):
 CAPABILITY_COMMANDS = (schedule_command, pipeline_step_command, fullscale_commands, experiment_command,
                        bench_command)
 BACKEND_HELP = "a built-in name (reference, tf), an entry-point name, or package.module:object"
+ALLOW_HELP = ("comma-separated parts that may be missing (e.g. mtp,naive,fp8): what the backend cannot run is then "
+              "listed but does not make the verdict INCOMPLETE (exit 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     golden.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default=None,
                         help="compute dtype (default: the backend's)")
     golden.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
+    golden.add_argument("--allow-missing", metavar="PARTS", help=ALLOW_HELP)
     golden.set_defaults(run=_check_golden)
 
     generate = commands.add_parser("generate", help="greedy generation from prompt token ids")
@@ -275,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mutation table: stop each mutant at its first kill, run all its checks, or skip")
     report.add_argument("--jobs", type=_at_least(1), default=os.cpu_count() or 1, help="processes for the mutants")
     report.add_argument("--hypothesis-profile", choices=PROFILES, default=default_profile, help=profile_help)
+    report.add_argument("--allow-missing", metavar="PARTS", help=ALLOW_HELP)
     report.add_argument("--sections", default="all",
                         help="capability sections: all (default), none, or a comma-separated list (mtp, pipeline, "
                              "expert-parallel, ...)")

@@ -32,9 +32,10 @@ from .format.numerics import UE8M0_SCOPES, Numerics
 from .format.safetensors_io import read_all
 from .format.weights import ModelWeights
 from .metrics import Comparison
-from .runners import greedy
+from .runners import NonFiniteOutput, greedy
 from .speculative import speculative_generate
 from .tolerances import Tolerance, tolerance
+from .verdict import PASSED, Missing, outcome, summary_line
 
 EXPECTED = "expected.safetensors"
 _EXTRA = re.compile(r"^expected-(?P<label>[A-Za-z0-9_.-]+)\.safetensors$")
@@ -150,11 +151,12 @@ class GoldenCase:
         return tolerance("golden.float32-path")
 
     def comparer(self, file: ExpectedFile) -> Callable[[str, np.ndarray], Comparison]:
-        """compare(name, output) against file's tensor `name` under the file's policy entry: rows for an fp8
-        activation path computed on a CPU (rounding flips move a minority of tokens), whole tensors otherwise."""
+        """compare(name, output) against file's tensor `name` under the file's policy entry: every row for the
+        fp8 activation path and bfloat16 (rounding flips move a minority of tokens), whole tensors otherwise."""
         entry = self.tolerance_for(file)
-        method = Comparison.of_rows if entry.key in ROW_POLICIES else Comparison.of
-        return lambda name, output: method(file.result_name(name), output, file.tensors[name], entry.value)
+        if entry.per_row:
+            return lambda name, output: Comparison.of_rows(file.result_name(name), output, file.tensors[name], entry)
+        return lambda name, output: Comparison.of(file.result_name(name), output, file.tensors[name], entry.value)
 
     def compares_greedy_tokens(self, file: ExpectedFile) -> bool:
         """Greedy tokens are compared exactly, except for files computed in bfloat16 or on an H100, whose
@@ -162,10 +164,6 @@ class GoldenCase:
         official runs); their decode logits are still compared, fed the file's own tokens."""
         return self.meta.get("compute_dtype", "float32") != "bfloat16" and self.device(file) != "h100"
 
-
-# Policies compared per row (one row: a token's block output, or a sequence's logits): the lower median row
-# is bounded, the rows beyond it counted (rounding flips move a minority of tokens; TOLERANCES.md 2, 8, 10).
-ROW_POLICIES = ("golden.fp8-path.row", "golden.fp8-path.h100", "golden.bfloat16-path")
 
 
 # --- validation --------------------------------------------------------------------------------------------
@@ -269,130 +267,183 @@ def _check_greedy(file: ExpectedFile, decoded: np.ndarray | None) -> None:
 
 @dataclass
 class CaseResult:
+    """Every expected tensor of a case on one backend: compared (`results`), or not compared (`missing`, each with
+    the part it belongs to and why); `by_policy`: tensors the tolerance policy leaves out (greedy tokens of a
+    bfloat16 or H100 golden), which are not expected. `allow`: the parts the user allows to be missing."""
+
     case: str
     backend: str
     results: list[Comparison]
-    not_compared: list[str]  # names, with the reason when the backend could not run them
+    missing: list[Missing] = field(default_factory=list)
     policy: dict[str, str] = field(default_factory=dict)  # result name -> tolerance policy key
+    by_policy: list[str] = field(default_factory=list)
+    allow: tuple[str, ...] = ()
+
+    @property
+    def failures(self) -> list[Comparison]:
+        return [result for result in self.results if not result.passed]
+
+    @property
+    def verdict(self) -> str:
+        return outcome(bool(self.failures), len(self.results), self.missing, self.allow)
 
     @property
     def passed(self) -> bool:
-        return bool(self.results) and all(result.passed for result in self.results)
+        return self.verdict == PASSED
+
+    def summary(self) -> str:
+        return summary_line(self.verdict, len(self.results), len(self.failures), "tensors", self.missing, self.allow)
 
     def to_json(self) -> dict:
-        return {"case": self.case, "backend": self.backend, "passed": self.passed,
-                "results": [result.to_json() for result in self.results]}
+        return {"case": self.case, "backend": self.backend, "verdict": self.verdict, "passed": self.passed,
+                "results": [result.to_json() for result in self.results],
+                "not_compared": [{"tensor": m.what, "part": m.part, "reason": m.reason} for m in self.missing],
+                "allowed_missing": list(self.allow), "not_compared_by_policy": self.by_policy}
 
 
-def _prefill_checks(runner: Runner, file: ExpectedFile, prompt: np.ndarray, capacity: int,
-                    compare: Callable) -> list[Comparison]:
+def _nth(outputs: tuple, index: int) -> np.ndarray | None:
+    return outputs[index] if index < len(outputs) else None
+
+
+def _prefill_checks(runner: Runner, file: ExpectedFile, prompt: np.ndarray, capacity: int, compare) -> None:
     output = runner.prefill(prompt, capacity=capacity)
-    results = []
     for name in file.tensors:
         if hidden := _HIDDEN.match(name):
-            results.append(compare(name, output.hidden[int(hidden[1])]))
+            compare(name, _nth(output.hidden, int(hidden[1])))
         elif name == "prefill.logits_last":
-            results.append(compare(name, output.logits_last))
+            compare(name, output.logits_last)
         elif name == "prefill.logits":
-            results.append(compare(name, output.logits))
-    return results
+            compare(name, output.logits)
 
 
-def _decode_checks(runner: Runner, file: ExpectedFile, decoded: np.ndarray, compare: Callable) -> list[Comparison]:
+def _decode_checks(runner: Runner, file: ExpectedFile, decoded: np.ndarray, compare) -> None:
     steps = sorted(int(m[1]) for m in map(_DECODE.match, file.tensors) if m)
-    results = []
     for step in range(steps[-1] + 1 if steps else 0):
         logits = runner.decode(decoded[:, step]).logits_last
         name = f"decode.{step}.logits"
         if name in file.tensors:
-            results.append(compare(name, logits))
-    return results
+            compare(name, logits)
 
 
-def _compare_file(case: GoldenCase, file: ExpectedFile, backend: Backend, weights: ModelWeights,
-                  dtype: str | None) -> list[Comparison]:
-    numerics = case.numerics(file)
-    compare = case.comparer(file)
+def _greedy_tokens(case: "GoldenCase", file: ExpectedFile, runner: Runner, prompt: np.ndarray,
+                   result: CaseResult) -> None:
+    expected = file.tensors["tokens.decoded"]
+    name = file.result_name("tokens.decoded")
+    try:
+        tokens = greedy(runner, prompt, expected.shape[1])
+    except NonFiniteOutput:  # a backend's NaN logits are its failure, not the harness's
+        result.results.append(Comparison(name, float("inf"), float("inf"), tolerance("tokens.exact").value, False))
+        return
+    result.results.append(Comparison.of(name, tokens, expected, tolerance("tokens.exact").value))
+
+
+def _compare_file(case: "GoldenCase", file: ExpectedFile, backend: Backend, weights: ModelWeights,
+                  dtype: str | None, compare, result: CaseResult) -> None:
     prompt, decoded = case.tokens(file, "tokens.prompt"), case.tokens(file, "tokens.decoded")
     capacity = prompt.shape[1] + (decoded.shape[1] if decoded is not None else 0)
-    runner = backend.make_runner(case.config, weights, numerics, dtype)
-    results = _prefill_checks(runner, file, prompt, capacity, compare)
+    runner = backend.make_runner(case.config, weights, case.numerics(file), dtype)
+    _prefill_checks(runner, file, prompt, capacity, compare)
     if decoded is not None:
-        results += _decode_checks(runner, file, decoded, compare)
+        _decode_checks(runner, file, decoded, compare)
     if "tokens.decoded" in file.tensors and case.compares_greedy_tokens(file):
-        expected_tokens = file.tensors["tokens.decoded"]
-        results.append(Comparison.of(file.result_name("tokens.decoded"), greedy(runner, prompt, expected_tokens.shape[1]),
-                                     expected_tokens, tolerance("tokens.exact").value))
-    return results
+        _greedy_tokens(case, file, runner, prompt, result)
 
 
-def _compare_mtp(case: GoldenCase, file: ExpectedFile, backend: Backend, weights: ModelWeights,
-                 dtype: str | None) -> list[Comparison]:
+def _compare_mtp(case: "GoldenCase", file: ExpectedFile, backend: Backend, weights: ModelWeights,
+                 dtype: str | None, compare, result: CaseResult) -> None:
     """Module k over every prompt position; the tokens after the prompt are the decoded ones."""
     names = sorted(name for name in file.tensors if _MTP.match(name))
     if not names:
-        return []
+        return
     prompt, decoded = case.tokens(file, "tokens.prompt"), case.tokens(file, "tokens.decoded")
     runner = backend.make_runner(case.config, weights, case.numerics(file), dtype)
     runner.prefill(prompt, capacity=prompt.shape[1] + 1)
     step = runner.mtp(decoded[:, : case.config.n_mtp_layers])
-    compare = case.comparer(file)
-    return [compare(name, (step.logits if match[2] == "logits" else step.hidden)[int(match[1])])
-            for name in names if (match := _MTP.match(name))]
+    for name in names:
+        match = _MTP.match(name)
+        compare(name, _nth(step.logits if match[2] == "logits" else step.hidden, int(match[1])))
 
 
-def _compare_speculative(case: GoldenCase, file: ExpectedFile, backend: Backend, weights: ModelWeights,
-                         dtype: str | None) -> list[Comparison]:
-    """A case with MTP modules and greedy tokens: greedy speculative decoding (every module drafting, the main
-    model verifying) must return exactly `tokens.decoded`."""
-    if not case.config.n_mtp_layers or not any(_MTP.match(name) for name in file.tensors) \
-            or "tokens.decoded" not in file.tensors or not case.compares_greedy_tokens(file):
-        return []
+def _compare_speculative(case: "GoldenCase", file: ExpectedFile, backend: Backend, weights: ModelWeights,
+                         dtype: str | None, compare, result: CaseResult) -> None:
+    """Greedy speculative decoding (every module drafting, the main model verifying) must return exactly
+    `tokens.decoded`."""
     expected = file.tensors["tokens.decoded"]
     runner = backend.make_runner(case.config, weights, case.numerics(file), dtype)
     tokens, _ = speculative_generate(runner, case.tokens(file, "tokens.prompt"), expected.shape[1],
                                      case.config.n_mtp_layers)
-    return [Comparison.of(file.result_name("speculative.tokens.decoded"), tokens, expected,
-                          tolerance("tokens.exact").value)]
+    result.results.append(Comparison.of(file.result_name(SPECULATIVE), tokens, expected,
+                                        tolerance("tokens.exact").value))
 
 
-def _compare_naive(case: GoldenCase, file: ExpectedFile, backend: Backend, weights: ModelWeights,
-                   dtype: str | None) -> list[Comparison]:
-    if "prefill.logits_last.naive" not in file.tensors:
-        return []
-    naive = backend.make_runner(case.config, weights, case.numerics(file), dtype,
-                                attention="naive")
-    return [case.comparer(file)("prefill.logits_last.naive",
-                                naive.prefill(case.tokens(file, "tokens.prompt")).logits_last)]
+def _compare_naive(case: "GoldenCase", file: ExpectedFile, backend: Backend, weights: ModelWeights,
+                   dtype: str | None, compare, result: CaseResult) -> None:
+    naive = backend.make_runner(case.config, weights, case.numerics(file), dtype, attention="naive")
+    compare("prefill.logits_last.naive", naive.prefill(case.tokens(file, "tokens.prompt")).logits_last)
+
+
+SPECULATIVE = "speculative.tokens.decoded"
+
+
+def _expected_names(case: "GoldenCase", file: ExpectedFile) -> dict[str, list[str]]:
+    """The result names each part of the check must produce for `file` (part -> names), and under "unknown"
+    the tensors this harness does not know."""
+    prompt, decoded = case.tokens(file, "tokens.prompt"), case.tokens(file, "tokens.decoded")
+    parts: dict[str, list[str]] = {"main": [], "mtp": [], "speculative": [], "naive": [], "unknown": []}
+    for name in file.tensors:
+        if name == "tokens.prompt" or (name == "tokens.decoded" and not case.compares_greedy_tokens(file)):
+            continue
+        known = _expected_shape(name, case.config, prompt.shape[0], prompt.shape[1],
+                                None if decoded is None else decoded.shape[1]) is not None
+        part = ("unknown" if not known else "mtp" if _MTP.match(name) else
+                "naive" if name == "prefill.logits_last.naive" else "main")
+        parts[part].append(name)
+    if parts["mtp"] and "tokens.decoded" in file.tensors and case.compares_greedy_tokens(file):
+        parts["speculative"].append(SPECULATIVE)
+    return parts
+
+
+PART_CHECKS = {"main": _compare_file, "mtp": _compare_mtp, "speculative": _compare_speculative,
+               "naive": _compare_naive}
 
 
 def check_case(case: GoldenCase, backend: Backend | str, dtype: str | None = None,
-               weights: ModelWeights | None = None) -> CaseResult:
-    """Run `backend` on the case's tokens and compare every expected tensor it knows.
+               weights: ModelWeights | None = None, allow: tuple[str, ...] = ()) -> CaseResult:
+    """Run `backend` on the case's tokens and compare every expected tensor.
 
-    An expected file the backend cannot run (a numerics path or attention form it lacks) is listed as not
-    compared with the reason; `Unsupported` is raised only when no file could be compared at all.
+    Whatever the backend cannot run (`Unsupported`: a numerics path, an attention form, the MTP modules) is
+    missing, named by its part; so is every tensor this harness does not know. The verdict is INCOMPLETE
+    unless `allow` names every missing part (conformance.verdict).
     """
     backend = resolve_backend(backend)
     if dtype is None and case.meta.get("compute_dtype") == "bfloat16" and "bfloat16" in backend.dtypes:
         dtype = "bfloat16"  # a native bfloat16 golden is checked in bfloat16 where the backend computes in it
     weights = weights if weights is not None else case.weights()
-    result = CaseResult(case.name, backend.name, [], [])
-    reasons = []
+    result = CaseResult(case.name, backend.name, [], allow=tuple(allow))
     for file in case.files:
-        compared = []
-        for part in (_compare_file, _compare_mtp, _compare_speculative, _compare_naive):
+        entry = case.tolerance_for(file)
+        compare = case.comparer(file)
+
+        def record(name: str, output: np.ndarray | None, compare=compare, file=file, entry=entry) -> None:
+            """Compare an output with the file's tensor `name`; None (the backend returned no such output) fails."""
+            result.results.append(compare(name, output) if output is not None else Comparison(
+                file.result_name(name), float("inf"), float("inf"), entry.value, False))
+
+        first = len(result.results)
+        expected = _expected_names(case, file)
+        result.missing += [Missing(file.result_name(name), "unknown", "a tensor this harness does not compare")
+                           for name in expected.pop("unknown")]
+        if "tokens.decoded" in file.tensors and not case.compares_greedy_tokens(file):
+            result.by_policy.append(file.result_name("tokens.decoded"))
+        for part, names in expected.items():
+            if not names:
+                continue
             try:
-                compared += part(case, file, backend, weights, dtype)
+                PART_CHECKS[part](case, file, backend, weights, dtype, record, result)
             except Unsupported as reason:
-                reasons.append(f"{file.path.name}: {reason}")
-        result.results += compared
-        entry = case.tolerance_for(file).key
-        result.policy.update({c.name: "tokens.exact" if c.name.endswith("tokens.decoded") else entry for c in compared})
-        names = {c.name for c in compared}
-        result.not_compared += [file.result_name(name) for name in file.tensors
-                                if file.result_name(name) not in names and name != "tokens.prompt"]
-    result.not_compared += [f"({reason})" for reason in reasons]
-    if not result.results:
-        raise Unsupported(f"backend {backend.name} can run no expected file of {case.name}: {'; '.join(reasons)}")
+                done = {c.name for c in result.results}
+                result.missing += [Missing(file.result_name(name), reason.part or part, f"{file.path.name}: {reason}")
+                                   for name in names if file.result_name(name) not in done]
+        result.policy.update({c.name: "tokens.exact" if c.name.endswith("tokens.decoded") else entry.key
+                              for c in result.results[first:]})
     return result

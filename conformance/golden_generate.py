@@ -38,6 +38,23 @@ class OracleCase:
     batch: int = 2
     prompt_len: int = 12
     decode_steps: int = 6
+    # Weights rescaled so that a recorded divergence of the oracle cannot show (`accepts` names it); the
+    # golden check of the reference then shows it did not.
+    prepare: Callable[[dict, ModelConfig], dict] | None = None
+    accepts: tuple[str, ...] = ()
+
+
+def loud_latents(tensors: dict, config: ModelConfig, factor: float = 1e4) -> dict:
+    """q_a_proj and the latent rows of kv_a_proj scaled by `factor`: the latent norms' inputs have a mean square
+    near 1e8, where neither 1e-6 nor rms_norm_eps moves their output above 1e-10 (transformers fixes the latent
+    norms' eps at 1e-6: hf-latent-norm-eps), while the other norms see rms_norm_eps at full strength."""
+    scaled = dict(tensors)
+    for name, array in tensors.items():
+        if name.endswith("q_a_proj.weight"):
+            scaled[name] = array * factor
+        elif name.endswith("kv_a_proj_with_mqa.weight"):
+            scaled[name] = np.concatenate([array[: config.kv_lora_rank] * factor, array[config.kv_lora_rank:]])
+    return scaled
 
 
 ORACLE_CASES = [
@@ -57,6 +74,10 @@ ORACLE_CASES = [
     OracleCase("fp8-weights", "e4m3 weights with 128x128 block scales, widths not multiples of 128 (padding)",
                lambda: tiny(dim=160, inter_dim=200, moe_inter_dim=72, fp8_weights=True, name="fp8-weights"),
                seed=106),
+    OracleCase("eps-theta", "rms_norm_eps 1e-2 and rope_theta 500 (released: 1e-6 and 10000), YaRN active: a "
+                            "backend that hard-codes either fails; latent norms' inputs scaled (loud_latents)",
+               lambda: tiny(rms_norm_eps=1e-2, rope_theta=500.0, name="eps-theta"), seed=107,
+               prepare=loud_latents, accepts=("hf-latent-norm-eps",)),
 ]
 BIAS_MEAN = -2.0
 
@@ -67,11 +88,12 @@ def generate_case(case: OracleCase, folder: Path) -> dict:
     rng = np.random.default_rng(case.seed)
     if folder.exists():
         shutil.rmtree(folder)
-    write_hf(folder, random_tensors(config, case.seed, bias_mean=BIAS_MEAN), config)
+    tensors = random_tensors(config, case.seed, bias_mean=BIAS_MEAN)
+    write_hf(folder, case.prepare(tensors, config) if case.prepare else tensors, config)
     with open_checkpoint(folder) as checkpoint:
         weights = load_weights(checkpoint, config)
     prompt = rng.integers(0, config.vocab_size, (case.batch, case.prompt_len))
-    oracle = OracleRunner(config, weights)
+    oracle = OracleRunner(config, weights, accept_divergences=bool(case.accepts))
     prefill = oracle.prefill(prompt)
     expected = {"tokens.prompt": prompt, "prefill.logits_last": prefill.logits_last,
                 "prefill.logits": prefill.logits}
@@ -91,6 +113,8 @@ def generate_case(case: OracleCase, folder: Path) -> dict:
             "bias_mean": BIAS_MEAN, "batch": case.batch, "prompt_len": case.prompt_len,
             "decode_steps": case.decode_steps, "gemm_impl": "bf16", "compute_dtype": "float32",
             "producer": "transformers DeepseekV3ForCausalLM, eager attention, float32, CPU"}
+    if case.accepts:
+        meta["accepted_divergences"] = {"keys": list(case.accepts), "why": (case.prepare.__doc__ or "").strip()}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -113,7 +137,8 @@ def generate_all(golden_dir: Path, names: list[str] | None = None) -> list[Path]
                    "first_k_dense_replace": config.n_dense_layers, "n_routed_experts": config.n_routed_experts,
                    "num_experts_per_tok": config.n_activated_experts, "n_group": config.n_expert_groups,
                    "topk_group": config.n_limited_groups, "q_lora_rank": config.q_lora_rank,
-                   "yarn": config.yarn_active, "fp8_weights": config.fp8_weights}
+                   "yarn": config.yarn_active, "fp8_weights": config.fp8_weights,
+                   "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta}
         provenance = {"producer": meta["producer"], "torch": meta["torch"], "transformers": meta["transformers"],
                       "purpose": case.purpose, "generated_by": "dsv3-conformance golden generate"}
         entries[path] = describe_case(golden_dir, path, provenance, case.seed, summary)

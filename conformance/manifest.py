@@ -20,6 +20,9 @@ from .format.safetensors_io import SafetensorsFile
 
 MANIFEST = "manifest.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# What a case folder holds: a whole-model case for check-golden, fp8 GEMM and accumulation data from a GPU, or
+# pipeline schedules. A closed set: a misspelled kind would silently drop a case from every check.
+KINDS = ("model", "fp8-gemm", "fp8-accumulation", "schedules")
 
 
 class ManifestError(BadInput):
@@ -62,8 +65,8 @@ def load_manifest(golden_dir: Path) -> dict:
             _relative(name, f"{where}.files")
             if not isinstance(digest, str) or not _SHA256.match(digest):
                 raise ManifestError(f"{where}.files[{name!r}]: expected a sha256 (64 hex digits), found {digest!r:.80}")
-        if not isinstance(case.get("kind", "model"), str):
-            raise ManifestError(f"{where}.kind: expected a string, found {case['kind']!r:.80}")
+        if case.get("kind", "model") not in KINDS:
+            raise ManifestError(f"{where}.kind: expected one of {list(KINDS)}, found {case.get('kind')!r:.80}")
     return manifest
 
 
@@ -84,7 +87,7 @@ def describe_case(golden_dir: Path, case_path: str, provenance: dict, seed: int 
                   kind: str = "model") -> dict:
     """A manifest entry for the case folder `case_path` (relative to `golden_dir`), hashing all its files.
 
-    kind "model": a whole-model case for check-golden; "fp8-gemm": fp8 component data from a GPU.
+    `kind`: one of KINDS.
     """
     case_dir = golden_dir / case_path
     files = {path.relative_to(case_dir).as_posix(): sha256(path) for path in _files_under(case_dir)}
@@ -137,6 +140,8 @@ def verify(golden_dir: Path) -> list[Problem]:
 
 
 def case_dirs(golden_dir: Path, kind: str = "model") -> list[Path]:
-    """The case folders of the manifest of that kind, in its order."""
+    """The case folders of the manifest of that kind (one of KINDS), in its order."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown case kind {kind!r}: expected one of {KINDS}")
     return [Path(golden_dir) / case["path"] for case in load_manifest(Path(golden_dir))["cases"]
             if case.get("kind", "model") == kind]

@@ -22,13 +22,14 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from . import plots
-from .backends import REFERENCE, Unsupported, resolve_backend
+from .backends import REFERENCE, resolve_backend
 from .checks import CHECKS
 from .divergences import DIVERGENCES
 from .golden import CaseResult, GoldenCase, check_case
 from .manifest import case_dirs, verify
-from .mutation.runner import CheckRun, MutantResult, run_catalogue
+from .mutation.runner import CheckRun, MutantResult, run_catalogue, summarize
 from .tolerances import POLICY
+from .verdict import FAILED, INCOMPLETE, PASSED, Missing, allowed, outcome
 
 # Tests that are not registered checks, by module.
 COMPONENTS = {"test_data": "golden data", "test_divergences": "PyTorch oracle", "test_tf_design": "TF implementation design",
@@ -49,7 +50,7 @@ def versions() -> dict[str, str]:
     return found
 
 
-def run_suite(backends: list[str], results_dir: Path, profile: str) -> tuple[int, list[dict]]:
+def run_suite(backends: list[str], results_dir: Path, profile: str, allow: tuple[str, ...] = ()) -> tuple[int, list[dict]]:
     """Run `pytest conformance/` with the report plugin; returns its exit status and one row per test."""
     results_dir.mkdir(parents=True, exist_ok=True)
     for stale in results_dir.glob("results-*.jsonl"):
@@ -57,7 +58,7 @@ def run_suite(backends: list[str], results_dir: Path, profile: str) -> tuple[int
     suite = Path(__file__).parent
     command = [sys.executable, "-m", "pytest", str(suite), "-n", "auto", "-q", "-p", "conformance.report_plugin",
                "--results-dir", str(results_dir), "--backend", ",".join(backends), "-p", "no:cacheprovider",
-               "--hypothesis-profile", profile]
+               "--hypothesis-profile", profile, "--allow-missing", ",".join(allow)]
     path = os.pathsep.join(filter(None, [str(suite.parent), os.environ.get("PYTHONPATH")]))
     status = subprocess.call(command, cwd=suite.parent, env={**os.environ, "PYTHONPATH": path})
     rows = []
@@ -128,14 +129,36 @@ class Report:
     suite: list[dict] = field(default_factory=list)
     mutants: list[MutantResult] | None = None
     figures: dict[str, Path] = field(default_factory=dict)
-    not_run: list[str] = field(default_factory=list)  # golden cases a backend cannot run, with the reason
     extra: list[Section] = field(default_factory=list)
+    allow: tuple[str, ...] = ()
+
+    def missing(self) -> list[tuple[str, Missing]]:
+        """(where, what) of everything expected that was not compared: golden tensors, suite checks, and backends
+        no mutant applies to."""
+        found = [(f"golden {case.case} on {case.backend}", m) for case in self.cases for m in case.missing]
+        found += [(f"suite on {row['backend']}", Missing(*fields, row["check"])) for row in self.suite
+                  for fields in row.get("not_compared", [])]
+        if self.mutants is not None:
+            for name in dict.fromkeys(m.backend for m in self.mutants):
+                if all(m.verdict == "not applicable" for m in self.mutants if m.backend == name):
+                    found.append((f"mutants on {name}", Missing("the mutation catalogue", "mutation",
+                                                                "no mutant applies: the backend declares no "
+                                                                "mutation targets")))
+        return found
+
+    @property
+    def verdict(self) -> str:
+        failed = (bool(self.manifest_problems) or any(case.verdict == FAILED for case in self.cases)
+                  or any(row["outcome"] == "failed" for row in self.suite)
+                  or self.suite_status not in (None, 0, 1)
+                  or (self.suite_status == 1 and not any(row.get("not_compared") for row in self.suite))
+                  or any(not m.ok for m in self.mutants or []) or not all(section.passed for section in self.extra))
+        compared = sum(len(case.results) for case in self.cases) + sum(row["outcome"] == "passed" for row in self.suite)
+        return outcome(failed, compared, [m for _, m in self.missing()], self.allow)
 
     @property
     def passed(self) -> bool:
-        return (not self.manifest_problems and all(case.passed for case in self.cases)
-                and self.suite_status in (None, 0) and all(m.ok for m in self.mutants or [])
-                and all(section.passed for section in self.extra))
+        return self.verdict == PASSED
 
     def divergences(self) -> list[dict]:
         observed = {row["nodeid"].split("[")[-1].rstrip("]"): row["outcome"] for row in self.suite
@@ -182,8 +205,14 @@ class Report:
 
     def golden_rows(self) -> list[dict]:
         return [{"case": c.case, "backend": c.backend, "passed": sum(r.passed for r in c.results),
-                 "checked": len(c.results), "worst rel_err": f"{max(r.rel_err for r in c.results):.2e}",
-                 "status": "pass" if c.passed else "FAIL"} for c in self.cases]
+                 "checked": len(c.results), "not compared": len(c.missing),
+                 "worst rel_err": f"{max(r.rel_err for r in c.results):.2e}" if c.results else "-",
+                 "status": {PASSED: "pass", FAILED: "FAIL", INCOMPLETE: "INCOMPLETE"}[c.verdict]} for c in self.cases]
+
+    def missing_rows(self) -> list[dict]:
+        return [{"where": where, "not compared": m.check or m.what, "what": m.what if m.check else "",
+                 "part": m.part, "allowed": "yes" if allowed(m, self.allow) else "NO", "why": m.reason[:200]}
+                for where, m in self.missing()]
 
     def summary(self) -> str:
         lines = ["golden files match the manifest" if not self.manifest_problems else
@@ -192,16 +221,21 @@ class Report:
         if self.suite_status is not None:
             lines.append(f"suite: {'passed' if self.suite_status == 0 else 'FAILED'} ({len(self.suite)} checks)")
         if self.mutants is not None:
-            real = [m for m in self.mutants if not m.control and m.verdict != "not applicable"]
-            controls = [m for m in self.mutants if m.control]
-            lines.append(f"mutants: {sum(m.verdict == 'killed' for m in real)}/{len(real)} killed, "
-                         f"{sum(m.ok for m in controls)}/{len(controls)} controls survived, "
-                         f"{sum(m.verdict == 'error' for m in self.mutants)} error(s)")
-        lines.append("PASSED" if self.passed else "FAILED")
+            lines.append(f"mutants: {summarize(self.mutants)[1]}")
+        missing = self.missing()
+        if missing:
+            lines.append(tabulate(self.missing_rows(), headers="keys", disable_numparse=True,
+                                  maxcolwidths=[None, None, None, None, None, 80]))
+        parts = sorted({m.part for _, m in missing if not allowed(m, self.allow)})
+        lines.append(self.verdict + (f": not compared ({', '.join(parts)}); allow with --allow-missing "
+                                     f"{','.join(parts)}" if self.verdict == INCOMPLETE and parts else
+                                     f" (allowed missing: {', '.join(sorted({m.part for _, m in missing}))})"
+                                     if missing and self.verdict == PASSED else ""))
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {"passed": self.passed, "golden_dir": str(self.golden_dir), "versions": versions(),
+        return {"verdict": self.verdict, "passed": self.passed, "allowed_missing": list(self.allow),
+                "not_compared": self.missing_rows(), "golden_dir": str(self.golden_dir), "versions": versions(),
                 "manifest_problems": self.manifest_problems, "golden": [c.to_json() for c in self.cases],
                 "suite_status": self.suite_status, "components": self.component_summary(), "checks": self.suite,
                 "mutants": [m.to_json() for m in self.mutants or []], "known_divergences": self.divergences(),
@@ -216,8 +250,11 @@ class Report:
             ("Versions", "What produced these results.", [{"component": k, "version": v} for k, v in versions().items()]),
             ("Golden integrity", "sha256 of every golden file against the manifest.", integrity),
             ("Golden cases", "Each backend against every expected tensor of every case (details below).",
-             self.golden_rows() + [{"case": line, "status": "not run"} for line in self.not_run]),
+             self.golden_rows()),
         ]
+        if self.missing():
+            sections.append(("Not compared", "What was expected and not compared: INCOMPLETE unless allowed "
+                                             "(--allow-missing).", self.missing_rows()))
         if self.suite:
             sections += [("Components", "The suite per component and backend; worst ratio of an observed error "
                                         "to its tolerance (below 1 passes).", self.component_summary()),
@@ -238,7 +275,7 @@ class Report:
                 for case in self.cases]
 
     def to_markdown(self) -> str:
-        parts = ["# DeepSeek-V3 conformance report", "", f"Overall: **{'PASSED' if self.passed else 'FAILED'}**"]
+        parts = ["# DeepSeek-V3 conformance report", "", f"Overall: **{self.verdict}**", "", VERDICTS]
         for title, intro, rows in self.sections():
             parts += ["", f"## {title}", "", intro, "",
                       tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True)]
@@ -256,8 +293,9 @@ class Report:
                                             for v in row.values()) + "</tr>" for row in rows)
             return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
-        verdict = "PASSED" if self.passed else "FAILED"
-        parts = [f"<h1>DeepSeek-V3 conformance report</h1><p class='verdict {verdict.lower()}'>{verdict}</p>"]
+        verdict = self.verdict
+        parts = [f"<h1>DeepSeek-V3 conformance report</h1><p class='verdict {verdict.lower()}'>{verdict}</p>"
+                 f"<p>{html.escape(VERDICTS)}</p>"]
         for title, intro, rows in self.sections():
             parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(intro)}</p>{table(rows)}")
         for name, path in self.figures.items():
@@ -277,31 +315,36 @@ text-align:left;vertical-align:top}th{background:#f0f0f0}td.good{color:#176317}t
 border:1px solid #ddd}summary{cursor:pointer;margin:.3em 0}"""
 
 
+VERDICTS = ("PASSED: everything expected was compared and is within tolerance. FAILED: a comparison is out of "
+            "tolerance (or a mutant survived, a golden file changed). INCOMPLETE: something expected was not compared "
+            "(a part the backend cannot run); it is not a pass unless the command allowed that part to be missing "
+            "(--allow-missing), and every part not compared is listed either way.")
+
+
 def _css_class(value: object) -> str:
     text = str(value)
     if text in ("pass", "passed", "killed", "yes", "survived (control)"):
         return "good"
-    if text in ("FAIL", "failed", "SURVIVED", "error", "EQUIVALENT") or text.startswith(("NO", "KILLED", "EQUIVALENCE")):
+    if text in ("FAIL", "failed", "SURVIVED", "error", "EQUIVALENT", "INCOMPLETE") or \
+            text.startswith(("NO", "KILLED", "EQUIVALENCE")):
         return "bad"
     return ""
 
 
 def build_report(golden_dir: Path, backends: list[str], out: Path, suite: bool = True, mutants: str = "first-kill",
-                 jobs: int = 1, profile: str = "ci", capabilities=tuple(CAPABILITIES)) -> Report:
+                 jobs: int = 1, profile: str = "ci", capabilities=tuple(CAPABILITIES),
+                 allow: tuple[str, ...] = ()) -> Report:
     """Everything above, written to `out` (report.md, report.json, report.html and the figures);
-    `capabilities`: which sections of CAPABILITIES to add."""
+    `capabilities`: which sections of CAPABILITIES to add; `allow`: parts that may be missing."""
     out.mkdir(parents=True, exist_ok=True)
-    report = Report(golden_dir, [str(problem) for problem in verify(golden_dir)])
+    report = Report(golden_dir, [str(problem) for problem in verify(golden_dir)], allow=tuple(allow))
     cases = [GoldenCase.load(path) for path in case_dirs(golden_dir)]
     for case in tqdm(cases, desc="golden cases", unit="case"):
         weights = case.weights()
         for backend in backends:
-            try:
-                report.cases.append(check_case(case, resolve_backend(backend), weights=weights))
-            except Unsupported as reason:
-                report.not_run.append(f"{case.name} on {backend}: {reason}")
+            report.cases.append(check_case(case, resolve_backend(backend), weights=weights, allow=report.allow))
     if suite:
-        report.suite_status, report.suite = run_suite(backends, out / "suite", profile)
+        report.suite_status, report.suite = run_suite(backends, out / "suite", profile, report.allow)
     if mutants != "none":
         report.mutants = run_catalogue(backends, first_kill=mutants == "first-kill", jobs=jobs, profile=profile,
                                        known_controls=suite_controls(report.suite))

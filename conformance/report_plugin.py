@@ -57,7 +57,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     properties = dict(report.user_properties)
     line = {"nodeid": report.nodeid, "outcome": report.outcome, "seconds": round(report.duration, 2),
             "backend": properties.get("backend"), "check": properties.get("check"),
-            "component": properties.get("component"), "comparisons": list(_comparisons), "message": message}
+            "component": properties.get("component"), "comparisons": list(_comparisons), "message": message,
+            "not_compared": json.loads(properties.get("not_compared", "[]"))}
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     with open(_directory / f"results-{worker}.jsonl", "a") as handle:
         handle.write(json.dumps(line) + "\n")

@@ -59,7 +59,8 @@ class TFRunner(Runner):
     @staticmethod
     def _step(result, forced_experts: Routing) -> StepOutput:
         if forced_experts is not None:
-            raise Unsupported("the tf backend routes by itself: forced routing is a reference-only input")
+            raise Unsupported("the tf backend routes by itself: forced routing is a reference-only input",
+                              "forced-routing")
         return StepOutput(*result)
 
     def prefill(self, tokens: np.ndarray, forced_experts: Routing = None, capacity: int | None = None) -> StepOutput:
@@ -70,7 +71,8 @@ class TFRunner(Runner):
 
     def mtp(self, following: np.ndarray, options: MTPOptions = MTPOptions(), forced_experts: Routing = None) -> MTPStep:
         if forced_experts is not None:
-            raise Unsupported("the tf backend routes by itself: forced routing is a reference-only input")
+            raise Unsupported("the tf backend routes by itself: forced routing is a reference-only input",
+                              "forced-routing")
         return MTPStep(*self.model.mtp(following, options))
 
     def verify(self, following: np.ndarray, drafts: np.ndarray) -> tuple[np.ndarray, int]:

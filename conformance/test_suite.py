@@ -1,26 +1,28 @@
 """Every registered check (conformance/checks/) on every selected backend.
 
-The checks are library functions; this file only hands them to pytest. A check the backend cannot run
-(`Unsupported`) is skipped with its reason.
+The checks are library functions; this file only hands them to pytest. A check that does not apply to a
+backend is skipped as such; one the backend could not run, in whole or in part, is skipped as not compared
+and recorded: conformance/conftest.py then makes the session's verdict INCOMPLETE (exit 1) unless
+`--allow-missing` names what is missing.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import json
 
 import pytest
 
 from conformance.backends import Unsupported
 from conformance.checks import CHECKS
+from conformance.verdict import Incomplete, NotApplicable
 
-_HAS_ORACLE = all(importlib.util.find_spec(name) for name in ("torch", "transformers"))
+NOT_COMPARED = "not_compared"
 
 
 def _param(check):
     marks = [getattr(pytest.mark, check.scale)] if check.scale != "fast" else []
     if check.needs_oracle:
-        marks += [pytest.mark.oracle, pytest.mark.skipif(not _HAS_ORACLE, reason="needs the oracle extra: pip install "
-                                                                                 "-e '.[oracle]'")]
+        marks.append(pytest.mark.oracle)
     return pytest.param(check, marks=marks, id=check.key)
 
 
@@ -28,7 +30,12 @@ def _param(check):
 def test_check(check, backend, record_property):
     record_property("check", check.key)
     record_property("component", check.component)
+    record_property("backend", backend.name)
     try:
         check.run(backend)
-    except Unsupported as reason:
-        pytest.skip(f"{backend.name}: {reason}")
+    except NotApplicable as reason:
+        pytest.skip(f"not applicable to {backend.name}: {reason}")
+    except (Unsupported, Incomplete) as reason:
+        missing = check.missing(reason)
+        record_property(NOT_COMPARED, json.dumps([[m.what, m.part, m.reason] for m in missing]))
+        pytest.skip(f"not compared on {backend.name}: {reason}")

@@ -12,27 +12,40 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Tolerance:
-    """A bound on rel_err, except for `routing.margin.*` entries, which bound an absolute score difference."""
+    """A bound on rel_err, except for `routing.margin.*` entries, which bound an absolute score difference.
+
+    A row policy (`per_row`) judges every row of a tensor: `value` is the row bound, at most `share_off` of the
+    rows (rounded up) may lie beyond it, and no row beyond `worst_row`."""
 
     key: str
     value: float
     basis: str
+    share_off: float | None = None
+    worst_row: float | None = None
+
+    @property
+    def per_row(self) -> bool:
+        return self.worst_row is not None
 
 
 _ENTRIES = [
     Tolerance("golden.float32-path", 1e-5,
               "official float32 CPU run vs a float32/float64 backend: measured <= 1.2e-6 (TOLERANCES.md section 1)"),
-    Tolerance("golden.fp8-path.row", 1e-5,
-              "fp8 activation path, CPU float32 producer: at least half of the tokens (the lower median row) "
-              "within 1e-5; the rest may carry rounding flips. Measured: median row <= 2.1e-7, flipped rows up "
-              "to 42% (TOLERANCES.md section 8)"),
-    Tolerance("golden.fp8-path.h100", 1.5e-1,
-              "fp8 activation path end to end on an H100, the lower median row: measured <= 8.8e-2 over 10 "
-              "prompts on two configs, both backends, H100 reruns bit-identical; whole tensors reach 0.43 "
-              "(TOLERANCES.md section 2)"),
+    Tolerance("golden.fp8-path.row", 5e-2,
+              "fp8 activation path vs a CPU float32 run of the official code, every row: at most a quarter of the "
+              "rows beyond 5e-2, none beyond 0.6. Measured (rounding flips carried along the cache): rows beyond "
+              "5e-2 at most 14% of a hidden tensor and 1 of 2 logits rows, the worst row 0.41 (TOLERANCES.md "
+              "section 8)", share_off=0.25, worst_row=0.6),
+    Tolerance("golden.fp8-path.h100", 1e-1,
+              "fp8 activation path end to end on an H100, every row: at most a quarter of the rows beyond 0.1, none "
+              "beyond 0.9. Measured over 10 prompts on two configs, both backends: rows beyond 0.1 at most 11% of a "
+              "hidden tensor and 1 of 2 logits rows, the worst row 0.60 (TOLERANCES.md section 2)",
+              share_off=0.25, worst_row=0.9),
     Tolerance("golden.bfloat16-path", 5e-2,
-              "the official code in its native bfloat16 vs a bfloat16 or float64 backend, the lower median row: "
-              "measured <= 2.3e-2 over 6 prompts (TOLERANCES.md section 10)"),
+              "the official code in its native bfloat16 vs a bfloat16 or float64 backend, every row: at most a "
+              "quarter of the rows beyond 5e-2, none beyond 0.7. Measured over 6 prompts: rows beyond 5e-2 at most "
+              "6% of a hidden tensor and 1 of 2 logits rows, the worst row 0.47 (TOLERANCES.md section 10)",
+              share_off=0.25, worst_row=0.7),
     Tolerance("tokens.exact", 0.0, "greedy tokens are discrete: any difference is a failure"),
     Tolerance("self.float64", 1e-12,
               "two float64 evaluations differing only in rounding order: measured <= 1.3e-15 (section 3)"),

@@ -3,11 +3,17 @@
 Every comparison is also published to the registered listeners (the report plugin records them), so a
 passing check still reports how close it came. Anything else a check raises (a crash, a bad input, a
 harness bug) is an error, never a failure: the mutation runner counts only `CheckFailed` as a kill.
+
+Every command ends in one of three outcomes (`outcome`): PASSED (everything expected was compared and is
+within tolerance), FAILED, or INCOMPLETE (something expected was not compared). INCOMPLETE is not a pass:
+it is allowed only for parts the user names (`--allow-missing mtp,naive`), and then still listed. What
+was not compared is a `Missing`: what, the part it belongs to (the name an allow-list takes), and why.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -59,6 +65,104 @@ def expect_equal(what: str, got: np.ndarray, expected: np.ndarray) -> None:
         first = tuple(int(i) for i in np.argwhere(differ)[0])
         raise CheckFailed(f"{what}: {int(differ.sum())} of {differ.size} elements differ; first at {list(first)}: "
                           f"{float(wide_got[first]):.9g}, expected {float(wide_expected[first]):.9g}")
+
+
+PASSED, FAILED, INCOMPLETE = "PASSED", "FAILED", "INCOMPLETE"
+
+# The parts a user may allow to be missing, besides check families ("routing", "mtp", ...) and check keys.
+PARTS = {
+    "main": "the main model's outputs: block outputs, logits, decode steps, greedy tokens",
+    "naive": "the naive attention form",
+    "mtp": "the multi-token-prediction modules (Runner.mtp)",
+    "speculative": "verification of drafted tokens (Runner.verify)",
+    "fp8": "the fp8 activation path (gemm_impl fp8)",
+    "dequantized": "the dequantized-weight path for fp8 weights (gemm_impl bf16)",
+    "float32": "computing in float32", "float64": "computing in float64", "bfloat16": "computing in bfloat16",
+    "forced-routing": "expert choices forced by the harness (Runner.prefill's forced_experts)",
+    "components": "the component functions route, to_e4m3, quantize_activation, fp8_gemm",
+    "oracle": "the transformers oracle (the oracle extra)",
+    "training": "the training step (Backend.trainer)",
+    "layers": "layers of a checkpoint (verify-checkpoint)",
+    "mutation": "mutants of the catalogue (Backend.mutation_targets)",
+    "unknown": "expected tensors this harness does not know",
+}
+
+
+@dataclass(frozen=True)
+class Missing:
+    """Something expected that was not compared: what, the part it belongs to, and why."""
+
+    what: str
+    part: str
+    reason: str
+    check: str = ""  # the suite's check that did not compare it, if any
+
+    def describe(self) -> str:
+        return f"{self.what} [{self.part}]: {self.reason}"
+
+
+class NotApplicable(Exception):
+    """A check or a mutant that does not apply to a backend by its definition (not something the backend lacks)."""
+
+
+class Incomplete(Exception):
+    """Raised by a check that compared what it could without a failure while expected parts were not compared."""
+
+    def __init__(self, missing: list[Missing]):
+        super().__init__("; ".join(item.describe() for item in missing[:5]) +
+                         (f"; and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        self.missing = missing
+
+
+def parse_allow(text: str | None, known: Iterable[str] = ()) -> tuple[str, ...]:
+    """The parts of `--allow-missing a,b,c`: each a part of PARTS or one of `known` (check families and keys,
+    mutants); anything else is bad input (a misspelled part would silently allow nothing)."""
+    from .format.errors import BadInput
+
+    names = tuple(name.strip() for name in (text or "").split(",") if name.strip())
+    unknown = sorted(set(names) - set(PARTS) - set(known))
+    if unknown:
+        raise BadInput(f"--allow-missing: unknown part(s) {unknown}: expected parts of {', '.join(sorted(PARTS))}, "
+                       "or check families and keys")
+    return names
+
+
+def allowed(missing: Missing, allow: Iterable[str]) -> bool:
+    """Whether the user allowed `missing` to be missing: by its part, its name, or its check's key or family (the
+    key's prefix up to the colon: "mtp" allows every "mtp:..." check)."""
+    names = set(allow)
+    keys = {missing.what, missing.check, missing.what.split(":")[0], missing.check.split(":")[0]} - {""}
+    return missing.part in names or bool(keys & names)
+
+
+def outcome(failed: bool, compared: int, missing: Iterable[Missing], allow: Iterable[str] = ()) -> str:
+    """FAILED when a comparison failed; INCOMPLETE when nothing was compared at all, or when something expected
+    was not compared and the user did not allow it; PASSED otherwise."""
+    if failed:
+        return FAILED
+    if compared == 0 or any(not allowed(item, allow) for item in missing):
+        return INCOMPLETE
+    return PASSED
+
+
+def summary_line(verdict: str, compared: int, failed: int, what: str, missing: list[Missing],
+                 allow: Iterable[str] = ()) -> str:
+    """One line that says what the verdict means: "FAILED: 2 of 9 tensors out of tolerance", "INCOMPLETE: 9
+    tensors within tolerance, 2 not compared (mtp)", "PASSED: 9 tensors within tolerance (allowed missing: ...)"."""
+    parts = sorted({item.part for item in missing})
+    if verdict == FAILED:
+        text = f"{failed} of {compared} {what} out of tolerance"
+    elif compared == 0:
+        text = f"nothing compared: {len(missing)} {what} expected, none run"
+    else:
+        text = f"{compared} {what} within tolerance"
+    if missing:
+        kind = "allowed missing" if verdict == PASSED else "not compared"
+        text += f"; {len(missing)} {kind} ({', '.join(parts)})"
+        unallowed = sorted({item.part for item in missing if not allowed(item, allow)})
+        if verdict == INCOMPLETE and unallowed and compared:
+            text += f": allow them with --allow-missing {','.join(unallowed)}"
+    return f"{verdict}: {text}"
 
 
 def self_consistency_key(dtype: str, gemm_impl: str = "bf16") -> str:

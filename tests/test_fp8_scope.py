@@ -14,6 +14,7 @@ from conformance.cli import main
 from conformance.format.errors import BadInput
 from conformance.format.numerics import Numerics
 from conformance.metrics import Comparison
+from conformance.tolerances import Tolerance
 
 FP8_ACT = Path(__file__).resolve().parents[1] / "golden" / "official" / "v3-tiny-fp8-act"
 ATTENTION_AND_FFN = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj", "o_proj", "dense_ffn",
@@ -52,17 +53,27 @@ def test_an_unknown_scope_in_meta_is_bad_input(tmp_path, capsys):
     assert "field 'ue8m0_scope' must be one of ['official', 'all'], found 'some'" in capsys.readouterr().err
 
 
-def test_row_comparison_passes_a_minority_of_flipped_rows_only():
-    expected = np.ones((4, 8))
+def test_row_comparison_judges_every_row():
+    """At most a share of the rows (rounded up) beyond the row bound, none beyond the worst-row bound, no NaN."""
+    policy = Tolerance("t", 1e-5, "test", share_off=0.25, worst_row=0.6)
+    expected = np.ones((8, 8))
     flipped = expected.copy()
     flipped[0] *= 1.5
-    assert Comparison.of_rows("t", flipped, expected, 1e-5).passed
-    assert Comparison.of_rows("t", flipped, expected, 1e-5).rows_off == 1
     flipped[1] *= 1.5
-    assert Comparison.of_rows("t", flipped, expected, 1e-5).passed  # 2 of 4: the lower median row is exact
+    assert Comparison.of_rows("t", flipped, expected, policy).passed  # 2 of 8 rows off, each by 0.5
+    assert Comparison.of_rows("t", flipped, expected, policy).rows_off == 2
     flipped[2] *= 1.0001
-    assert not Comparison.of_rows("t", flipped, expected, 1e-5).passed
-    assert not Comparison.of_rows("t", expected[:, :4], expected, 1e-5).passed  # shape mismatch
+    assert not Comparison.of_rows("t", flipped, expected, policy).passed  # 3 of 8: more than a quarter
+    one_bad = expected.copy()
+    one_bad[5] *= 1.7
+    assert not Comparison.of_rows("t", one_bad, expected, policy).passed  # one row beyond 0.6
+    one_nan = expected.copy()
+    one_nan[7, 3] = np.nan
+    assert not Comparison.of_rows("t", one_nan, expected, policy).passed
+    assert not Comparison.of_rows("t", expected[:, :4], expected, policy).passed  # shape mismatch
+    two = np.ones((2, 8))
+    assert Comparison.of_rows("t", two * [[1.0], [1.3]], two, policy).passed  # 1 of 2 rows, rounded up
+    assert not Comparison.of_rows("t", two * 1.3, two, policy).passed
 
 
 def test_flip_measurement_shortened():

@@ -87,6 +87,8 @@ def test_a_link_out_of_the_folder_is_a_problem(golden, tmp_path):
     ({"cases": [{"path": 3, "files": {}}]}, r"cases\[0\].path: expected a relative path"),
     ({"cases": [{"path": "a", "files": []}]}, r"cases\[0\].files: expected an object"),
     ({"cases": [{"path": "a", "files": {"x": "abc"}}]}, r"expected a sha256 \(64 hex digits\), found 'abc'"),
+    ({"cases": [{"path": "a", "kind": "modle", "files": {}}]},
+     r"cases\[0\].kind: expected one of \['model', 'fp8-gemm', 'fp8-accumulation', 'schedules'\], found 'modle'"),
 ])
 def test_malformed_manifests_are_bad_input(golden, capsys, manifest, message):
     (golden / "manifest.json").write_text(json.dumps(manifest))

@@ -40,11 +40,19 @@ def expect_same_run(what: str, candidate: Runner, expected: Runner, prompt: np.n
 
 
 def require_dtype(backend, dtype: str) -> None:
-    """A candidate in `dtype` against the float64 reference: the reference itself only in float32."""
-    if backend.name == REFERENCE.name and dtype != "float32":
-        raise Unsupported("the reference is compared with itself in float32 only")
+    """A candidate in `dtype` against the float64 reference (which it must compute in)."""
     if dtype not in backend.dtypes:
-        raise Unsupported(f"backend {backend.name} does not compute in {dtype}")
+        raise Unsupported(f"backend {backend.name} does not compute in {dtype}", dtype)
+
+
+def against_reference_in(dtype: str):
+    """`applies` of a check comparing a backend in `dtype` with the float64 reference: the reference is its own
+    oracle, compared with itself in float32 only."""
+    def applies(backend) -> str | None:
+        if backend == REFERENCE and dtype != "float32":
+            return f"the reference is the float64 oracle of this check; it is compared with itself in float32 only"
+        return None
+    return applies
 
 
 def _compare(backend, dtype, config, weights, data, numerics, policy_key):
@@ -83,5 +91,5 @@ def _fp8_path(dtype: str):
 
 
 for _dtype in ("float32", "bfloat16"):
-    register(f"cross:dequantized[{_dtype}]", COMPONENT, _dequantized(_dtype))
-    register(f"cross:fp8-path[{_dtype}]", COMPONENT, _fp8_path(_dtype))
+    register(f"cross:dequantized[{_dtype}]", COMPONENT, _dequantized(_dtype), applies=against_reference_in(_dtype))
+    register(f"cross:fp8-path[{_dtype}]", COMPONENT, _fp8_path(_dtype), applies=against_reference_in(_dtype))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..golden import GoldenCase, check_case
 from ..manifest import case_dirs
 from ..paths import GOLDEN_DIR
-from ..verdict import CheckFailed, record
+from ..verdict import CheckFailed, Incomplete, record
 from .registry import register
 
 COMPONENT = "golden cases"
@@ -18,11 +18,13 @@ def golden_check(case_dir):
         result = check_case(case, backend)
         for comparison in result.results:
             record(comparison, result.policy[comparison.name])
-        failures = [r for r in result.results if not r.passed]
+        failures = result.failures
         if failures:
             worst = max(failures, key=lambda r: (r.tolerance > 0, r.rel_err))  # a float tensor says more than tokens
             raise CheckFailed(f"{result.case} on {backend.name}: {len(failures)} tensor(s) out of tolerance, worst "
                               f"{worst.describe()}", worst)
+        if result.missing or not result.results:
+            raise Incomplete(result.missing)
     return matches_golden_case
 
 

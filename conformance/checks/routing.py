@@ -64,23 +64,67 @@ def exactly_k_distinct_experts(backend, gate_case):
         expect(all(0 <= e < config.n_routed_experts for e in row), f"token {token}: expert index out of range in {row}")
 
 
+def _group_scores(choice: np.ndarray, config) -> np.ndarray:
+    """[T, G]: the top-2 sum of each group's choice scores with a bias, the maximum without."""
+    grouped = choice.reshape(len(choice), config.n_expert_groups, -1)
+    return np.sort(grouped, axis=-1)[..., -2:].sum(-1) if config.gate_bias else grouped.max(-1)
+
+
+def group_violation(choice: np.ndarray, row: np.ndarray, config, margin: float) -> str | None:
+    """Why the experts `row` of one token cannot come from the topk_group best groups of its choice scores (the
+    float64 definition) read with a slack of `margin`; None when they can."""
+    groups = sorted(set((np.asarray(row) // config.experts_per_group).tolist()))
+    if len(groups) > config.n_limited_groups:
+        return f"routed to groups {groups}, more than topk_group={config.n_limited_groups}"
+    scores = _group_scores(choice[None], config)[0]
+    threshold = np.sort(scores)[-config.n_limited_groups]
+    worst_used = min(scores[g] for g in groups)
+    if worst_used < threshold - 2 * margin:  # a top-2 sum carries the slack of both scores
+        return f"uses group score {worst_used:.6g} below the top-{config.n_limited_groups} threshold {threshold:.6g}"
+    return None
+
+
+def choice_violation(choice: np.ndarray, row: np.ndarray, config, margin: float) -> str | None:
+    """Why the experts `row` of one token are not its top-k choice scores within the groups they come from, and
+    within the groups a top-topk_group selection containing those also keeps; None when they are."""
+    row = np.asarray(row)
+    used = set((row // config.experts_per_group).tolist())
+    others = [g for g in np.argsort(-_group_scores(choice[None], config)[0], kind="stable") if g not in used]
+    kept = used | set(others[: max(0, config.n_limited_groups - len(used))])
+    candidates = [e for e in range(config.n_routed_experts) if e // config.experts_per_group in kept and e not in row]
+    if candidates:
+        best_unchosen, worst_chosen = max(choice[candidates]), min(choice[row])
+        if best_unchosen > worst_chosen + margin:
+            return f"an unchosen expert scores {best_unchosen:.6g} above a chosen one ({worst_chosen:.6g})"
+    return None
+
+
+def misrouted(choice: np.ndarray, experts: np.ndarray, config, margin: float) -> dict[int, str]:
+    """Tokens whose experts [T, k] no group-limited top-k of the choice scores [T, E] (float64, s + bias) allows
+    when read with a slack of `margin` (a near tie may break either way), with why."""
+    problems = {}
+    for token, row in enumerate(np.asarray(experts)):
+        if len(set(row.tolist())) != config.n_activated_experts or not all(0 <= e < config.n_routed_experts
+                                                                         for e in row):
+            problems[token] = f"experts {row.tolist()} are not {config.n_activated_experts} distinct valid indices"
+            continue
+        why = group_violation(choice[token], row, config, margin) or choice_violation(choice[token], row, config,
+                                                                                     margin)
+        if why:
+            problems[token] = why
+    return problems
+
+
 @check("routing:groups", COMPONENT)
 @examples(gates())
 def experts_come_from_the_best_groups(backend, gate_case):
     """At most topk_group groups, and they are the best by top-2 sum (bias) or max (no bias)."""
     config, x, gate = gate_case
     weights, experts = backend.component("route")(x, gate, config)
-    grouped = _choice(x, gate, config).reshape(len(x), config.n_expert_groups, -1)
-    group_score = np.sort(grouped, axis=-1)[..., -2:].sum(-1) if gate.bias is not None else grouped.max(-1)
+    choice = _choice(x, gate, config)
     for token, row in enumerate(np.asarray(experts)):
-        groups = set((row // config.experts_per_group).tolist())
-        expect(len(groups) <= config.n_limited_groups,
-               f"token {token} routed to groups {sorted(groups)}, more than topk_group={config.n_limited_groups}")
-        threshold = np.sort(group_score[token])[-config.n_limited_groups]
-        worst_used = min(group_score[token][g] for g in groups)
-        expect(worst_used >= threshold - _margin(weights),
-               f"token {token} uses group score {worst_used:.6g} below the top-{config.n_limited_groups} "
-               f"threshold {threshold:.6g}")
+        why = group_violation(choice[token], row, config, _margin(weights))
+        expect(why is None, f"token {token} {why}")
 
 
 @check("routing:choice", COMPONENT)
@@ -91,14 +135,8 @@ def choice_uses_biased_scores(backend, gate_case):
     weights, experts = backend.component("route")(x, gate, config)
     choice = _choice(x, gate, config)
     for token, row in enumerate(np.asarray(experts)):
-        groups = set((row // config.experts_per_group).tolist())
-        candidates = [e for e in range(config.n_routed_experts)
-                      if e // config.experts_per_group in groups and e not in row]
-        if candidates:
-            best_unchosen, worst_chosen = max(choice[token, candidates]), min(choice[token, row])
-            expect(best_unchosen <= worst_chosen + _margin(weights),
-                   f"token {token}: an unchosen expert scores {best_unchosen:.6g} above a chosen one "
-                   f"({worst_chosen:.6g})")
+        why = choice_violation(choice[token], row, config, _margin(weights))
+        expect(why is None, f"token {token}: {why}")
 
 
 @check("routing:weights", COMPONENT)

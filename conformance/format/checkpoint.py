@@ -21,7 +21,7 @@ from .errors import BadInput
 from .fp8 import BLOCK, E4M3
 from .jsonfile import read_json
 from .safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
-from .weights import LayerWeights, ModelWeights, TensorSpec, assemble, assemble_layer
+from .weights import LayerWeights, ModelWeights, MTPWeights, TensorSpec, assemble, assemble_layer, assemble_mtp
 
 HF_SINGLE = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
@@ -353,6 +353,16 @@ def load_layer(checkpoint: Checkpoint, config: ModelConfig, layer: int, resident
     load (default all; the others are left out, None)."""
     fetch = _ValidatingFetch(checkpoint, config, check_finite, None)
     weights = assemble_layer(fetch, config, layer, resident)
+    if fetch.missing:
+        raise fetch.missing_error(stopped=False)
+    return weights
+
+
+def load_mtp(checkpoint: Checkpoint, config: ModelConfig, depth: int, resident: Collection[int] | None = None,
+             check_finite: bool = True) -> MTPWeights:
+    """MTP module `depth` alone, validated; `resident`: its block's routed experts to load (default all)."""
+    fetch = _ValidatingFetch(checkpoint, config, check_finite, None)
+    weights = assemble_mtp(fetch, config, depth, resident)
     if fetch.missing:
         raise fetch.missing_error(stopped=False)
     return weights

@@ -176,14 +176,16 @@ def assemble_layer(fetch: Fetch, config: ModelConfig, layer: int,
                         ffn=ffn)
 
 
-def assemble_mtp(fetch: Fetch, config: ModelConfig, depth: int) -> MTPWeights:
+def assemble_mtp(fetch: Fetch, config: ModelConfig, depth: int,
+                 resident: Collection[int] | None = None) -> MTPWeights:
+    """MTP module `depth` (stored as layer n_layers + depth); `resident`: its block's routed experts to fetch."""
     layer = config.n_layers + depth
     prefix = layer_prefix(layer)
     c = config
     return MTPWeights(enorm=_vector(fetch, f"{prefix}.enorm.weight", c.dim),
                       hnorm=_vector(fetch, f"{prefix}.hnorm.weight", c.dim),
                       eh_proj=_linear(fetch, c, f"{prefix}.eh_proj", c.dim, 2 * c.dim, quantizable=False),
-                      block=assemble_layer(fetch, c, layer),
+                      block=assemble_layer(fetch, c, layer, resident),
                       head_norm=_vector(fetch, f"{prefix}.shared_head.norm.weight", c.dim),
                       embed=fetch(TensorSpec(f"{prefix}.embed_tokens.weight", (c.vocab_size, c.dim))),
                       head=fetch(TensorSpec(f"{prefix}.shared_head.head.weight", (c.vocab_size, c.dim))))

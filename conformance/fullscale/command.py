@@ -12,6 +12,7 @@ from tabulate import tabulate
 from ..format.checkpoint import open_checkpoint
 from ..format.config import load_config, preset
 from ..format.errors import BadInput
+from ..verdict import FAILED, PASSED, outcome, parse_allow, summary_line
 
 
 def _layers(text: str, config) -> list[int]:
@@ -33,6 +34,7 @@ def _verify(args: argparse.Namespace) -> int:
     from .integrity import check_integrity
     from .numeric import verify_layers
 
+    allow = parse_allow(args.allow_missing)
     folder = Path(args.checkpoint)
     if not folder.is_dir():
         raise BadInput(f"{folder}: not a checkpoint folder")
@@ -55,13 +57,22 @@ def _verify(args: argparse.Namespace) -> int:
         layers = _layers(args.layers, config)
         with open_checkpoint(folder) as checkpoint:
             rows = verify_layers(checkpoint, config, layers, args.tokens, args.backend.split(","),
-                                 random_hidden=args.random_hidden, seed=args.seed, oracle=not args.no_oracle)
-        print(tabulate([row.row() for row in rows], headers="keys", disable_numparse=True, maxcolwidths=60))
-        passed = all(row.passed for row in rows)
-        print(f"{'PASSED' if passed else 'FAILED'}: {sum(row.passed for row in rows)}/{len(rows)} layers; peak "
-              f"resident {max(row.peak_gib for row in rows):.2f} GiB")
-        result["layers"] = [row.row() for row in rows]
-        status = status or (0 if passed else 1)
+                                 random_hidden=args.random_hidden, seed=args.seed, oracle=args.oracle)
+        print(tabulate([row.row(allow) for row in rows], headers="keys", disable_numparse=True, maxcolwidths=60))
+        missing = [m for row in rows for m in row.missing]
+        failed = [row for row in rows if row.failed]
+        verdict = outcome(bool(failed), sum(row.compared for row in rows), missing, allow)
+        if verdict == FAILED:
+            print(f"FAILED: {len(failed)} of {len(rows)} layers failed (on "
+                  f"{', '.join(sorted({name for row in failed for name in row.failed}))})", end="")
+        else:
+            print(summary_line(verdict, sum(row.compared for row in rows), 0, "layer comparisons", missing, allow),
+                  end="")
+        print(f"; peak resident {max(row.peak_gib for row in rows):.2f} GiB")
+        result["layers"] = [row.row(allow) for row in rows]
+        result["verdict"] = verdict
+        result["not_compared"] = [{"what": m.what, "part": m.part, "reason": m.reason} for m in missing]
+        status = status or (0 if verdict == PASSED else 1)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return status
@@ -94,12 +105,16 @@ def add_command(commands, integer) -> None:
     verify.add_argument("--headers-only", action="store_true", help="skip the NaN/Inf scan of the data")
     verify.add_argument("--layers", help="comma-separated layers to verify numerically (num_hidden_layers + k: MTP "
                                          "module k), or all")
-    verify.add_argument("--tokens", type=integer(1), default=16, help="tokens per layer")
+    verify.add_argument("--tokens", type=integer(1), default=16,
+                        help="tokens per sequence (two sequences run at once)")
     verify.add_argument("--backend", default="tf", help="backends compared with the float64 reference")
     verify.add_argument("--random-hidden", action="store_true",
                         help="seeded random input hidden states instead of streaming the layers below")
     verify.add_argument("--seed", type=integer(0), default=0)
-    verify.add_argument("--no-oracle", action="store_true", help="leave out the transformers decoder layer")
+    verify.add_argument("--oracle", action="store_true",
+                        help="compare the transformers decoder layer too (where every expert of a layer is resident)")
+    verify.add_argument("--allow-missing", metavar="PARTS", help="comma-separated parts that may be not compared "
+                                                                  "(e.g. mtp, layers, oracle)")
     verify.add_argument("--json", metavar="OUT")
     verify.set_defaults(run=_verify)
 

@@ -386,3 +386,5 @@ CATALOGUE = [
            _one("moe:MASKED_CHOICE", _constant(float("-inf"))), ROUTING),
 ]
 MUTANTS = {mutant.key: mutant for mutant in CATALOGUE}
+# The roles a backend's mutation targets name (Backend.mutation_targets): every role some mutant plants in.
+ROLES = tuple(sorted({patch.target.split(":")[0] for mutant in CATALOGUE for patch in mutant.patches}))

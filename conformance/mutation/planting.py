@@ -21,10 +21,7 @@ from types import ModuleType
 from typing import Any, Callable, Iterator
 
 from ..backends import Backend
-
-
-class NotApplicable(Exception):
-    """The backend has no such role or attribute: the mutant does not apply to it."""
+from ..verdict import NotApplicable  # the backend has no such role or attribute: the mutant does not apply to it
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,8 @@ def fingerprint(backend: Backend) -> dict[str, np.ndarray]:
 def first_difference(backend: Backend, reference: dict[str, np.ndarray]) -> str | None:
     """The first probe output of `backend` that differs from `reference` in any bit (None: all equal).
 
-    A probe that now raises where the unmutated backend did not is a difference too.
+    A probe that now raises where the unmutated backend did not is a difference too, and so is an output that
+    disappeared (declared Unsupported where the unmutated backend produced it).
     """
     seen = []
     try:
@@ -149,5 +150,6 @@ def first_difference(backend: Backend, reference: dict[str, np.ndarray]) -> str 
             seen.append(name)
     except Exception as error:
         return f"raised {type(error).__name__} after {seen[-1] if seen else 'nothing'}"
-    return None
+    gone = [name for name in reference if name not in seen]
+    return f"{gone[0]} disappeared" if gone else None
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from ..backends import BUILTIN, Backend, Unsupported, resolve_backend
 from ..verdict import CheckFailed
-from .catalogue import CATALOGUE, MUTANTS, Mutant
+from .catalogue import CATALOGUE, MUTANTS, ROLES, Mutant
 from .planting import NotApplicable, import_backend, replaced
 
 @dataclass
@@ -318,6 +318,31 @@ class Session:
                 result.backend = names[spec]
                 results.append(result)
         return results
+
+
+def summarize(results: list[MutantResult]) -> tuple[str, str]:
+    """The verdict on a mutation run and its line: FAILED when a real mutant survived (or was equivalent, or broke)
+    or a control was killed; INCOMPLETE when no mutant applies to some backend, which then proves nothing about
+    the checks on it; PASSED otherwise. Mutants that do not apply to a backend (a role it does not declare) are
+    counted, not run."""
+    from ..verdict import FAILED, INCOMPLETE, PASSED
+
+    real = [r for r in results if not r.control and r.verdict != "not applicable"]
+    controls = [r for r in results if r.control]
+    bad = [f"{r.mutant} on {r.backend}: {r.verdict}" for r in results if not r.ok]
+    backends = list(dict.fromkeys(r.backend for r in results))
+    idle = [name for name in backends if all(r.verdict == "not applicable" for r in results if r.backend == name)]
+    unapplied = sum(r.verdict == "not applicable" for r in results)
+    line = (f"{sum(r.verdict == 'killed' for r in real)}/{len(real)} mutants killed, "
+            f"{sum(r.ok for r in controls)}/{len(controls)} controls survived"
+            + (f", {unapplied} not applicable" if unapplied else ""))
+    if bad:
+        return FAILED, f"FAILED: {line}; NOT OK: {', '.join(bad)}"
+    if idle:
+        return INCOMPLETE, (f"INCOMPLETE: {line}; no mutant applies to {', '.join(idle)}: a backend must declare "
+                            f"Backend.mutation_targets, the module playing each role ({', '.join(ROLES)}), for the "
+                            "catalogue to test the checks on it")
+    return PASSED, f"PASSED: {line}"
 
 
 def run_catalogue(backend_specs: list[str], keys: list[str] | None = None, first_kill: bool = False,

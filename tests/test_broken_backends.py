@@ -1,0 +1,74 @@
+"""Deliberately broken backends (broken_backends.py, public Backend API only) get no pass: `check-golden` and
+`verify-checkpoint` exit 1 on each, FAILED where they computed something wrong (NaN included) and INCOMPLETE
+where they skipped work; the faithful wrapper passes both. Allowing a part to be missing is explicit and
+named in the summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conformance.cli import main
+from conformance.paths import GOLDEN_DIR
+
+MODULE = "broken_backends"
+# (backend, golden case it is run on, check-golden's verdict, verify-checkpoint's verdict)
+CASES = [
+    ("FAITHFUL", "official/v3-tiny-mtp", "PASSED", "PASSED"),
+    ("NO_MTP", "official/v3-tiny-mtp", "INCOMPLETE", "INCOMPLETE"),
+    ("NOTHING", "official/v3-tiny", "INCOMPLETE", "INCOMPLETE"),
+    ("GARBAGE", "official/v3-tiny", "FAILED", "FAILED"),
+    ("GARBAGE", "official/v3-tiny-bf16", "FAILED", "FAILED"),
+    ("NAN", "official/v3-tiny", "FAILED", "FAILED"),
+    ("NAN", "official/v3-tiny-fp8-act", "FAILED", "FAILED"),
+    ("NO_GROUP_LIMIT", "oracle/moe-groups", "FAILED", "FAILED"),
+    ("HARD_CODED_THETA", "oracle/eps-theta", "FAILED", "FAILED"),
+]
+
+
+def _verdict(out: str) -> str:
+    return out.strip().splitlines()[-1].split(":")[0]
+
+
+@pytest.mark.parametrize("backend, case, verdict, _", CASES, ids=[f"{b}-{c}" for b, c, _, _ in CASES])
+def test_check_golden(backend, case, verdict, _, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    status = main(["check-golden", str(GOLDEN_DIR / case), "--backend", f"{MODULE}:{backend}", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert (status, _verdict(printed)) == (0 if verdict == "PASSED" else 1, verdict), printed[-3000:]
+    assert json.loads(out.read_text())["verdict"] == verdict
+
+
+@pytest.mark.parametrize("backend, case, _, verdict", CASES, ids=[f"{b}-{c}" for b, c, _, _ in CASES])
+def test_verify_checkpoint(backend, case, _, verdict, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    status = main(["verify-checkpoint", str(GOLDEN_DIR / case), "--layers", "all", "--backend",
+                   f"{MODULE}:{backend}", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert (status, _verdict(printed)) == (0 if verdict == "PASSED" else 1, verdict), printed[-3000:]
+    assert json.loads(out.read_text())["verdict"] == verdict
+
+
+def test_allowing_a_missing_part_is_explicit_and_named(capsys):
+    case = str(GOLDEN_DIR / "official/v3-tiny-mtp")
+    assert main(["check-golden", case, "--backend", f"{MODULE}:NO_MTP", "--allow-missing", "mtp"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == \
+        "PASSED: 11 tensors within tolerance; 3 allowed missing (mtp)"
+    assert main(["verify-checkpoint", case, "--layers", "all", "--backend", f"{MODULE}:NO_MTP",
+                 "--allow-missing", "mtp"]) == 0
+    assert "1 allowed missing (mtp)" in capsys.readouterr().out
+    # Allowing another part does not allow this one; an unknown part is bad input.
+    assert main(["check-golden", case, "--backend", f"{MODULE}:NO_MTP", "--allow-missing", "naive"]) == 1
+    assert main(["check-golden", case, "--backend", f"{MODULE}:NO_MTP", "--allow-missing", "mpt"]) == 2
+    assert "unknown part(s) ['mpt']" in capsys.readouterr().err
+
+
+def test_a_backend_that_runs_nothing_is_never_passed_even_with_everything_allowed(capsys):
+    everything = "main,mtp,speculative,naive,layers"
+    case = str(GOLDEN_DIR / "official/v3-tiny-mtp")
+    assert main(["check-golden", case, "--backend", f"{MODULE}:NOTHING", "--allow-missing", everything]) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("INCOMPLETE: nothing compared")
+    assert main(["verify-checkpoint", case, "--layers", "all", "--backend", f"{MODULE}:NOTHING",
+                 "--allow-missing", everything]) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("INCOMPLETE: nothing compared")

@@ -4,7 +4,7 @@
   compute), six and four prompts, each run twice (run-to-run spread recorded in meta.json), on the weights
   of official/v3-tiny-fp8-act and official/v3-tiny-fp8 (`golden.fp8-path.h100`, TOLERANCES.md section 2).
 - `cpu-bf16`: the official code in its native bfloat16 on a CPU, six prompts, on the weights of
-  official/v3-tiny (`golden.bfloat16-path`, TOLERANCES.md section 9).
+  official/v3-tiny (`golden.bfloat16-path`, TOLERANCES.md section 10).
 The runs were made by conformance/official_generate.py (their meta.json says how); each is checked here
 exactly as check-golden checks a case, and every compared tensor's error is collected.
 
@@ -55,8 +55,11 @@ def measure(backends: tuple[str, ...] = BACKENDS) -> list[dict]:
             for backend in backends:
                 result = check_case(case, backend, weights=weights)
                 for comparison in result.results:
+                    if comparison.rows is None:  # greedy tokens: not compared on these runs (near ties)
+                        continue
                     rows.append({"run": run, "prompt": path.stem, "backend": backend, "tensor": comparison.name,
-                                 "row": comparison.rel_err, "whole": comparison.whole_rel_err,
+                                 "worst_row": comparison.rel_err, "whole": comparison.whole_rel_err,
+                                 "share_off": comparison.rows_off / comparison.rows, "row_bound": comparison.row_bound,
                                  "tolerance": comparison.tolerance, "passed": comparison.passed})
     return rows
 
@@ -70,14 +73,16 @@ def summarize(rows: list[dict]) -> list[dict]:
                           (".layer." in r["tensor"] if kind == "hidden" else "logits" in r["tensor"])]
                 if not picked:
                     continue
-                row = np.array([r["row"] for r in picked])
+                worst = np.array([r["worst_row"] for r in picked])
                 whole = np.array([r["whole"] for r in picked])
                 table.append({"run": run, "backend": backend, "tensors": kind, "compared": len(picked),
                               "whole: median": f"{np.median(whole):.2e}", "whole: max": f"{whole.max():.2e}",
-                              "lower median row: median": f"{np.median(row):.2e}",
-                              "lower median row: p90": f"{np.quantile(row, 0.9):.2e}",
-                              "lower median row: max": f"{row.max():.2e}", "_max": float(row.max()),
-                              "tolerance": f"{picked[0]['tolerance']:.1e}", "_passed": all(r["passed"] for r in picked)})
+                              f"rows beyond {picked[0]['row_bound']:g}: max share":
+                                  f"{max(r['share_off'] for r in picked):.0%}",
+                              "worst row: median": f"{np.median(worst):.2e}", "worst row: max": f"{worst.max():.2e}",
+                              "worst-row bound": f"{picked[0]['tolerance']:.1e}",
+                              "tensors passed": f"{sum(r['passed'] for r in picked)}/{len(picked)}",
+                              "_passed": all(r["passed"] for r in picked)})
     return table
 
 
@@ -86,12 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends", default=",".join(BACKENDS))
     rows = measure(tuple(parser.parse_args(argv).backends.split(",")))
     table = summarize(rows)
-    gates = [gate(f"{row['run']} on {row['backend']}: every {row['tensors']} tensor's lower median row within "
-                  f"{row['tolerance']}", row["_max"], row["_passed"]) for row in table]
-    notes = ("rel_err of whole tensors and of the lower median row (the verdict of the H100 and bfloat16 policies, "
-             "TOLERANCES.md sections 2 and 10). The H100 runs repeated bit for bit (run_to_run_max_abs 0 in "
-             "data/official-runs/*/meta.json). Greedy tokens are not compared on these runs (near ties break "
-             "either way on an H100 and in bfloat16).")
+    gates = [gate(f"{row['run']} on {row['backend']}: the row policy passes every {row['tensors']} tensor",
+                  row["tensors passed"], row["_passed"]) for row in table]
+    notes = ("Per compared tensor: the whole tensor's rel_err, the share of its rows beyond the policy's row bound, and "
+             "its worst row (the H100 and bfloat16 row policies: TOLERANCES.md sections 2 and 10). The H100 runs "
+             "repeated bit for bit (run_to_run_max_abs 0 in data/official-runs/*/meta.json). Greedy tokens are not "
+             "compared on these runs (near ties break either way on an H100 and in bfloat16).")
     shown = [{k: v for k, v in row.items() if not k.startswith("_")} for row in table]
     raise SystemExit(publish("official_runs", "Backends vs repeated runs of the official code (H100 fp8, CPU bfloat16)",
                              shown, gates, notes))

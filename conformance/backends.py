@@ -77,6 +77,30 @@ class MTPStep:
 Routing = Sequence[np.ndarray] | None
 
 
+@dataclass(frozen=True)
+class TrainStep:
+    """What one training step did: its losses (main, mtp, balance), the gradients before clipping (in the format
+    layer's weight tree, zeros where a tensor is not trained), each MoE block's expert loads [blocks, E] (main
+    layers, then MTP depths), and the learning rate it used."""
+
+    losses: dict[str, float]
+    gradients: ModelWeights
+    loads: np.ndarray
+    learning_rate: float
+
+
+class Trainer(ABC):
+    """A model and its optimizer state on one backend (the training checks' interface)."""
+
+    @abstractmethod
+    def step(self, tokens: np.ndarray) -> TrainStep:
+        """One training step on tokens [B, S]: forward, losses, gradients, clipping, AdamW, the bias update."""
+
+    @abstractmethod
+    def weights(self) -> ModelWeights:
+        """The current weights in the format layer's tree."""
+
+
 class Runner(ABC):
     """One model on one backend, holding the cache of the current batch."""
 
@@ -131,6 +155,11 @@ class Backend:
     # the NumPy-like namespace the target modules compute with (mutants that need array ops use it)
     array_namespace: str = "numpy"
     description: str = ""
+    # (config, weights, TrainSettings, dtype) -> Trainer, for the training checks; None: no training step
+    trainer: Callable[..., Trainer] | None = None
+    # capability -> module implementing it for the distributed checks ("pipeline": a pipelined training step over
+    # devices, impl.pipeline's interface; "expert-parallel": an expert-parallel MoE layer, impl.expert_parallel's)
+    capabilities: Mapping[str, str] = field(default_factory=dict)
 
     def require(self, dtype: str | None = None, gemm_impl: str | None = None, attention: str | None = None) -> None:
         """Raise Unsupported unless the backend runs this dtype, numerics path and attention form."""
@@ -174,6 +203,12 @@ def _tf_runner(config, weights, numerics, dtype, attention) -> Runner:
     return TFRunner(config, weights, numerics, dtype, attention)
 
 
+def _tf_trainer(config, weights, settings, dtype) -> Trainer:
+    from .runners import TFTrainer
+
+    return TFTrainer(config, weights, settings, dtype)
+
+
 # Devices of the expert-parallel variant of the tf backend (logical CPUs unless the process configured others).
 EXPERT_PARALLEL_DEVICES = 4
 
@@ -188,13 +223,16 @@ REFERENCE = Backend(
     "reference", _reference_runner, "reference.components", default_dtype="float64", dtypes=("float64", "float32"),
     mutation_targets={"moe": "reference.moe", "rope": "reference.rope", "attention": "reference.attention",
                       "fp8": "reference.fp8", "norm": "reference.norm", "model": "reference.model",
-                      "mtp": "reference.mtp"},
+                      "mtp": "reference.mtp", "ffn": "reference.ffn"},
     description="NumPy reference (reference/), float64 by default")
 TF = Backend(
     "tf", _tf_runner, "impl.components", default_dtype="float32", dtypes=("float32", "bfloat16"),
     mutation_targets={"moe": "impl.moe", "rope": "impl.rope", "attention": "impl.attention", "fp8": "impl.fp8",
-                      "norm": "impl.layers", "model": "impl.model", "mtp": "impl.mtp"},
-    array_namespace="tensorflow.experimental.numpy",
+                      "norm": "impl.layers", "model": "impl.model", "mtp": "impl.mtp", "ffn": "impl.layers",
+                      "training": "impl.training", "pipeline": "impl.pipeline", "ep": "impl.expert_parallel",
+                      "kernel": "impl.matvec"},
+    array_namespace="tensorflow.experimental.numpy", trainer=_tf_trainer,
+    capabilities={"pipeline": "impl.pipeline", "expert-parallel": "impl.expert_parallel"},
     description="TensorFlow implementation (impl/), XLA-compiled steps (the prefill a graph outside XLA), "
                 "float32 by default")
 TF_EXPERT_PARALLEL = Backend(

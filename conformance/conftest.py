@@ -17,7 +17,7 @@ import pytest
 from conformance.backends import DEFAULT_BACKENDS, Backend, resolve_backends
 from conformance.format.errors import BadInput
 from conformance.paths import GOLDEN_DIR
-from conformance.verdict import FAILED, INCOMPLETE, PASSED, Missing, allowed, outcome, parse_allow
+from conformance.verdict import FAILED, INCOMPLETE, Missing, allowed, outcome, parse_allow
 
 NOT_COMPARED = "not_compared"
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from conformance.format.config import ModelConfig, YarnScaling, tiny
+from reference.rope import yarn_active
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,12 @@ DIVERGENCES = [
     Divergence("hf-yarn-always-on", "transformers DeepseekV3ForCausalLM",
                "YaRN is applied whenever rope_scaling names it; the official code applies it only when the run is "
                "longer than original_max_position_embeddings.",
-               lambda c: c.rope_scaling is not None and not c.yarn_active,
+               lambda c: c.rope_scaling is not None and not yarn_active(c),
                lambda: tiny(max_seq_len=32)),
     Divergence("hf-mscale-all-dim", "transformers DeepseekV3ForCausalLM",
                "Attention is scaled with mscale_all_dim and the rope cos/sin by mscale/mscale_all_dim; the official "
                "code scales attention by mscale alone. They agree when the two are equal, as in the release.",
-               lambda c: c.yarn_active and c.rope_scaling.mscale != c.rope_scaling.mscale_all_dim,
+               lambda c: yarn_active(c) and c.rope_scaling.mscale != c.rope_scaling.mscale_all_dim,
                lambda: tiny(rope_scaling=YarnScaling(factor=40.0, original_seq_len=32, mscale=0.707, mscale_all_dim=1.0))),
     Divergence("hf-latent-norm-eps", "transformers DeepseekV3ForCausalLM",
                "q_a_layernorm and kv_a_layernorm use eps 1e-6 whatever rms_norm_eps says; the official code uses "

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from conformance.format.checkpoint import load_weights, open_checkpoint, write_hf
 from conformance.format.config import ModelConfig, YarnScaling, tiny
 from conformance.format.safetensors_io import write_safetensors
+from reference.rope import yarn_active
 from reference.synthetic import random_tensors
 
 from .manifest import MANIFEST, describe_case, load_manifest
@@ -137,7 +138,7 @@ def generate_all(golden_dir: Path, names: list[str] | None = None) -> list[Path]
                    "first_k_dense_replace": config.n_dense_layers, "n_routed_experts": config.n_routed_experts,
                    "num_experts_per_tok": config.n_activated_experts, "n_group": config.n_expert_groups,
                    "topk_group": config.n_limited_groups, "q_lora_rank": config.q_lora_rank,
-                   "yarn": config.yarn_active, "fp8_weights": config.fp8_weights,
+                   "yarn": yarn_active(config), "fp8_weights": config.fp8_weights,
                    "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta}
         provenance = {"producer": meta["producer"], "torch": meta["torch"], "transformers": meta["transformers"],
                       "purpose": case.purpose, "generated_by": "dsv3-conformance golden generate"}

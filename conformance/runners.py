@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backends import MTPStep, Routing, Runner, StepOutput, Unsupported
+from .backends import MTPStep, Routing, Runner, StepOutput, Trainer, TrainStep, Unsupported
 from .format.config import ModelConfig
 from .format.inputs import InputError
 from .format.mtp import MTPOptions
@@ -77,6 +77,25 @@ class TFRunner(Runner):
 
     def verify(self, following: np.ndarray, drafts: np.ndarray) -> tuple[np.ndarray, int]:
         return self.model.verify(following, drafts)
+
+
+class TFTrainer(Trainer):
+    """The TensorFlow training step (impl/training.py)."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, settings, dtype: str):
+        from impl.training import Trainer as Steps
+
+        self.trainer = Steps(config, weights, settings, dtype=dtype)
+
+    def step(self, tokens: np.ndarray) -> TrainStep:
+        out = self.trainer.step(tokens)
+        return TrainStep({part: float(out[part]) for part in ("main", "mtp", "balance")},
+                         self.trainer.gradient_tree(out["gradients"]), np.asarray(out["loads"]), out["learning_rate"])
+
+    def weights(self) -> ModelWeights:
+        from impl.training import export
+
+        return export(self.trainer)
 
 
 def _finite(logits: np.ndarray, where: str) -> np.ndarray:

@@ -23,6 +23,7 @@ class SpeculativeStats:
     main_steps: int  # forward steps of the main model: the prefill and one per verification
     drafted: int  # drafts proposed per sequence
     accepted: int  # drafts kept per sequence
+    accepted_by_depth: tuple[int, ...] = ()  # drafts kept at each draft position (1st, 2nd, ...)
 
     @property
     def acceptance(self) -> float:
@@ -47,14 +48,16 @@ def speculative_generate(runner: Runner, prompt: np.ndarray, steps: int, depth: 
     logits = runner.prefill(prompt, capacity=capacity).logits_last
     generated = [np.argmax(logits, axis=-1)[:, None]]
     main_steps, drafted, accepted = 1, 0, 0
+    by_depth = np.zeros(depth, np.int64)
     while sum(part.shape[1] for part in generated) < steps:
         following = generated[-1][:, -1]
         drafts = runner.mtp(following[:, None], options).drafts[:, :depth]
         tokens, kept = runner.verify(following, drafts)
         generated.append(tokens)
         main_steps, drafted, accepted = main_steps + 1, drafted + depth, accepted + kept
+        by_depth[:kept] += 1
     tokens = np.concatenate(generated, axis=1)[:, :steps] if steps else np.zeros((len(prompt), 0), np.int64)
-    return tokens, SpeculativeStats(steps, main_steps if steps else 0, drafted, accepted)
+    return tokens, SpeculativeStats(steps, main_steps if steps else 0, drafted, accepted, tuple(int(a) for a in by_depth))
 
 
 # --- in the report ----------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def test_real_checkpoint_layer(backend, request):
         full = load_weights(checkpoint, config, layers=[layer], progress=True)
         weights = ModelWeights(embed=np.array(full.embed[:vocab]), layers=full.layers, norm=full.norm,
                                head=np.array(full.head[:vocab]))
-        one_layer = dataclasses.replace(config, n_layers=1, n_dense_layers=int(not config.is_moe_layer(layer)),
+        one_layer = dataclasses.replace(config, n_layers=1, n_dense_layers=int(layer < config.n_dense_layers),
                                         n_mtp_layers=0, vocab_size=vocab, name=f"{config.name} layer {layer}")
         prompt, following = prompt_for(one_layer, batch=1, length=16)
         expect_same_run(f"{backend.name} on layer {layer} of {path}", backend.make_runner(one_layer, weights),

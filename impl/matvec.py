@@ -8,7 +8,10 @@ XLA's CPU dot runs a matrix-vector product of at most 2 MB of weights as one tas
 machines measured one core reads about half the bandwidth of two (README, Performance). The kernel is compiled
 once per machine with the system's C++ compiler (`CXX`, default g++) into a cache directory and registered as an
 XLA custom call; without a compiler, or with DSV3_MATVEC_KERNEL=0, the steps keep XLA's own products (same
-results within float32 rounding: the kernel sums in another order).
+results within float32 rounding: the kernel sums in another order). Loading a library runs its code, so the cache
+is private: created 0700, refused when another user owns it or its group or others may write it; a library is
+loaded only when its sha256 equals the one recorded when it was built, and its name holds the compiler's version
+and the CPU's identity, so a library built elsewhere, or by another compiler, is never taken.
 
 The kernel is used only while a compiled inference step is traced (`kernel_scope`): XLA cannot differentiate a
 custom call, and outside XLA (the prefill's graph) there is no kernel to call.
@@ -23,6 +26,8 @@ import functools
 import hashlib
 import os
 import pathlib
+import platform
+import stat
 import subprocess
 import sys
 import tempfile
@@ -45,40 +50,97 @@ MIN_WEIGHT = 1 << 16
 _in_scope = contextvars.ContextVar("matvec_kernel", default=False)
 
 
+class KernelCacheError(OSError):
+    """A kernel cache or library this process will not load from: another user could have written it."""
+
+
 def _cache_dir() -> pathlib.Path:
     root = os.environ.get("DSV3_KERNEL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dsv3-conformance")
     return pathlib.Path(root)
 
 
+def _owned_privately(path: pathlib.Path) -> None:
+    """Refuse `path` unless this user owns it and neither its group nor others may write it."""
+    info = path.lstat()
+    if info.st_uid != os.getuid():
+        raise KernelCacheError(f"{path} is owned by user {info.st_uid}, not by this user ({os.getuid()}): refused")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise KernelCacheError(f"{path} is writable by its group or by others (mode {stat.filemode(info.st_mode)}): "
+                               "refused")
+
+
+def private_cache() -> pathlib.Path:
+    """The kernel cache directory, created 0700 when missing; one another user owns or may write is refused."""
+    directory = _cache_dir()
+    if not directory.exists():
+        directory.mkdir(mode=0o700, parents=True)
+    _owned_privately(directory)
+    return directory
+
+
 def _machine() -> bytes:
-    """What -march=native compiles for: the CPU's model and flags."""
+    """What -march=native compiles for: the architecture and the CPU's identity (x86: model and flags; Arm:
+    implementer, architecture, variant, part and features)."""
     try:
         lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return b""
-    return "\n".join(line for line in lines if line.startswith(("model name", "flags")))[:4096].encode()
+        lines = []
+    fields = ("model name", "flags", "CPU implementer", "CPU architecture", "CPU variant", "CPU part", "Features")
+    identity = sorted(set(line for line in lines if line.startswith(fields)))
+    return "\n".join([platform.machine(), platform.processor(), *identity])[:8192].encode()
+
+
+def cache_key(compiler: str) -> str:
+    """The library's name in the cache: the sources, the flags, the compiler's version and the CPU."""
+    sources = b"".join(path.read_bytes() for path in sorted(SOURCE.parent.glob("*.[ch]*")))  # matvec.cc and headers
+    version = subprocess.run([compiler, "--version"], capture_output=True, timeout=60, check=True).stdout
+    return hashlib.sha256(sources + " ".join((compiler, *FLAGS)).encode() + version + _machine()).hexdigest()[:16]
+
+
+def _sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def verified(library: pathlib.Path) -> pathlib.Path:
+    """`library` if it is this user's, written by no one else, and its bytes have the sha256 recorded when it was
+    built (the record beside it); KernelCacheError otherwise."""
+    record = library.with_name(library.name + ".sha256")
+    for path in (library, record):
+        if not path.is_file():
+            raise KernelCacheError(f"{path} is missing: refused")
+        _owned_privately(path)
+    if _sha256(library) != record.read_text().strip():
+        raise KernelCacheError(f"{library}: its sha256 differs from the one recorded when it was built: refused")
+    return library
 
 
 def _build() -> pathlib.Path:
+    """The kernel library, compiled into the private cache once per (sources, compiler, CPU), then verified."""
     compiler = os.environ.get("CXX", "g++")
-    sources = b"".join(path.read_bytes() for path in sorted(SOURCE.parent.glob("*.[ch]*")))  # matvec.cc and its headers
-    key = hashlib.sha256(sources + " ".join((compiler, *FLAGS)).encode() + _machine()).hexdigest()[:16]
-    library = _cache_dir() / f"matvec-{key}.so"
+    directory = private_cache()
+    library = directory / f"matvec-{cache_key(compiler)}.so"
     if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        with tempfile.TemporaryDirectory(dir=directory) as scratch:
             built = pathlib.Path(scratch) / library.name
             subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True,
                            timeout=300)
-            os.replace(built, library)  # atomic: concurrent builders (test workers) each land a whole file
-    return library
+            os.chmod(built, 0o700)
+            record = pathlib.Path(scratch) / (library.name + ".sha256")
+            record.write_text(_sha256(built) + "\n")
+            os.chmod(record, 0o600)
+            # The record lands first: a library never sits in the cache without it. Each is replaced atomically, so
+            # concurrent builders (test workers) land whole files.
+            os.replace(record, library.with_name(record.name))
+            os.replace(built, library)
+    return verified(library)
 
 
 @functools.cache
 def available() -> bool:
     """Whether the kernel is built, loaded and registered (once per process); False, with a note on stderr, when it
-    cannot be (no compiler, a TensorFlow without the registry's symbols), or when DSV3_MATVEC_KERNEL=0."""
+    cannot be (no compiler, a cache or library refused, a TensorFlow without the registry's symbols), or when
+    DSV3_MATVEC_KERNEL=0."""
     if os.environ.get("DSV3_MATVEC_KERNEL", "1") == "0":
         return False
     tf_library = os.path.join(tf.sysconfig.get_lib(), "libtensorflow_cc.so.2")

@@ -89,10 +89,15 @@ def select_experts(choice: tf.Tensor, config: ModelConfig) -> tf.Tensor:
     return top_k(limit_to_groups(choice, config), config.n_activated_experts)
 
 
+def normalizes_topk(config: ModelConfig) -> bool:
+    """Whether the chosen weights are renormalized: for sigmoid scores, not for softmax ones."""
+    return config.score_func != "softmax"
+
+
 def gate_weights(scores: tf.Tensor, experts: tf.Tensor, config: ModelConfig) -> tf.Tensor:
     """Unbiased affinities of the chosen experts, normalized for sigmoid gates, times route_scale."""
     weights = tf.gather(scores, experts, batch_dims=1)
-    if config.normalizes_topk:
+    if normalizes_topk(config):
         weights = weights / tf.reduce_sum(weights, axis=-1, keepdims=True)
     return weights * config.route_scale
 

@@ -34,16 +34,21 @@ def yarn_ramp(yarn: YarnScaling, dim: int, theta: float) -> tf.Tensor:
     return tf.clip_by_value((tf.range(dim // 2, dtype=tf.float64) - low) / width, 0.0, 1.0)
 
 
+def yarn_active(config: ModelConfig) -> bool:
+    """YaRN applies only to a run longer than the context the model was trained on."""
+    return config.rope_scaling is not None and config.rope_scaling.original_seq_len < config.max_seq_len
+
+
 def rope_frequencies(config: ModelConfig) -> tf.Tensor:
     freqs = base_frequencies(config.qk_rope_head_dim, config.rope_theta)
-    if not config.yarn_active:
+    if not yarn_active(config):
         return freqs
     ramp = yarn_ramp(config.rope_scaling, config.qk_rope_head_dim, config.rope_theta)
     return ramp * (freqs / config.rope_scaling.factor) + (1 - ramp) * freqs
 
 
 def yarn_mscale(config: ModelConfig) -> float:
-    if not config.yarn_active:
+    if not yarn_active(config):
         return 1.0
     return 1.0 + 0.1 * config.rope_scaling.mscale * math.log(config.rope_scaling.factor)
 

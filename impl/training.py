@@ -21,6 +21,7 @@ norms and the attention core stay in the compute dtype.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import tensorflow as tf
@@ -87,10 +88,31 @@ def balance_loss(scores: tf.Tensor, experts: tf.Tensor, config: ModelConfig, alp
     return alpha * tf.reduce_mean(tf.reduce_sum(tf.stop_gradient(f) * p, axis=-1))
 
 
-def bias_step(bias: tf.Tensor, loads: tf.Tensor, gamma: float) -> tf.Tensor:
+def bias_update(bias: tf.Tensor, loads: tf.Tensor, gamma: float) -> tf.Tensor:
     """The aux-loss-free update: bias + gamma * sign(mean load - load)."""
     loads = tf.cast(loads, tf.float32)
     return bias + gamma * tf.sign(tf.reduce_mean(loads) - loads)
+
+
+def mtp_loss_scale(weight: float, depths: int) -> float:
+    """The MTP loss is lambda / D times the sum of the depths' losses."""
+    return weight / depths
+
+
+def learning_rate_at(settings: TrainSettings, step: int) -> float:
+    """Step 1..: linear warm-up to the peak, then cosine decay to final_lr_ratio of it at total_steps."""
+    if settings.warmup_steps and step <= settings.warmup_steps:
+        return settings.learning_rate * step / settings.warmup_steps
+    progress = min(1.0, (step - settings.warmup_steps) / max(1, settings.total_steps - settings.warmup_steps))
+    return settings.learning_rate * (settings.final_lr_ratio + (1.0 - settings.final_lr_ratio)
+                                     * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def gradients(tape: tf.GradientTape, total: tf.Tensor, values: list[tf.Tensor],
+              variables: list[tf.Variable]) -> list[tf.Tensor]:
+    """d total / d value for every master weight (zeros where a weight does not reach the loss)."""
+    return [tf.convert_to_tensor(g) if g is not None else tf.zeros_like(v)
+            for g, v in zip(tape.gradient(total, values), variables)]
 
 
 def groups_spanned(experts: tf.Tensor, config: ModelConfig) -> tf.Tensor:
@@ -183,7 +205,7 @@ class Trainer:
             if experts is not None:
                 chosen.append(experts)
             state = chained(y, normed, self.options)
-        return (self.settings.mtp_weight / len(weights.mtp) * total if weights.mtp else total), chosen
+        return (mtp_loss_scale(self.settings.mtp_weight, len(weights.mtp)) * total if weights.mtp else total), chosen
 
     # -- the step --------------------------------------------------------------------------------------------
 
@@ -195,8 +217,7 @@ class Trainer:
                 tape.watch(value)
             parts = self.losses(values, tokens)
             total = parts["main"] + parts["mtp"] + parts["balance"]
-        grads = [tf.convert_to_tensor(g) if g is not None else tf.zeros_like(v)
-                 for g, v in zip(tape.gradient(total, values), self.variables)]
+        grads = gradients(tape, total, values, self.variables)
         clipped, norm = tf.clip_by_global_norm(grads, settings.clip_norm)
         step = tf.cast(step, tf.float32)
         for variable, grad, m, v in zip(self.variables, clipped, self.m, self.v):
@@ -210,10 +231,11 @@ class Trainer:
                                               self.config.n_routed_experts) for e in parts["experts"]]
         if settings.uses_bias:
             for bias, load in zip(self.biases, loads):
-                bias.assign(bias_step(bias, load, settings.bias_gamma))
+                bias.assign(bias_update(bias, load, settings.bias_gamma))
         spanned = tf.reduce_max(tf.stack([groups_spanned(e, self.config) for e in parts["experts"]])) \
             if parts["experts"] else tf.constant(0)
         return {"main": parts["main"], "mtp": parts["mtp"], "balance": parts["balance"], "grad_norm": norm,
+                "gradients": grads,
                 "loads": tf.stack(loads) if loads else tf.zeros([0, self.config.n_routed_experts], tf.int32),
                 "groups_spanned": spanned}
 
@@ -221,10 +243,11 @@ class Trainer:
         """One training step on tokens [B, S]; asserts node-limited routing (at most topk_group groups per
         token) on its routing; returns numbers (loads per MoE block [blocks, E])."""
         self.steps += 1
-        learning_rate = self.settings.learning_rate_at(self.steps)
+        learning_rate = learning_rate_at(self.settings, self.steps)
         out = self._compiled(tf.constant(tokens, tf.int32), tf.constant(learning_rate, tf.float32),
                              tf.constant(self.steps, tf.int32))
-        result = {key: value.numpy() for key, value in out.items()}
+        result = {key: value.numpy() for key, value in out.items() if key != "gradients"}
+        result["gradients"] = [g.numpy() for g in out["gradients"]]
         if result["groups_spanned"] > self.config.n_limited_groups:
             raise AssertionError(f"step {self.steps}: a token's experts span {int(result['groups_spanned'])} groups, "
                                  f"more than topk_group={self.config.n_limited_groups}")
@@ -234,6 +257,13 @@ class Trainer:
     def weights(self) -> dict[int, np.ndarray]:
         """Every trainable variable's value, by position in `variables`."""
         return {i: v.numpy() for i, v in enumerate(self.variables)}
+
+    def gradient_tree(self, grads: list[np.ndarray]) -> ModelWeights:
+        """Gradients (one per variable, as `step` returns them) in the format layer's tree (experts split, the
+        gate biases and the MTP modules' shared embedding and head as zeros)."""
+        slot = {id(variable): grad for variable, grad in zip(self.variables, grads)}
+        values = [slot.get(id(leaf), np.zeros(leaf.shape, np.float32)) for leaf in leaves(self.tree)]
+        return _exported(rebuild(self.structure, iter(tf.constant(v) for v in values)))
 
 
 def _exported(tree):

@@ -16,7 +16,7 @@ from conformance.format.config import ModelConfig
 from conformance.format.inputs import InputError, check_tokens
 from conformance.format.mtp import MTPOptions
 from conformance.format.numerics import AttentionForm, Numerics
-from conformance.format.weights import FFNWeights, LayerWeights, ModelWeights, MoEWeights, map_arrays
+from conformance.format.weights import FFNWeights, LayerWeights, ModelWeights, map_arrays
 
 from .attention import LatentCache, mla
 from .ffn import swiglu_ffn
@@ -72,17 +72,23 @@ class MTPResult:
     caches: tuple[LatentCache, ...]
 
 
+def moe_block(config: ModelConfig, layer: int) -> int | None:
+    """Which MoE block layer `layer` is (0 for the first), None for a dense layer: the first
+    first_k_dense_replace layers are dense."""
+    return layer - config.n_dense_layers if layer >= config.n_dense_layers else None
+
+
 def forward(weights: ModelWeights, config: ModelConfig, numerics: Numerics, form: AttentionForm, tokens: np.ndarray,
             start_pos: int, caches: tuple[LatentCache, ...], forced_experts: Routing = None) -> ForwardResult:
     """Feed tokens [B, S] at positions start_pos.. on top of `caches`.
 
     `forced_experts` (one [B*S, k] array per MoE block) replaces the routing choice of each MoE block.
     """
-    forced = iter(forced_experts) if forced_experts is not None else None
     h = weights.embed[tokens]
     hidden, experts, new_caches = [], [], []
-    for layer, cache in zip(weights.layers, caches):
-        choice = next(forced) if forced is not None and isinstance(layer.ffn, MoEWeights) else None
+    for index, (layer, cache) in enumerate(zip(weights.layers, caches)):
+        ordinal = moe_block(config, index)
+        choice = forced_experts[ordinal] if forced_experts is not None and ordinal is not None else None
         h, cache, chosen = block(h, layer, config, numerics, cache, start_pos, form, choice)
         hidden.append(h)
         new_caches.append(cache)

@@ -60,10 +60,15 @@ def select_experts(choice: np.ndarray, config: ModelConfig) -> np.ndarray:
     return top_k(limit_to_groups(choice, config), config.n_activated_experts)
 
 
+def normalizes_topk(config: ModelConfig) -> bool:
+    """Sigmoid gates renormalize the chosen experts' weights to sum 1; softmax gates do not."""
+    return config.score_func == "sigmoid"
+
+
 def gate_weights(scores: np.ndarray, experts: np.ndarray, config: ModelConfig) -> np.ndarray:
     """Unbiased affinities of the chosen experts, normalized for sigmoid gates (eq. 13), times route_scale."""
     weights = np.take_along_axis(scores, experts, axis=-1)
-    if config.normalizes_topk:
+    if normalizes_topk(config):
         weights = weights / weights.sum(axis=-1, keepdims=True)
     return weights * config.route_scale
 

@@ -85,4 +85,9 @@ def mtp_loss(logits: list[np.ndarray], tokens: np.ndarray, weight: float, option
             continue
         losses = cross_entropy(depth_logits[:, :valid], tokens[:, depth + 1:])
         total += losses.sum() / (batch * (valid if options.loss_normalization == "valid" else length))
-    return weight / len(logits) * total
+    return mtp_loss_scale(weight, len(logits)) * total
+
+
+def mtp_loss_scale(weight: float, depths: int) -> float:
+    """lambda / D: the weight of the sum of the D depths' losses."""
+    return weight / depths

@@ -33,10 +33,15 @@ def yarn_ramp(yarn: YarnScaling, dim: int, theta: float) -> np.ndarray:
     return np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
 
 
+def yarn_active(config: ModelConfig) -> bool:
+    """The official code extends rope only when the run is longer than the trained context (original_seq_len)."""
+    return config.rope_scaling is not None and config.max_seq_len > config.rope_scaling.original_seq_len
+
+
 def rope_frequencies(config: ModelConfig) -> np.ndarray:
     """Frequencies of the rope pairs, blended towards freq/factor by YaRN when it is active."""
     freqs = base_frequencies(config.qk_rope_head_dim, config.rope_theta)
-    if not config.yarn_active:
+    if not yarn_active(config):
         return freqs
     ramp = yarn_ramp(config.rope_scaling, config.qk_rope_head_dim, config.rope_theta)
     return freqs / config.rope_scaling.factor * ramp + freqs * (1 - ramp)
@@ -44,7 +49,7 @@ def rope_frequencies(config: ModelConfig) -> np.ndarray:
 
 def yarn_mscale(config: ModelConfig) -> float:
     """m = 0.1 * mscale * ln(factor) + 1 when YaRN is active, else 1."""
-    if not config.yarn_active:
+    if not yarn_active(config):
         return 1.0
     return 0.1 * config.rope_scaling.mscale * math.log(config.rope_scaling.factor) + 1.0
 

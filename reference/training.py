@@ -11,6 +11,7 @@ Losses of one batch of token sequences [B, S] (report sections 2.1.2, 2.2; SEMAN
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,6 +54,17 @@ def balance_loss(scores: np.ndarray, experts: np.ndarray, config: ModelConfig, a
         normalized = scores[sequence] / scores[sequence].sum(axis=-1, keepdims=True)
         total += alpha * float(f @ normalized.mean(axis=0))
     return total / batch
+
+
+def learning_rate_at(settings: TrainSettings, step: int) -> float:
+    """The learning rate of step 1, 2, ...: a linear warm-up over warmup_steps to the peak, then a cosine from the
+    peak down to final_lr_ratio of it at total_steps (flat after)."""
+    if step <= settings.warmup_steps:
+        return settings.learning_rate * step / settings.warmup_steps
+    done = min(step - settings.warmup_steps, settings.total_steps - settings.warmup_steps)
+    span = max(settings.total_steps - settings.warmup_steps, 1)
+    floor = settings.final_lr_ratio * settings.learning_rate
+    return floor + (settings.learning_rate - floor) * (1 + math.cos(math.pi * done / span)) / 2
 
 
 def expert_loads(experts: np.ndarray, n_experts: int) -> np.ndarray:
@@ -146,40 +158,45 @@ def finite_difference(function: Callable[[np.ndarray], float], x: np.ndarray, ep
     return grad
 
 
-# --- one training step, gradients by finite differences ---------------------------------------------------------
+# --- the trained arrays, and the loss as a function of them --------------------------------------------------
 
 def _is_mtp_copy(path: tuple) -> bool:
     return path[:1] == ("mtp",) and path[-1] in ("embed", "head")
 
 
-def _arrays(tree, path=()):
+def arrays(tree, path=()):
     """(path, array) of every array of a weight tree, depth first."""
     if isinstance(tree, np.ndarray):
         yield path, tree
     elif isinstance(tree, tuple):
         for index, item in enumerate(tree):
-            yield from _arrays(item, path + (index,))
+            yield from arrays(item, path + (index,))
     elif tree is not None:
         for name in tree.__dataclass_fields__:
-            yield from _arrays(getattr(tree, name), path + (name,))
+            yield from arrays(getattr(tree, name), path + (name,))
 
 
-def _replaced(tree, values: dict, path=()):
+def replaced(tree, values: dict, path=()):
     """The tree with the arrays at the paths in `values` replaced."""
     if isinstance(tree, np.ndarray):
         return values.get(path, tree)
     if isinstance(tree, tuple):
-        return tuple(_replaced(item, values, path + (index,)) for index, item in enumerate(tree))
+        return tuple(replaced(item, values, path + (index,)) for index, item in enumerate(tree))
     if tree is None:
         return None
-    return type(tree)(**{name: _replaced(getattr(tree, name), values, path + (name,))
+    return type(tree)(**{name: replaced(getattr(tree, name), values, path + (name,))
                          for name in tree.__dataclass_fields__})
+
+
+def in_float64(weights):
+    """The weight tree with every float array in float64 (fp8 codes stay)."""
+    return replaced(weights, {p: a.astype(np.float64) for p, a in arrays(weights) if a.dtype.kind == "f"})
 
 
 def trainable_paths(weights) -> list[tuple]:
     """The trained arrays: every float array but the gate biases (moved by the balancing rule) and the MTP
     modules' copies of the embedding and the head (the same parameters as the main model's)."""
-    return [path for path, array in _arrays(weights)
+    return [path for path, array in arrays(weights)
             if path[-1] != "bias" and not _is_mtp_copy(path) and array.dtype.kind == "f"]
 
 
@@ -192,39 +209,13 @@ def tie_mtp_copies(weights, values: dict):
     return tied
 
 
-@dataclass
-class StepResult:
-    losses: Losses
-    weights: object  # the updated weight tree
-    grads: dict  # path -> gradient (before clipping)
+def directional_derivative(weights, config: ModelConfig, tokens: np.ndarray, settings: TrainSettings, path: tuple,
+                           direction: np.ndarray, eps: float = 1e-6) -> float:
+    """d total loss / d t of the trained array at `path` moved along `direction` (t = 0), by a central finite
+    difference in float64 (the MTP modules' copies of the embedding and head move with the main model's)."""
+    base = dict(arrays(weights))[path]
 
-
-def train_step(weights, config: ModelConfig, tokens: np.ndarray, settings: TrainSettings, step: int = 1,
-               form: AttentionForm = "naive", options: MTPOptions = MTPOptions(), eps: float = 1e-6) -> StepResult:
-    """One step from zero optimizer state at `step`: every gradient by central finite differences (float64;
-    slow: two losses per parameter, for tiny models), clipping, AdamW, then the bias update."""
-    weights = _replaced(weights, {p: a.astype(np.float64) for p, a in _arrays(weights) if a.dtype.kind == "f"})
-    paths = trainable_paths(weights)
-    base = {path: dict(_arrays(weights))[path] for path in paths}
-    losses_now = losses(weights, config, tokens, settings, form=form, options=options)
-
-    def total_at(path):
-        def total(value: np.ndarray) -> float:
-            tree = _replaced(weights, tie_mtp_copies(weights, {**base, path: value}))
-            return losses(tree, config, tokens, settings, form=form, options=options).total
-        return total
-
-    grads = {path: finite_difference(total_at(path), base[path], eps) for path in paths}
-    clipped, _ = clip_by_global_norm([grads[p] for p in paths], settings.clip_norm)
-    lr = settings.learning_rate_at(step)
-    updated = {}
-    for path, grad in zip(paths, clipped):
-        updated[path], _, _ = adamw(base[path], grad, np.zeros_like(grad), np.zeros_like(grad), step, lr, settings)
-    if settings.uses_bias:
-        blocks = [(("layers", i, "ffn", "gate", "bias"), layer.ffn) for i, layer in enumerate(weights.layers)
-                  if isinstance(layer.ffn, MoEWeights)]
-        blocks += [(("mtp", d, "block", "ffn", "gate", "bias"), module.block.ffn) for d, module in enumerate(weights.mtp)]
-        for (path, ffn), load in zip(blocks, losses_now.loads):
-            if ffn.gate.bias is not None:
-                updated[path] = bias_update(ffn.gate.bias, load, settings.bias_gamma)
-    return StepResult(losses_now, _replaced(weights, tie_mtp_copies(weights, updated)), grads)
+    def total(t: float) -> float:
+        return losses(replaced(weights, tie_mtp_copies(weights, {path: base + t * direction})), config, tokens,
+                      settings).total
+    return (total(eps) - total(-eps)) / (2 * eps)

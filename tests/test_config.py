@@ -19,6 +19,8 @@ from conformance.format.config import (
     to_hf_dict,
     to_official_dict,
 )
+from reference.moe import normalizes_topk
+from reference.rope import yarn_active
 
 # inference/configs/config_671B.json of the official repository (SEMANTICS.md section 1, official column).
 OFFICIAL_671B = {"vocab_size": 129280, "dim": 7168, "inter_dim": 18432, "moe_inter_dim": 2048, "n_layers": 61,
@@ -39,7 +41,7 @@ def test_released_671b_config_matches_spec_table():
     yarn = config.rope_scaling
     assert (yarn.factor, yarn.beta_fast, yarn.beta_slow, yarn.mscale, yarn.mscale_all_dim, yarn.original_seq_len) == (
         40, 32, 1, 1.0, 1.0, 4096)
-    assert config.yarn_active and config.normalizes_topk
+    assert yarn_active(config) and normalizes_topk(config)
     assert config.unknown_fields == ()
 
 
@@ -69,7 +71,7 @@ def test_official_round_trip():
     assert {key: raw[key] for key in OFFICIAL_671B} == OFFICIAL_671B
     assert from_official_dict(raw) == official
     unscaled = tiny(rope_scaling=None, max_seq_len=8192)  # longer than the official default context 4096
-    assert not from_official_dict(to_official_dict(unscaled)).yarn_active
+    assert not yarn_active(from_official_dict(to_official_dict(unscaled)))
 
 
 def test_hf_round_trip():
@@ -83,14 +85,14 @@ def test_null_q_lora_softmax_without_bias_and_yarn_off():
     raw.update(q_lora_rank=None, scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False,
                rope_scaling=None)
     config = from_hf_dict(raw)
-    assert config.q_lora_rank == 0 and not config.gate_bias and not config.normalizes_topk
-    assert config.rope_scaling is None and not config.yarn_active
+    assert config.q_lora_rank == 0 and not config.gate_bias and not normalizes_topk(config)
+    assert config.rope_scaling is None and not yarn_active(config)
 
 
 def test_yarn_only_when_run_is_longer_than_trained_context():
     config = tiny()
-    assert config.yarn_active
-    assert not config.replace(max_seq_len=config.rope_scaling.original_seq_len).yarn_active
+    assert yarn_active(config)
+    assert not yarn_active(config.replace(max_seq_len=config.rope_scaling.original_seq_len))
 
 
 def test_unknown_fields_are_kept_and_reported():

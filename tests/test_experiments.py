@@ -25,5 +25,18 @@ def test_each_experiment_runs_shortened(name, tmp_path):
     assert saved["steps"] == 3 and set(saved["summary"]) == set(result["summary"])
     for numbers in saved["summary"].values():
         assert all(np.isfinite(v) for v in numbers.values() if isinstance(v, float))
+    if name == "balance":
+        assert saved["seeds"] == [0, 1, 2]
+        assert all(len(numbers["held-out loss"]["per seed"]) == 3 for numbers in saved["summary"].values())
     if name == "mtp":
-        assert 0.0 <= saved["acceptance"] <= 1.0
+        assert saved["claims"] == {"speculative decoding returns exactly the greedy tokens": True}
+        for depth, measured in (("drafting 1", 1), ("drafting 2", 2)):
+            rates = saved["speculative"][depth]["acceptance by depth"]
+            assert len(rates) == measured and all(0.0 <= rate <= 1.0 for rate in rates)
+            assert rates == sorted(rates, reverse=True)  # a draft is kept only after every draft before it
+
+
+def test_every_correction_bias_starts_at_zero():
+    weights = experiments._weights(experiments.model_config(2), seed=0)
+    biases = [layer.ffn.gate.bias for layer in weights.layers] + [m.block.ffn.gate.bias for m in weights.mtp]
+    assert len(biases) == 4 and all(np.array_equal(bias, np.zeros_like(bias)) for bias in biases)

@@ -49,9 +49,9 @@ def test_the_node_limit_is_asserted_on_dispatch(properties):
     assert properties["node_limit"]["asserted"], properties["node_limit"]["message"]
 
 
-@pytest.mark.parametrize("bug", ["half-capacity", "ungated"])
-def test_a_broken_layer_fails_the_properties(bug):
-    results = _run("--plant", bug, "--examples", "1")["properties"]
+@pytest.mark.parametrize("mutant", ["ep-half-capacity", "ep-ungated"])
+def test_a_broken_layer_fails_the_properties(mutant):
+    results = _run("--mutant", mutant, "--examples", "1")["properties"]
     assert all(record["failure"] for record in results.values()), results
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.fp8_flips import EXACT_ROW, measure
+from benchmarks.fp8_flips import measure
 from conformance.cli import main
 from conformance.format.errors import BadInput
 from conformance.format.numerics import Numerics
@@ -77,6 +77,6 @@ def test_row_comparison_judges_every_row():
 
 
 def test_flip_measurement_shortened():
-    """benchmarks.fp8_flips on one prompt: between correct evaluations the median row stays exact."""
+    """benchmarks.fp8_flips on one prompt: the row policy passes every tensor of correct evaluations."""
     rows = measure(prompts=1, length=16)
-    assert len(rows) == 8 and all(row["median_row"] <= EXACT_ROW for row in rows)
+    assert len(rows) == 8 * 10 and all(row["passes"] for row in rows)

@@ -1,13 +1,17 @@
 """The two implementations share only the format layer (conformance/format/): all math is written twice.
 
-A bug in shared math would be invisible to every cross-backend check, so imports are checked statically:
-impl/ may import TensorFlow, NumPy, the standard library, itself and conformance.format; reference/ the
-same without TensorFlow. Neither imports the other, nor the rest of the harness.
+A bug in shared math would be invisible to every cross-backend check, so it is checked twice. Statically: impl/
+may import TensorFlow, NumPy, the standard library, itself and conformance.format; reference/ the same without
+TensorFlow; neither imports the other, nor the rest of the harness. At run time, which no spelling of an import
+escapes: a fresh Python imports every module of one backend and runs a model through it, and must then hold no
+module of the other (nor TensorFlow, for the reference).
 """
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -68,3 +72,44 @@ def test_the_format_layer_holds_no_backend():
                 for path in sorted((ROOT / "conformance" / "format").rglob("*.py"))
                 for line, module in imported_modules(path) if module.split(".")[0] in ("reference", "impl")]
     assert not problems, problems
+
+
+_RUN = """
+import importlib, json, pkgutil, sys
+import numpy as np
+from conformance.format.config import tiny
+from conformance.format.weights import assemble
+
+package = importlib.import_module(PACKAGE)
+for info in pkgutil.walk_packages(package.__path__, PACKAGE + "."):
+    importlib.import_module(info.name)
+EXTRA
+config = tiny(n_mtp_layers=1)
+rng = np.random.default_rng(0)
+weights = assemble(lambda spec: (rng.standard_normal(spec.shape) / 4).astype(np.float32), config)
+model = importlib.import_module(PACKAGE + ".model").Transformer(config, weights)
+model.prefill(np.arange(8).reshape(2, 4))
+model.decode(np.array([1, 2]))
+model.mtp(np.array([[3], [4]]))
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def loaded_by(package: str, extra: str = "") -> set[str]:
+    """Top-level packages loaded by a fresh Python that imports every module of `package` and runs a model with MTP
+    through it (prefill, decode, the MTP module), after running `extra`."""
+    code = _RUN.replace("PACKAGE", repr(package)).replace("EXTRA", extra)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("package, foreign", [("impl", {"reference"}), ("reference", {"impl", "tensorflow"})])
+def test_a_running_backend_holds_no_module_of_the_other(package, foreign):
+    assert not loaded_by(package) & foreign
+
+
+def test_the_run_time_rule_catches_an_import_no_parser_sees():
+    """importlib.import_module("reference" + ".rope") in impl/ passes the static rule; at run time it is seen."""
+    assert "reference" in loaded_by("impl", 'importlib.import_module("reference" + ".rope")')

@@ -13,7 +13,9 @@ import pytest
 
 from conformance.cli import main
 from conformance.paths import GOLDEN_DIR, ROOT
-from conformance.pipeline.execution import STANDARD_RUNS, cosine_difference, run_standard_in_subprocess
+from conformance.backends import TF
+from conformance.checks.isolated import run_isolated
+from conformance.pipeline.execution import STANDARD_RUNS, cosine_difference
 from conformance.pipeline.schedules import METHODS, ScheduleError, generate
 from conformance.pipeline.simulator import Deadlock, Times, bubble_formula, simulate
 from conformance.pipeline.static import (
@@ -153,7 +155,7 @@ def test_the_cosine_difference_is_the_examples():
 def test_the_executor_equals_the_sequential_step():
     """DualPipe and DualPipeV on 2 and 4 logical CPU devices (and 1F1B, ZB1P): losses and outputs bit for bit,
     gradients within a cosine difference of 1e-13."""
-    rows = run_standard_in_subprocess()
+    rows = run_isolated("conformance.pipeline.execution", TF)
     assert {(r["method"], r["ranks"]) for r in rows} == {(m, r) for m, r, _ in STANDARD_RUNS}
     failed = [r for r in rows if r["status"] != "pass"]
     assert not failed, failed

@@ -13,10 +13,11 @@ import numpy as np
 from hypothesis import strategies as st
 
 from ..backends import REFERENCE, Runner, Unsupported
+from ..format.config import tiny
 from ..format.numerics import UE8M0_SCOPES, Numerics
 from ..verdict import expect_close
 from .registry import examples, register
-from .strategies import model_examples, models, prompt_and_continuation
+from .strategies import build_weights, model_examples, models, prompt_and_continuation
 
 COMPONENT = "cross-backend"
 
@@ -50,7 +51,7 @@ def against_reference_in(dtype: str):
     oracle, compared with itself in float32 only."""
     def applies(backend) -> str | None:
         if backend == REFERENCE and dtype != "float32":
-            return f"the reference is the float64 oracle of this check; it is compared with itself in float32 only"
+            return "the reference is the float64 oracle of this check; it is compared with itself in float32 only"
         return None
     return applies
 
@@ -89,6 +90,30 @@ def _fp8_path(dtype: str):
         compare(backend)
     return matches_reference_on_fp8_activation_path
 
+
+# Widths at which a decode step's every product is large enough for the TensorFlow backend's native kernel
+# (impl/matvec.py: products, per-head blocks, SwiGLU experts, the absorbed attention core), which the generated
+# configs are too small to reach.
+KERNEL_WIDTHS = tiny(dim=256, inter_dim=256, moe_inter_dim=256, q_lora_rank=256, kv_lora_rank=256, n_heads=2,
+                     qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128, vocab_size=256, n_layers=2,
+                     n_dense_layers=1, n_routed_experts=8, n_expert_groups=4, n_limited_groups=2,
+                     n_activated_experts=2, max_seq_len=64, name="kernel-widths")
+
+
+def decode_at_kernel_widths_matches_reference(backend) -> None:
+    """A model wide enough for every native-kernel entry of the tf backend: prefill and three decode steps of two
+    sequences vs the float64 reference on equal routing (cross.float32)."""
+    require_dtype(backend, "float32")
+    weights = build_weights(KERNEL_WIDTHS, seed=12, bias_mean=-2.0)
+    rng = np.random.default_rng(13)
+    prompt, following = (rng.integers(0, KERNEL_WIDTHS.vocab_size, shape) for shape in ((2, 8), (2, 3)))
+    expect_same_run(f"{backend.name} at kernel widths", backend.make_runner(KERNEL_WIDTHS, weights, dtype="float32"),
+                    REFERENCE.make_runner(KERNEL_WIDTHS, weights, Numerics(), "float64"), prompt, following,
+                    "cross.float32")
+
+
+register("cross:kernel-widths", COMPONENT, decode_at_kernel_widths_matches_reference,
+         applies=against_reference_in("float32"))
 
 for _dtype in ("float32", "bfloat16"):
     register(f"cross:dequantized[{_dtype}]", COMPONENT, _dequantized(_dtype), applies=against_reference_in(_dtype))

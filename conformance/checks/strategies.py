@@ -30,7 +30,8 @@ def routing_shapes(draw, max_groups: int = 8) -> dict:
 @st.composite
 def configs(draw, fp8_weights: bool | None = None, fp8_aligned: bool = False, max_groups: int = 8,
             oracle_compatible: bool = False, mtp: bool = False) -> ModelConfig:
-    """A small config: q_lora 0 or not, sigmoid+bias or softmax, 1 to 8 groups, YaRN on or off.
+    """A small config: q_lora 0 or not, sigmoid+bias or softmax, 1 to 8 groups, YaRN on or off, rms_norm_eps and
+    rope_theta at and away from the released values.
 
     `fp8_aligned` makes every width a multiple of 128, as the fp8 activation path needs.
     `oracle_compatible` keeps to what the transformers class implements as the official code does
@@ -58,7 +59,12 @@ def configs(draw, fp8_weights: bool | None = None, fp8_aligned: bool = False, ma
         original_seq_len=max_seq_len // 2 if yarn == "on" else max_seq_len,
         beta_fast=32.0, beta_slow=1.0, mscale=mscale, mscale_all_dim=mscale if oracle_compatible else 1.0)
     layers = draw(st.integers(1, 3))
+    # eps and theta away from the released 1e-6 and 10000 too, so a backend that hard-codes them is seen (the
+    # oracle fixes its latent norms' eps at 1e-6: hf-latent-norm-eps).
+    eps = 1e-6 if oracle_compatible else draw(st.sampled_from([1e-6, 1e-3, 1e-2]))
+    theta = draw(st.sampled_from([10000.0, 500.0, 1e6]))
     return ModelConfig(vocab_size=draw(st.sampled_from([32, 61])), n_layers=layers,
+                       rms_norm_eps=eps, rope_theta=theta,
                        n_dense_layers=draw(st.integers(0, layers)), n_heads=heads,
                        n_shared_experts=draw(st.integers(0, 2)), score_func="sigmoid" if sigmoid else "softmax",
                        gate_bias=sigmoid, route_scale=draw(st.sampled_from([1.0, 2.5])) if sigmoid else 1.0,

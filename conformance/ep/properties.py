@@ -6,9 +6,10 @@ tokens, the gating weights and every expert weight equal those of `impl.moe.rout
 in float64 within the policy entry `ep.float64` (bit for bit is not promised: DTensor's einsums and the
 single-device tiles sum the 'dim' products in different orders).
 
-Run as `python -m conformance.ep.properties [--plant BUG]` (TensorFlow must start with 8 logical CPU
-devices, so in a process of its own); prints one JSON object: per mesh size, the examples run, the worst
-errors and any failure. `--plant` runs the same properties against a broken layer, to show they fail.
+Run as `python -m conformance.ep.properties [--mutant KEY ...]` (TensorFlow must start with 8 logical CPU
+devices, so in a process of its own: conformance.checks.isolated); prints one JSON object: per mesh size, the
+examples run, the worst errors and any failure. `--mutant` plants a mutant of the catalogue first (ep-half-capacity
+and ep-ungated break this layer).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def _pad(array: np.ndarray, sources: int) -> np.ndarray:
     return padded.reshape(sources, per, *array.shape[1:])
 
 
-def compare(example: dict, mesh, plant: str | None = None) -> tuple[float, float]:
+def compare(example: dict, mesh) -> tuple[float, float]:
     """(forward rel_err, worst gradient rel_err) of the EP layer on `mesh` vs one device; raises CheckFailed."""
     import tensorflow as tf
 
@@ -97,7 +98,7 @@ def compare(example: dict, mesh, plant: str | None = None) -> tuple[float, float
     sources = mesh.size
     sharded = expert_parallel.shard_experts(mesh, stacked, tf.float64)
     structure = structure_of(sharded)
-    layer = expert_parallel.expert_parallel_experts if plant is None else _planted(plant)
+    layer = expert_parallel.expert_parallel_experts
 
     @tf.function(autograph=False)
     def distributed(x, gating, chosen, probe, tensors):
@@ -128,41 +129,7 @@ def compare(example: dict, mesh, plant: str | None = None) -> tuple[float, float
     return forward, worst
 
 
-def _planted(bug: str):
-    """A broken EP layer: its properties must fail."""
-    from impl import expert_parallel
-
-    def half_capacity(mesh, x, gating, chosen, sharded, numerics):
-        """Buffers of half the no-drop capacity: copies beyond it fall out (a token-dropping dispatch)."""
-        original = expert_parallel.dispatch_masks
-
-        def masks(experts, devices, per_device, dtype):
-            mask, local = original(experts, devices, per_device, dtype)
-            keep = mask.shape[-1] // 2 or 1
-            return mask * tf_mask(mask.shape, keep), local
-        expert_parallel.dispatch_masks = masks
-        try:
-            return expert_parallel.expert_parallel_experts(mesh, x, gating, chosen, sharded, numerics)
-        finally:
-            expert_parallel.dispatch_masks = original
-
-    def ungated(mesh, x, gating, chosen, sharded, numerics):
-        """Combine without the gating weights."""
-        import tensorflow as tf
-
-        return expert_parallel.expert_parallel_experts(mesh, x, tf.ones_like(gating), chosen, sharded, numerics)
-
-    return {"half-capacity": half_capacity, "ungated": ungated}[bug]
-
-
-def tf_mask(shape, keep: int):
-    import tensorflow as tf
-
-    return tf.concat([tf.ones([*shape[:-1], keep], tf.float64), tf.zeros([*shape[:-1], shape[-1] - keep], tf.float64)],
-                     axis=-1)
-
-
-def run(plant: str | None = None, examples: int | None = None) -> dict:
+def run(examples: int | None = None) -> dict:
     from impl.devices import logical_cpus
     from impl.expert_parallel import ExpertMesh
 
@@ -178,7 +145,7 @@ def run(plant: str | None = None, examples: int | None = None) -> dict:
         @settings(max_examples=examples or max(4, settings.default.max_examples // 4))
         @given(routings())
         def property_holds(example):
-            forward, gradients = compare(example, mesh, plant)
+            forward, gradients = compare(example, mesh)
             record["examples"] += 1
             record["forward"] = max(record["forward"], forward)
             record["gradients"] = max(record["gradients"], gradients)
@@ -245,8 +212,12 @@ def _with_runtime_log(call) -> tuple:
 
 
 if __name__ == "__main__":
+    from ..checks.isolated import add_arguments, planted_from
+
     parser = argparse.ArgumentParser()
-    parser.add_argument("--plant", choices=("half-capacity", "ungated"))
+    add_arguments(parser)
     parser.add_argument("--examples", type=int)
     args = parser.parse_args()
-    print(json.dumps({"properties": run(args.plant, args.examples), "node_limit": node_limit_is_asserted()}))
+    _, planting = planted_from(args)
+    with planting:
+        print(json.dumps({"properties": run(args.examples), "node_limit": node_limit_is_asserted()}))

@@ -3,9 +3,6 @@ node limit, dispatch traffic of the 671B config under both schemes, and redundan
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,19 +61,12 @@ def placement_rows(loads: dict[str, np.ndarray]) -> list[dict]:
     return rows
 
 
-def run_properties(timeout: float = 900) -> dict:
-    """conformance.ep.properties in a fresh Python (8 logical devices must be configured before TF starts)."""
-    done = subprocess.run([sys.executable, "-m", "conformance.ep.properties"], capture_output=True, text=True,
-                          timeout=timeout, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"the expert-parallel properties did not run: {done.stderr[-3000:]}")
-    return json.loads(done.stdout)
-
-
 def report_section(golden_dir, backends: list[str], out: Path):
+    from ..backends import TF
+    from ..checks.isolated import run_isolated
     from ..report import Section, expert_loads
 
-    results = run_properties()
+    results = run_isolated("conformance.ep.properties", TF)
     rows = [{"what": f"EP layer on {size} device(s) vs one device", "examples": r["examples"],
              "routings": ", ".join(r["kinds"]), "worst forward": f"{r['forward']:.1e}",
              "worst gradient": f"{r['gradients']:.1e}", "status": "pass" if r["failure"] is None else

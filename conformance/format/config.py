@@ -89,21 +89,8 @@ class ModelConfig:
         return self.n_routed_experts // self.n_expert_groups
 
     @property
-    def yarn_active(self) -> bool:
-        """The official code extends rope only when the run is longer than the trained context."""
-        return self.rope_scaling is not None and self.max_seq_len > self.rope_scaling.original_seq_len
-
-    @property
-    def normalizes_topk(self) -> bool:
-        """Sigmoid gates renormalize the chosen weights; softmax gates do not."""
-        return self.score_func == "sigmoid"
-
-    @property
     def unknown_fields(self) -> tuple[str, ...]:
         return tuple(sorted(self.extra_fields))
-
-    def is_moe_layer(self, layer: int) -> bool:
-        return layer >= self.n_dense_layers
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -477,7 +464,7 @@ def to_hf_dict(config: ModelConfig) -> dict[str, Any]:
     raw.update(q_lora_rank=config.q_lora_rank or None, num_key_value_heads=config.n_heads,
                topk_method=("noaux_tc" if config.gate_bias else
                             "group_limited_greedy" if config.n_expert_groups > 1 else "greedy"),
-               norm_topk_prob=config.normalizes_topk, moe_layer_freq=1, hidden_act="silu",
+               norm_topk_prob=config.score_func == "sigmoid", moe_layer_freq=1, hidden_act="silu",
                tie_word_embeddings=False)
     if config.rope_scaling is not None:
         yarn = config.rope_scaling

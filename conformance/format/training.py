@@ -7,7 +7,6 @@ weight lambda 0.3, the sequence-wise balance loss alpha 1e-4, and the bias updat
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,11 +50,3 @@ class TrainSettings:
     @property
     def uses_bias(self) -> bool:
         return "bias" in self.balancing
-
-    def learning_rate_at(self, step: int) -> float:
-        """Step 1..: linear warm-up to the peak, then cosine decay to final_lr_ratio of it at total_steps."""
-        if self.warmup_steps and step <= self.warmup_steps:
-            return self.learning_rate * step / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return self.learning_rate * (self.final_lr_ratio + (1.0 - self.final_lr_ratio) * cosine)

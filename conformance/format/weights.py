@@ -168,7 +168,7 @@ def assemble_layer(fetch: Fetch, config: ModelConfig, layer: int,
     """Block `layer` (MTP blocks have layer >= n_layers and are MoE like the layers before them); `resident`:
     the routed experts to fetch (default all)."""
     prefix = layer_prefix(layer)
-    ffn = (_moe(fetch, config, f"{prefix}.mlp", resident) if config.is_moe_layer(layer)
+    ffn = (_moe(fetch, config, f"{prefix}.mlp", resident) if layer >= config.n_dense_layers
            else _ffn(fetch, config, f"{prefix}.mlp", config.inter_dim))
     return LayerWeights(attn_norm=_vector(fetch, f"{prefix}.input_layernorm.weight", config.dim),
                         attn=_attention(fetch, config, f"{prefix}.self_attn"),

@@ -86,7 +86,7 @@ def count_parameters(config: ModelConfig) -> ParameterCount:
         main += size(spec)
         if ".mlp.experts." in name:
             routed += size(spec)
-    moe_layers = sum(config.is_moe_layer(layer) for layer in range(config.n_layers))
+    moe_layers = config.n_layers - config.n_dense_layers
     expert = 3 * config.dim * config.moe_inter_dim
     embedding = config.vocab_size * config.dim
     activated = main - routed + moe_layers * config.n_activated_experts * expert - embedding

@@ -9,6 +9,7 @@ survive every check, which shows that planting alone kills nothing.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -282,6 +283,164 @@ def _pass_through(original, ctx: Context):
     return same
 
 
+def _bfloat16(ctx: Context, array):
+    """`array` rounded to bfloat16 and back, in the backend's own namespace."""
+    import ml_dtypes
+
+    if ctx.xp is np:
+        return np.asarray(array).astype(ml_dtypes.bfloat16).astype(np.asarray(array).dtype)
+    import tensorflow as tf
+
+    return tf.cast(tf.cast(array, tf.bfloat16), array.dtype)
+
+
+def _router_in_bfloat16(original, ctx: Context):
+    """The router's inputs (tokens and gate weight) in bfloat16: its logits lose all but 8 bits."""
+    def affinities(x, gate, config):
+        return original(_bfloat16(ctx, x), dataclasses.replace(gate, weight=_bfloat16(ctx, gate.weight)), config)
+    return affinities
+
+
+def _ue8m0_everywhere_in_decode(original, ctx: Context):
+    def linear(x, weight, numerics, module):
+        if len(x.shape) == 3 and x.shape[1] == 1:  # a decode step's [B, 1, in]
+            numerics = dataclasses.replace(numerics, ue8m0_scope="all")
+        return original(x, weight, numerics, module)
+    return linear
+
+
+def _unvalidated(config, **changes):
+    """A copy of a frozen config with fields changed, without the validation a bug never runs."""
+    changed = copy.copy(config)
+    for name, value in changes.items():
+        object.__setattr__(changed, name, value)
+    return changed
+
+
+def _groups_off_by(step: int):
+    def make(original, ctx: Context):
+        def limit_to_groups(choice, config):
+            kept = min(max(config.n_limited_groups + step, 1), config.n_expert_groups)
+            return original(choice, _unvalidated(config, n_limited_groups=kept))
+        return limit_to_groups
+    return make
+
+
+def _moe_blocks_from_previous_layer(original, ctx: Context):
+    """MoE blocks numbered from first_k_dense_replace - 1: per-block data (forced choices) taken one block off."""
+    def moe_block(config, layer):
+        index = original(config, layer)
+        return None if index is None else index - 1
+    return moe_block
+
+
+def _gate_up_swapped(original, ctx: Context):
+    def swiglu_ffn(x, weights, *rest):
+        return original(x, dataclasses.replace(weights, gate_proj=weights.up_proj, up_proj=weights.gate_proj), *rest)
+    return swiglu_ffn
+
+
+def _norm_over_rope_key(original, ctx: Context):
+    """kv_a_layernorm's statistics taken over the whole [c_kv; k_pe] (the rope key normalized too)."""
+    module, xp = ctx.module, ctx.xp
+
+    def project_latent(x, weights, config, numerics):
+        compressed = module.linear(x, weights.kv_a_proj, numerics, "kv_a_proj")
+        extended = xp.concatenate([weights.kv_a_norm, xp.ones((config.qk_rope_head_dim,), dtype=weights.kv_a_norm.dtype)])
+        normed = module.rms_norm(compressed, extended, config.rms_norm_eps)
+        return normed[..., : config.kv_lora_rank], normed[..., config.kv_lora_rank:]
+    return project_latent
+
+
+def _decode_reads_neighbour_cache(original, ctx: Context):
+    """A decode step's sequence b attends over sequence b-1's cache (a batch index off by one)."""
+    xp = ctx.xp
+
+    def attention(q_nope, q_rope, *rest, **options):
+        if q_nope.shape[1] == 1:
+            first = rest[0]
+            if hasattr(first, "kv_latent"):  # a cache object
+                rest = (type(first)(xp.roll(first.kv_latent, 1, axis=0), xp.roll(first.rope_key, 1, axis=0)),
+                        *rest[1:])
+            else:  # latents and rope keys
+                rest = (xp.roll(rest[0], 1, axis=0), xp.roll(rest[1], 1, axis=0), *rest[2:])
+        return original(q_nope, q_rope, *rest, **options)
+    return attention
+
+
+def _eps_fixed(original, ctx: Context):
+    def rms_norm(x, weight, eps):
+        return original(x, weight, 1e-6)
+    return rms_norm
+
+
+def _theta_fixed(original, ctx: Context):
+    def rope_frequencies(config):
+        return original(config.replace(rope_theta=10000.0))
+    return rope_frequencies
+
+
+def _scaled(factor: float):
+    def make(original, ctx: Context):
+        def gradients(*args):
+            return [g * factor for g in original(*args)]
+        return gradients
+    return make
+
+
+def _bias_sign_flipped(original, ctx: Context):
+    def bias_update(bias, loads, gamma):
+        return original(bias, loads, -gamma)
+    return bias_update
+
+
+def _alpha_ignored(original, ctx: Context):
+    def balance_loss(scores, experts, config, alpha):
+        return original(scores, experts, config, 1.0)
+    return balance_loss
+
+
+def _mtp_weight_not_divided(original, ctx: Context):
+    def mtp_loss_scale(weight, depths):
+        return weight
+    return mtp_loss_scale
+
+
+def _last_in_first_out(original, ctx: Context):
+    def next_weight_gradient(pending):
+        return pending.pop()
+    return next_weight_gradient
+
+
+def _last_row_dropped(original, ctx: Context):
+    """A kernel entry whose loop misses its last output row (the rows' bound off by one)."""
+    def entry(*args, **kwargs):
+        out = original(*args, **kwargs)
+        rows = out.shape[-2]
+        keep = ctx.xp.concatenate([ctx.xp.ones([rows - 1, 1], dtype=out.dtype), ctx.xp.zeros([1, 1], dtype=out.dtype)])
+        return out * keep
+    return entry
+
+
+def _half_capacity(original, ctx: Context):
+    """Buffers of half the no-drop capacity: copies beyond it fall out (a token-dropping dispatch)."""
+    import tensorflow as tf
+
+    def dispatch_masks(experts, devices, per_device, dtype):
+        mask, local = original(experts, devices, per_device, dtype)
+        keep = mask.shape[-1] // 2 or 1
+        return mask * tf.concat([tf.ones([*mask.shape[:-1], keep], dtype),
+                                 tf.zeros([*mask.shape[:-1], mask.shape[-1] - keep], dtype)], axis=-1), local
+    return dispatch_masks
+
+
+def _ungated(original, ctx: Context):
+    """Copies combined without their gating weights."""
+    def expert_parallel_experts(mesh, x, gating, *rest):
+        return original(mesh, x, ctx.xp.ones_like(gating), *rest)
+    return expert_parallel_experts
+
+
 # --- the catalogue ------------------------------------------------------------------------------------------
 
 # Each mutant names the checks able to see its bug, cheapest first (a run that stops at the first kill
@@ -297,6 +456,12 @@ FP8 = ("fp8:activation-scales", "fp8:h100-activations[ue8m0]", "fp8:h100-gemm[k4
 FP8_ACT = ("golden:official/v3-tiny-fp8-act",)
 MTP = ("golden:official/v3-tiny-mtp",)
 SPECULATIVE = MTP + ("mtp:speculative-equals-greedy",)
+EPS_THETA = ("golden:oracle/eps-theta", "cross:dequantized[float32]")
+BATCH = ("properties:batch-rows", "properties:prefill-decode") + TINY
+TRAINING = ("training:steps",)
+PIPELINE = ("pipeline:gradients",)
+EP = ("ep:layer",)
+KERNEL = ("cross:kernel-widths",)
 
 
 def _one(target: str, make: Maker) -> tuple[Patch, ...]:
@@ -377,6 +542,49 @@ CATALOGUE = [
            _one("mtp:accepted_prefix", _accept_everything), SPECULATIVE),
     Mutant("mtp-no-rollback", "rejected draft positions left in the caches", HARNESS,
            _one("model:Transformer.truncate", _no_rollback), SPECULATIVE),
+    Mutant("router-in-bfloat16", "the router's inputs in bfloat16 (SEMANTICS: float32 logits)", HARNESS,
+           _one("moe:affinities", _router_in_bfloat16), ROUTING + TINY),
+    Mutant("ue8m0-in-every-linear-during-decode", "ue8m0 in every fp8 linear of a decode step only (prefill as "
+           "the official code)", HARNESS, _one("attention:linear", _ue8m0_everywhere_in_decode),
+           FP8_ACT + ("properties:prefill-decode-fp8",)),
+    Mutant("topk-group-plus-one", "one expert group more than topk_group kept", HARNESS,
+           _one("moe:limit_to_groups", _groups_off_by(1)), ROUTING + GROUPS + TINY),
+    Mutant("topk-group-minus-one", "one expert group fewer than topk_group kept", HARNESS,
+           _one("moe:limit_to_groups", _groups_off_by(-1)), ROUTING + GROUPS + TINY),
+    Mutant("first-k-dense-off-by-one", "MoE blocks numbered from first_k_dense_replace - 1: per-block data (forced "
+           "expert choices) taken one block off", HARNESS, _one("model:moe_block", _moe_blocks_from_previous_layer),
+           CROSS + ("mtp:cross[float32]",)),
+    Mutant("gate-up-swapped", "SwiGLU's gate and up projections swapped: up(silu(...)) instead of gate", HARNESS,
+           _one("ffn:swiglu_ffn", _gate_up_swapped), TINY + CROSS),
+    Mutant("rmsnorm-over-rope-key", "kv_a_layernorm over the whole [c_kv; k_pe], the rope key included", HARNESS,
+           _one("attention:project_latent", _norm_over_rope_key), TINY + CROSS),
+    Mutant("decode-reads-another-sequence-cache", "a decode step's sequence attends over another sequence's cache",
+           HARNESS, (Patch("attention:absorbed_attention", _decode_reads_neighbour_cache),
+                     Patch("attention:naive_attention", _decode_reads_neighbour_cache)), BATCH),
+    Mutant("rms-norm-eps-hard-coded", "rms_norm_eps fixed at 1e-6 whatever the config says", HARNESS,
+           _one("norm:rms_norm", _eps_fixed), EPS_THETA),
+    Mutant("rope-theta-hard-coded", "rope_theta fixed at 10000 whatever the config says", HARNESS,
+           _one("rope:rope_frequencies", _theta_fixed), EPS_THETA),
+    Mutant("gradients-halved", "every gradient of the training step scaled by 0.5", HARNESS,
+           _one("training:gradients", _scaled(0.5)), TRAINING),
+    Mutant("gradients-times-five", "every gradient of the training step scaled by 5", HARNESS,
+           _one("training:gradients", _scaled(5.0)), TRAINING),
+    Mutant("bias-update-sign", "the correction bias moved toward the load (up for an overloaded expert)", HARNESS,
+           _one("training:bias_update", _bias_sign_flipped), TRAINING),
+    Mutant("balance-loss-alpha-ignored", "the sequence-wise balance loss without its alpha", HARNESS,
+           _one("training:balance_loss", _alpha_ignored), TRAINING),
+    Mutant("mtp-loss-weight-not-divided", "the MTP loss weighted lambda instead of lambda / D", HARNESS,
+           _one("training:mtp_loss_scale", _mtp_weight_not_divided), TRAINING),
+    Mutant("pipeline-w-lifo", "zero-bubble weight-gradient steps taken last in, first out", HARNESS,
+           _one("pipeline:next_weight_gradient", _last_in_first_out), PIPELINE),
+    Mutant("ep-half-capacity", "expert-parallel dispatch buffers of half the no-drop capacity (copies dropped)",
+           HARNESS, _one("ep:dispatch_masks", _half_capacity), EP),
+    Mutant("ep-ungated", "expert-parallel combine without the gating weights", HARNESS,
+           _one("ep:expert_parallel_experts", _ungated), EP),
+    *(Mutant(f"kernel-{entry.replace('_', '-')}-last-row", f"the native kernel's {entry} entry misses its last "
+             "output row", HARNESS, _one(f"kernel:{entry}", _last_row_dropped), KERNEL)
+      for entry in ("matvec", "per_head", "experts", "latent_attention")),
+    # Controls: one per check family, each planted through the same mechanism as the real mutants.
     Mutant("control-pass-through", "pass-through wrappers around route, RoPE, the mask and the activation "
            "quantizer", CONTROL,
            tuple(Patch(target, _pass_through) for target in ("moe:route", "rope:apply_rope", "attention:causal_mask",
@@ -384,6 +592,25 @@ CATALOGUE = [
            ROUTING + TINY + ("fp8:gemm",)),
     Mutant("control-same-constant", "the masked-group constant replaced by an equal value", CONTROL,
            _one("moe:MASKED_CHOICE", _constant(float("-inf"))), ROUTING),
+    Mutant("control-attention", "pass-through wrappers around both attention forms", CONTROL,
+           (Patch("attention:absorbed_attention", _pass_through), Patch("attention:naive_attention", _pass_through)),
+           BATCH + ("properties:naive-absorbed",) + CROSS),
+    Mutant("control-fp8", "pass-through wrappers around the activation scales and the fp8 GEMM", CONTROL,
+           (Patch("fp8:activation_scales", _pass_through), Patch("fp8:fp8_gemm", _pass_through)), FP8 + FP8_ACT),
+    Mutant("control-mtp", "pass-through wrappers around the MTP input and head", CONTROL,
+           (Patch("mtp:mtp_input", _pass_through), Patch("mtp:mtp_head", _pass_through)),
+           SPECULATIVE + ("mtp:cross[float32]",)),
+    Mutant("control-golden", "a pass-through wrapper around RMSNorm, on every golden case it reaches", CONTROL,
+           _one("norm:rms_norm", _pass_through), TINY + GROUPS + EPS_THETA[:1] + ("golden:oracle/yarn-on-mscale",)),
+    Mutant("control-training", "pass-through wrappers around the gradients and the bias update", CONTROL,
+           (Patch("training:gradients", _pass_through), Patch("training:bias_update", _pass_through)), TRAINING),
+    Mutant("control-pipeline", "a pass-through wrapper around the weight-gradient queue", CONTROL,
+           _one("pipeline:next_weight_gradient", _pass_through), PIPELINE),
+    Mutant("control-ep", "pass-through wrappers around the dispatch masks and the expert-parallel experts", CONTROL,
+           (Patch("ep:dispatch_masks", _pass_through), Patch("ep:expert_parallel_experts", _pass_through)), EP),
+    Mutant("control-kernel", "pass-through wrappers around every native kernel entry", CONTROL,
+           tuple(Patch(f"kernel:{entry}", _pass_through) for entry in ("matvec", "per_head", "experts",
+                                                                       "latent_attention")), KERNEL),
 ]
 MUTANTS = {mutant.key: mutant for mutant in CATALOGUE}
 # The roles a backend's mutation targets name (Backend.mutation_targets): every role some mutant plants in.

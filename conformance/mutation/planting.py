@@ -84,6 +84,22 @@ def clear_caches(backend: Backend) -> None:
                     value.cache_clear()
 
 
+# The keys of the mutants planted in this process now: checks that run in a process of their own plant them there
+# too (conformance.checks.isolated).
+PLANTED: list[str] = []
+
+
+@contextlib.contextmanager
+def planted(backend: Backend, mutant) -> Iterator[None]:
+    """Every patch of `mutant` (a catalogue.Mutant) in `backend`, its key in PLANTED meanwhile."""
+    with contextlib.ExitStack() as stack:
+        for patch in mutant.patches:
+            stack.enter_context(replaced(backend, patch.target, patch.make))
+        PLANTED.append(mutant.key)
+        stack.callback(PLANTED.remove, mutant.key)
+        yield
+
+
 @contextlib.contextmanager
 def replaced(backend: Backend, target: str, make: Maker) -> Iterator[None]:
     owner, attribute, module = resolve(backend, target)

@@ -3,13 +3,16 @@
 It answers two questions. Does a mutant change the backend at all (an equivalent mutant tests
 nothing)? And after mutants were planted and removed, does the whole backend compute exactly what it
 did before (nothing leaked)? The inputs touch every mutation target: the router on biased grouped and
-softmax gates, the fp8 components, small models with YaRN active, a V2-style gate, and fp8 weights on
-both numerics paths, in both attention forms, prefill and decode; and two MTP modules over a prompt and
-in a speculative generation.
+softmax gates, the fp8 components, small models with YaRN active and eps and theta off the released values, a
+V2-style gate, and fp8 weights on both numerics paths, in both attention forms, prefill and decode; two MTP
+modules over a prompt and in a speculative generation; forced expert choices over two MoE blocks; decode at
+the native kernel's widths; two training steps; and the pipelined step and the expert-parallel layer (in a
+process of their own). An output that disappears (Unsupported where it was produced) is a change too.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Iterator
 
 import numpy as np
@@ -17,6 +20,7 @@ import numpy as np
 from reference.fp8 import quantize_weight
 
 from ..backends import Backend, Unsupported
+from ..checks.isolated import run_isolated
 from ..checks.strategies import build_weights
 from ..format.config import YarnScaling, tiny, tiny_fp8, tiny_v2
 from ..format.numerics import Numerics
@@ -60,9 +64,10 @@ def _component_outputs(backend: Backend) -> Iterator[Output]:
 
 
 # Models whose outputs every model-level mutation target changes: YaRN active with a 16-wide rope part
-# (so the ramp has interior pairs), strongly negative gate biases, softmax gates, fp8 weights.
+# (so the ramp has interior pairs), rms_norm_eps and rope_theta away from the released values, strongly negative
+# gate biases, softmax gates, fp8 weights.
 _YARN = tiny(qk_rope_head_dim=16, max_seq_len=128, rope_scaling=YarnScaling(factor=40.0, original_seq_len=64),
-             name="probe-yarn")
+             rms_norm_eps=1e-3, rope_theta=500.0, name="probe-yarn")
 _MODELS: list[tuple[str, object, Numerics, str]] = [
     ("yarn-absorbed", _YARN, Numerics(), "absorbed"),
     ("yarn-naive", _YARN, Numerics(), "naive"),
@@ -117,14 +122,94 @@ def _mtp_outputs(backend: Backend) -> Iterator[Output]:
     yield "speculative.accepted", np.array([stats.accepted, stats.main_steps])
 
 
-def outputs(backend: Backend) -> Iterator[Output]:
-    """Every probe output of `backend`, cheapest first."""
+_TWO_MOE = tiny(n_layers=3, n_dense_layers=1, name="probe-two-moe")
+
+
+def _forced_outputs(backend: Backend) -> Iterator[Output]:
+    """A model with two MoE blocks run again with its own expert choices forced (where the backend takes them)."""
+    weights = build_weights(_TWO_MOE, seed=14, bias_mean=-2.0)
+    prompt = np.random.default_rng(15).integers(0, _TWO_MOE.vocab_size, (2, 5))
+    runner = backend.make_runner(_TWO_MOE, weights)
+    try:
+        yield "forced.logits", runner.prefill(prompt, runner.prefill(prompt).experts).logits
+    except Unsupported:
+        return
+
+
+def _kernel_outputs(backend: Backend) -> Iterator[Output]:
+    """Decode steps at widths the tf backend's native kernel takes."""
+    from ..checks.cross import KERNEL_WIDTHS
+
+    try:
+        runner = backend.make_runner(KERNEL_WIDTHS, build_weights(KERNEL_WIDTHS, seed=16), dtype="float32")
+    except Unsupported:
+        return
+    runner.prefill(np.arange(12).reshape(2, 6), capacity=8)
+    for token in ([1, 2], [3, 4]):
+        yield f"kernel-widths.decode{token[0]}", runner.decode(np.array(token)).logits
+
+
+def _training_outputs(backend: Backend) -> Iterator[Output]:
+    """Two training steps: losses, gradients, loads and the weights after."""
+    from ..checks.training import CONFIGS, SETTINGS
+    from reference.training import arrays
+
+    if backend.trainer is None:
+        return
+    config = CONFIGS["mtp2-bias-q-lora-0"]
+    trainer = backend.trainer(config, build_weights(config, seed=17), SETTINGS, "float32")
+    for step in range(2):
+        done = trainer.step(np.random.default_rng(18 + step).integers(0, config.vocab_size, (2, 6)))
+        yield f"training{step}.losses", np.array([done.losses[part] for part in sorted(done.losses)])
+        yield f"training{step}.loads", np.asarray(done.loads)
+        for path, gradient in arrays(done.gradients):
+            yield f"training{step}.gradient{path}", gradient
+        for path, value in arrays(trainer.weights()):
+            yield f"training{step}.weights{path}", value
+
+
+def _pipeline_outputs(backend: Backend) -> Iterator[Output]:
+    """What the pipelined step measures against the sequential step (in a process of its own, carrying the planted
+    mutants)."""
+    if "pipeline" in backend.capabilities:
+        rows = run_isolated("conformance.pipeline.execution", backend)
+        yield "pipeline", np.frombuffer(json.dumps(rows).encode(), np.uint8)
+
+
+def _expert_parallel_outputs(backend: Backend) -> Iterator[Output]:
+    """What the expert-parallel layer measures against one device (in a process of its own)."""
+    if "expert-parallel" in backend.capabilities:
+        measured = run_isolated("conformance.ep.properties", backend, "--examples", "1")["properties"]
+        yield "expert-parallel", np.frombuffer(json.dumps(measured).encode(), np.uint8)
+
+
+def _core_outputs(backend: Backend) -> Iterator[Output]:
     try:
         yield from _component_outputs(backend)
     except Unsupported:
         pass
     yield from _mtp_outputs(backend)  # early: most model mutants already change the main logits here
     yield from _model_outputs(backend)
+    yield from _forced_outputs(backend)
+
+
+# The probe in sections, cheapest first; a mutation target's role reaches the section named here ("core" for the
+# rest): a mutant is probed there first, a control there only.
+SECTIONS = {"core": _core_outputs, "kernel": _kernel_outputs, "training": _training_outputs,
+            "pipeline": _pipeline_outputs, "expert-parallel": _expert_parallel_outputs}
+ROLE_SECTIONS = {"kernel": "kernel", "training": "training", "pipeline": "pipeline", "ep": "expert-parallel"}
+
+
+def sections_of(roles) -> list[str]:
+    """The sections the given mutation roles reach, in SECTIONS' order."""
+    reached = {ROLE_SECTIONS.get(role, "core") for role in roles}
+    return [name for name in SECTIONS if name in reached]
+
+
+def outputs(backend: Backend, sections=None) -> Iterator[Output]:
+    """Every probe output of `backend` in the given sections (default all), in that order."""
+    for name in sections or SECTIONS:
+        yield from SECTIONS[name](backend)
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -132,24 +217,30 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-def fingerprint(backend: Backend) -> dict[str, np.ndarray]:
-    return {name: np.array(value) for name, value in outputs(backend)}
+def fingerprint(backend: Backend) -> dict[str, dict[str, np.ndarray]]:
+    """Every probe output of `backend`, by section."""
+    return {section: {name: np.array(value) for name, value in outputs(backend, [section])} for section in SECTIONS}
 
 
-def first_difference(backend: Backend, reference: dict[str, np.ndarray]) -> str | None:
-    """The first probe output of `backend` that differs from `reference` in any bit (None: all equal).
+def first_difference(backend: Backend, reference: dict[str, dict[str, np.ndarray]],
+                     sections=None) -> str | None:
+    """The first probe output of `backend` in the given sections (default all) that differs from the fingerprint
+    `reference` in any bit (None: all equal).
 
     A probe that now raises where the unmutated backend did not is a difference too, and so is an output that
     disappeared (declared Unsupported where the unmutated backend produced it).
     """
-    seen = []
-    try:
-        for name, value in outputs(backend):
-            if name not in reference or not _same(value, reference[name]):
-                return name
-            seen.append(name)
-    except Exception as error:
-        return f"raised {type(error).__name__} after {seen[-1] if seen else 'nothing'}"
-    gone = [name for name in reference if name not in seen]
-    return f"{gone[0]} disappeared" if gone else None
+    for section in sections or SECTIONS:
+        expected, seen = reference[section], []
+        try:
+            for name, value in outputs(backend, [section]):
+                if name not in expected or not _same(value, expected[name]):
+                    return name
+                seen.append(name)
+        except Exception as error:
+            return f"raised {type(error).__name__} after {seen[-1] if seen else 'nothing'} ({section})"
+        gone = [name for name in expected if name not in seen]
+        if gone:
+            return f"{gone[0]} disappeared"
+    return None
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from ..backends import BUILTIN, Backend, Unsupported, resolve_backend
 from ..verdict import CheckFailed
 from .catalogue import CATALOGUE, MUTANTS, ROLES, Mutant
-from .planting import NotApplicable, import_backend, replaced
+from .planting import NotApplicable, import_backend, planted
 
 @dataclass
 class CheckRun:
@@ -75,17 +75,18 @@ class MutantRun:
 
 def plant_and_run(mutant: Mutant, backend: Backend, unmutated: dict, first_kill: bool) -> MutantRun:
     """Plant `mutant`, probe against the `unmutated` fingerprint, then run its checks (the first kill ends it
-    when `first_kill`)."""
-    from .probe import first_difference
+    when `first_kill`). A mutant is probed first in the sections its targets reach, then in the others; a control
+    only in those (what it wraps is all it could change)."""
+    from .probe import SECTIONS, first_difference, sections_of
 
     run = MutantRun(mutant.key, backend.name)
     start = time.perf_counter()
     try:
         import_backend(backend)
-        with contextlib.ExitStack() as stack:
-            for patch in mutant.patches:
-                stack.enter_context(replaced(backend, patch.target, patch.make))
-            run.changed = first_difference(backend, unmutated)
+        own = sections_of(patch.target.split(":")[0] for patch in mutant.patches)
+        with planted(backend, mutant):
+            run.changed = first_difference(backend, unmutated, own if mutant.control else
+                                           own + [name for name in SECTIONS if name not in own])
             for key in mutant.checks:
                 run.checks.append(run_check(key, backend))
                 if first_kill and run.checks[-1].outcome == "failed":
@@ -186,15 +187,18 @@ def plant_in_turn(backend_spec: str, keys: list[str] | None = None) -> list[str]
     import_backend(backend)
     before = fingerprint(backend)
     problems = []
+    applied = 0
     for mutant in select(keys):
-        with contextlib.ExitStack() as stack:
-            for patch in mutant.patches:
-                stack.enter_context(replaced(backend, patch.target, patch.make))
-            changed = first_difference(backend, before)
+        try:
+            with planted(backend, mutant):
+                changed = first_difference(backend, before)
+        except NotApplicable:
+            continue
+        applied += 1
         if (changed is None) != mutant.control:
             problems.append(f"{mutant.key}: first changed output {changed}")
     if (left := first_difference(backend, before)) is not None:
-        problems.append(f"after planting and removing {len(select(keys))} mutants: {left} differs from before")
+        problems.append(f"after planting and removing {applied} mutants: {left} differs from before")
     return problems
 
 

@@ -1,7 +1,10 @@
-"""The executor's own check, as the DualPipe repository's example makes it: a pipelined training step equals the
-same micro-batches run one after another on one device. Losses and outputs bit for bit; every stage's
-gradient within a cosine difference of 1e-13 (float64), the pipeline summing per-stage gradients in another
-order than the sequential run.
+"""The executor's check: a pipelined training step equals the same micro-batches run one after another on one
+device. As the DualPipe repository's example makes it, losses and outputs bit for bit and every stage's gradient
+within a cosine difference of 1e-13 (float64, the pipeline summing per-stage gradients in another order); and
+beyond it, every weight gradient the executor added, one per stage and micro-batch, against that micro-batch's
+gradient of that stage in the sequential run, where the harness reads from the schedule which micro-batch and
+stage each backward or W operation completes (a W completes the rank's oldest zero-bubble backward). Sums hide
+a W that completes the wrong micro-batch, or a micro-batch completed twice and another never; this does not.
 
 `dsv3-conformance pipeline-step METHOD --ranks R --chunks C` runs it on R logical CPU devices (or on the
 TensorFlow devices given with --devices) and exits 0 when every comparison holds, 1 otherwise.
@@ -15,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from tabulate import tabulate
 
-from ..format.pipeline import stages
+from ..format.pipeline import Schedule, micro_batches_per_flow, stages
 from .schedules import METHODS, generate
+from .topology import chunks_of
 
 COSINE_BOUND = 1e-13  # the DualPipe example's own bound on gradients, float64
 
@@ -32,6 +36,26 @@ class Comparison:
     what: str
     measured: str
     passed: bool
+
+
+def completed(method: str, schedule: Schedule, chunks: int) -> dict[tuple[int, int], tuple[int, int]]:
+    """(rank, operation index) -> (global micro-batch, stage) of every operation that completes a weight gradient:
+    a backward that is not zero-bubble completes its own chunk's; a W the oldest zero-bubble backward's of its rank."""
+    ranks, per_flow = len(schedule), micro_batches_per_flow(method, chunks)
+    done = {}
+    for rank, ops in enumerate(schedule):
+        waiting = []
+        for index, op in enumerate(ops):
+            if op[0] == "W":
+                chunk = waiting.pop(0)
+                done[(rank, index)] = (chunk.flow * per_flow + chunk.mb, chunk.stage)
+                continue
+            for part, chunk in zip(op[1:] if op[0] == "FB" else [op], chunks_of(method, ranks, rank, op)):
+                if chunk.kind == "B" and part[3]:
+                    waiting.append(chunk)
+                elif chunk.kind == "B":
+                    done[(rank, index)] = (chunk.flow * per_flow + chunk.mb, chunk.stage)
+    return done
 
 
 def compare_step(method: str, ranks: int, chunks: int, devices: list[str] | None = None, hidden: int = 16,
@@ -63,6 +87,16 @@ def compare_step(method: str, ranks: int, chunks: int, devices: list[str] | None
         worst = max(cosine_difference(g, w) for g, w in zip(got, want))
         rows.append(Comparison(f"stage {stage} gradients", f"cosine difference {worst:.2e} (bound {COSINE_BOUND:.0e})",
                                worst < COSINE_BOUND))
+    expected = completed(method, schedule, chunks)
+    wrong = [f"rank {rank} op {index} vs micro-batch {expected[(rank, index)][0]} stage {expected[(rank, index)][1]}"
+             for rank, index in piped.parts if (rank, index) not in expected or
+             max(map(cosine_difference, piped.parts[(rank, index)], plain.parts[expected[(rank, index)]]))
+             >= COSINE_BOUND]
+    whole = sorted(expected.values()) == sorted(plain.parts) and set(piped.parts) == set(expected)
+    rows.append(Comparison(f"weight gradients per stage and micro-batch ({len(plain.parts)})",
+                           f"{len(wrong)} differ from the sequential run's (first: {wrong[0]})" if wrong else
+                           "each equal to the sequential run's" if whole else "not one per stage and micro-batch",
+                           not wrong and whole))
     return rows
 
 
@@ -105,20 +139,13 @@ def standard_runs() -> list[dict]:
     return rows
 
 
-def run_standard_in_subprocess(timeout: float = 600) -> list[dict]:
-    """`standard_runs` in a fresh Python (logical devices must be configured before TensorFlow starts)."""
-    import json
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-m", "conformance.pipeline.execution"], capture_output=True, text=True,
-                          timeout=timeout, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"the pipeline executor failed: {done.stderr[-3000:]}")
-    return json.loads(done.stdout)
-
-
 if __name__ == "__main__":
     import json
 
-    print(json.dumps(standard_runs()))
+    from ..checks.isolated import add_arguments, planted_from
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    _, planting = planted_from(parser.parse_args())
+    with planting:
+        print(json.dumps(standard_runs()))

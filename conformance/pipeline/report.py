@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..plots import gantt
-from .execution import run_standard_in_subprocess
+from ..backends import TF
+from ..checks.isolated import run_isolated
 from .schedules import METHODS, generate
 from .simulator import Times, bubble_formula, simulate
 from .static import check_schedule, expected_peak, peak_activations
@@ -44,7 +45,7 @@ def report_section(golden_dir, backends: list[str], out: Path):
     timelines = [simulate(method, generate(method, ranks, chunks), TABLE_TIMES) for method in METHODS]
     rows = table_rows() + [{"method": row["method"], "ranks": row["ranks"], "micro-batches": row["micro-batches"],
                             "static checks": f"executed: {row['compared']}, {row['measured']}", "status": row["status"]}
-                           for row in run_standard_in_subprocess()]
+                           for row in run_isolated("conformance.pipeline.execution", TF)]
     intro = ("Schedules of DualPipe and DualPipeV (the DualPipe repository's order), 1F1B and ZB1P: static checks, the "
              "simulated bubble (longest idle time of a rank) against SEMANTICS.md section 7's table at F=1, B=2, W=1, "
              "F&B=2.5, and the TensorFlow executor's step against the micro-batches run in sequence (losses and "

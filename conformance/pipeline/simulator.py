@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..format.pipeline import Chunk, Op, Schedule, chunks_of, producer
+from ..format.pipeline import Chunk, Op, Schedule
+from .topology import chunks_of, producer
 
 
 class Deadlock(RuntimeError):

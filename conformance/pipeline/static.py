@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ..format.pipeline import Chunk, Schedule, chunks_of, consumer, flows, micro_batches_per_flow, producer, stages
+from ..format.pipeline import Chunk, Schedule, flows, micro_batches_per_flow, stages
+from .topology import chunks_of, consumer, producer
 from .simulator import Deadlock, Times, simulate
 
 

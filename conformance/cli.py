@@ -167,7 +167,7 @@ def _mutants(args: argparse.Namespace) -> int:
         raise BadInput(str(error.args[0])) from None
     specs = [backend_spec.strip() for backend_spec in args.backend.split(",")]
     resolve_backends(specs)
-    results = run_catalogue(specs, args.mutant, args.first_kill, args.jobs, args.hypothesis_profile)
+    results = run_catalogue(specs, args.mutant, not args.all_checks, args.jobs, args.hypothesis_profile)
     print(mutation_table(results))
     if args.json:
         write_output(args.json, json.dumps([r.to_json() for r in results], indent=2))
@@ -268,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     mutants = commands.add_parser("mutants", help="plant known bugs in each backend; every one must be caught")
     mutants.add_argument("--backend", default=",".join(DEFAULT_BACKENDS), help="comma-separated backends")
     mutants.add_argument("--mutant", action="append", help="only this mutant (repeatable)")
-    mutants.add_argument("--first-kill", action="store_true", help="stop each mutant at the first check that kills it")
+    mutants.add_argument("--all-checks", action="store_true",
+                         help="run every check a mutant names (default: stop each mutant at the first check that "
+                              "kills it)")
     mutants.add_argument("--jobs", type=_at_least(1), default=os.cpu_count() or 1, help="worker processes")
     mutants.add_argument("--hypothesis-profile", choices=PROFILES, default=default_profile, help=profile_help)
     mutants.add_argument("--list", action="store_true", help="list the catalogue and exit")

@@ -217,9 +217,10 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-def fingerprint(backend: Backend) -> dict[str, dict[str, np.ndarray]]:
-    """Every probe output of `backend`, by section."""
-    return {section: {name: np.array(value) for name, value in outputs(backend, [section])} for section in SECTIONS}
+def fingerprint(backend: Backend, sections=None) -> dict[str, dict[str, np.ndarray]]:
+    """Every probe output of `backend` in the given sections (default all), by section."""
+    return {section: {name: np.array(value) for name, value in outputs(backend, [section])}
+            for section in sections or SECTIONS}
 
 
 def first_difference(backend: Backend, reference: dict[str, dict[str, np.ndarray]],

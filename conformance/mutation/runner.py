@@ -73,20 +73,25 @@ class MutantRun:
     seconds: float = 0.0
 
 
+def probed_sections(mutant: Mutant) -> list[str]:
+    """The probe's sections a mutant is probed in: those its targets' roles reach (what it replaces is all it can
+    change), so that the fingerprint of a section is made only where some mutant needs it."""
+    from .probe import sections_of
+
+    return sections_of(patch.target.split(":")[0] for patch in mutant.patches)
+
+
 def plant_and_run(mutant: Mutant, backend: Backend, unmutated: dict, first_kill: bool) -> MutantRun:
     """Plant `mutant`, probe against the `unmutated` fingerprint, then run its checks (the first kill ends it
-    when `first_kill`). A mutant is probed first in the sections its targets reach, then in the others; a control
-    only in those (what it wraps is all it could change)."""
-    from .probe import SECTIONS, first_difference, sections_of
+    when `first_kill`)."""
+    from .probe import first_difference
 
     run = MutantRun(mutant.key, backend.name)
     start = time.perf_counter()
     try:
         import_backend(backend)
-        own = sections_of(patch.target.split(":")[0] for patch in mutant.patches)
         with planted(backend, mutant):
-            run.changed = first_difference(backend, unmutated, own if mutant.control else
-                                           own + [name for name in SECTIONS if name not in own])
+            run.changed = first_difference(backend, unmutated, probed_sections(mutant))
             for key in mutant.checks:
                 run.checks.append(run_check(key, backend))
                 if first_kill and run.checks[-1].outcome == "failed":
@@ -164,10 +169,10 @@ def _control_task(key: str, backend_spec: str) -> CheckRun:
     return run_check(key, resolve_backend(backend_spec))
 
 
-def _fingerprint_task(backend_spec: str) -> dict:
+def _fingerprint_task(backend_spec: str, section: str) -> dict:
     from .probe import fingerprint
 
-    return fingerprint(resolve_backend(backend_spec))
+    return fingerprint(resolve_backend(backend_spec), [section])
 
 
 def _mutant_task(key: str, backend_spec: str, unmutated: dict, first_kill: bool) -> MutantRun:
@@ -254,7 +259,7 @@ class Session:
                  known_controls: dict[tuple[str, str], CheckRun] | None = None):
         self.jobs, self.profile = jobs, profile
         self.controls: dict[tuple[str, str], CheckRun] = dict(known_controls or {})  # (check, backend name)
-        self.fingerprints: dict[str, dict] = {}  # backend name -> fingerprint
+        self.fingerprints: dict[tuple[str, str], dict] = {}  # (backend name, probe section) -> its outputs
 
     def run(self, backend_specs: list[str], keys: list[str] | None = None,
             first_kill: bool = False) -> list[MutantResult]:
@@ -263,7 +268,8 @@ class Session:
         from tqdm.auto import tqdm
 
         mutants = select(keys)
-        names = {spec: resolve_backend(spec).name for spec in backend_specs}
+        backends = {spec: resolve_backend(spec) for spec in backend_specs}
+        names = {spec: backend.name for spec, backend in backends.items()}
         runs: dict[tuple[str, str], MutantRun] = {}
         finished: queue.Queue = queue.Queue()
         progress = tqdm(total=len(backend_specs) * len(mutants), desc="controls and mutants", unit="task")
@@ -276,10 +282,24 @@ class Session:
                 pool.apply_async(task, args, callback=lambda result: finished.put((kind, key, spec, result, None)),
                                  error_callback=lambda error: finished.put((kind, key, spec, None, error)))
 
-            def mutants_of(spec: str) -> None:
+            waiting = {spec: [m for m in mutants if all(p.target.split(":")[0] in backends[spec].mutation_targets
+                                                          for p in m.patches)] for spec in backend_specs}
+            for spec in backend_specs:  # a role the backend does not declare: not applicable, nothing to run
                 for mutant in mutants:
-                    submit("mutant", mutant.key, spec, _mutant_task, mutant.key, spec, self.fingerprints[names[spec]],
-                           first_kill)
+                    if mutant not in waiting[spec]:
+                        runs[(mutant.key, spec)] = MutantRun(mutant.key, names[spec], applicable=False,
+                                                             error=f"backend {names[spec]} declares no module for a "
+                                                                   "role this mutant plants in")
+                        progress.update()
+
+            def ready(spec: str) -> None:
+                """Submit every waiting mutant of `spec` whose probe sections all have their fingerprint."""
+                for mutant in list(waiting[spec]):
+                    sections = probed_sections(mutant)
+                    if all(self.fingerprints.get((names[spec], section)) is not None for section in sections):
+                        waiting[spec].remove(mutant)
+                        unmutated = {section: self.fingerprints[(names[spec], section)] for section in sections}
+                        submit("mutant", mutant.key, spec, _mutant_task, mutant.key, spec, unmutated, first_kill)
 
             def control(key: str, spec: str) -> None:
                 if (key, names[spec]) not in self.controls:
@@ -287,14 +307,16 @@ class Session:
                     progress.total += 1
                     submit("control", key, spec, _control_task, key, spec)
 
-            # Every mutant of a backend is probed against the same unmutated fingerprint. Without --first-kill
-            # every control run is queued at once; with it, only those of the checks some mutant did run.
+            # Every mutant of a backend is probed against the same unmutated fingerprint of each section it needs,
+            # made once. Without --first-kill every control run is queued at once; with it, only those of the checks
+            # some mutant did run.
             for spec in backend_specs:
-                if names[spec] in self.fingerprints:
-                    mutants_of(spec)
-                else:
-                    progress.total += 1
-                    submit("fingerprint", "", spec, _fingerprint_task, spec)
+                for section in dict.fromkeys(s for m in waiting[spec] for s in probed_sections(m)):
+                    if (names[spec], section) not in self.fingerprints:
+                        self.fingerprints[(names[spec], section)] = None  # scheduled
+                        progress.total += 1
+                        submit("fingerprint", section, spec, _fingerprint_task, spec, section)
+                ready(spec)
             if not first_kill:
                 for key, spec in sorted({(key, spec) for spec in backend_specs for m in mutants for key in m.checks}):
                     control(key, spec)
@@ -305,8 +327,8 @@ class Session:
                 if error is not None:
                     raise RuntimeError(f"{kind} task {key or spec} on {spec} died in its worker: {error!r}") from error
                 if kind == "fingerprint":
-                    self.fingerprints[names[spec]] = result
-                    mutants_of(spec)
+                    self.fingerprints[(names[spec], key)] = result[key]
+                    ready(spec)
                 elif kind == "mutant":
                     runs[(key, spec)] = result
                     for check in result.checks:

@@ -24,6 +24,7 @@ from tabulate import tabulate
 
 from benchmarks.bench import add_command as bench_command
 
+from .console import quiet
 from .backends import DEFAULT_BACKENDS, Unsupported, resolve_backend, resolve_backends
 from .format.checkpoint import load_weights, open_checkpoint
 from .format.config import ModelConfig, load_config
@@ -225,6 +226,7 @@ ALLOW_HELP = ("comma-separated parts that may be missing (e.g. mtp,naive,fp8): w
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv3-conformance", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="keep TensorFlow's start-up lines on stderr")
     commands = parser.add_subparsers(dest="command", required=True)
 
     golden = commands.add_parser("check-golden", help="check a backend against one golden case folder")
@@ -302,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # argparse: 0 for --help, 2 for a bad option
         return int(exit_.code or 0)
+    if not args.verbose:
+        quiet()
     try:
         return args.run(args)
     except BadInput as error:

@@ -325,8 +325,7 @@ def _decode_checks(runner: Runner, file: ExpectedFile, decoded: np.ndarray, comp
             compare(name, logits)
 
 
-def _greedy_tokens(case: "GoldenCase", file: ExpectedFile, runner: Runner, prompt: np.ndarray,
-                   result: CaseResult) -> None:
+def _greedy_tokens(file: ExpectedFile, runner: Runner, prompt: np.ndarray, result: CaseResult) -> None:
     expected = file.tensors["tokens.decoded"]
     name = file.result_name("tokens.decoded")
     try:
@@ -346,7 +345,7 @@ def _compare_file(case: "GoldenCase", file: ExpectedFile, backend: Backend, weig
     if decoded is not None:
         _decode_checks(runner, file, decoded, compare)
     if "tokens.decoded" in file.tensors and case.compares_greedy_tokens(file):
-        _greedy_tokens(case, file, runner, prompt, result)
+        _greedy_tokens(file, runner, prompt, result)
 
 
 def _compare_mtp(case: "GoldenCase", file: ExpectedFile, backend: Backend, weights: ModelWeights,

@@ -136,3 +136,20 @@ def test_unknown_config_fields_are_reported_not_fatal(tmp_path, capsys):
     (case / "config.json").write_text(json.dumps(raw))
     assert main(["check-golden", str(case)]) == 0
     assert "unknown config field(s) kept and ignored: my_serving_flag" in capsys.readouterr().err
+
+
+def test_a_passing_tf_check_prints_nothing_tensorflow_internal_on_stderr():
+    """TensorFlow's start-up lines (absl's notice, oneDNN, CUDA probing, XLA's service) are dropped; -v keeps them."""
+    import os
+    import subprocess
+    import sys
+
+    environment = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    command = [sys.executable, "-m", "conformance.cli", "check-golden", str(TINY.parent.parent / "oracle" / "q-lora-0"),
+               "--backend", "tf"]
+    done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600, check=False)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("PASSED")
+    loud = subprocess.run(command[:3] + ["-v"] + command[3:], capture_output=True, text=True, env=environment,
+                          timeout=600, check=False)
+    assert loud.returncode == 0 and "absl::InitializeLog" in loud.stderr

@@ -110,7 +110,8 @@ def _groups():
     from conformance.mutation.probe import sections_of
 
     def core(mutant):
-        return sections_of(p.target.split(":")[0] for p in mutant.patches) == ["core"]
+        distributed = {"kernel", "training", "pipeline", "expert-parallel"}
+        return not distributed & set(sections_of(p.target.split(":")[0] for p in mutant.patches))
 
     tf_core = [m.key for m in CATALOGUE if core(m)]
     half = len(tf_core) // 2

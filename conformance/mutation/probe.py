@@ -68,18 +68,20 @@ def _component_outputs(backend: Backend) -> Iterator[Output]:
 # gate biases, softmax gates, fp8 weights.
 _YARN = tiny(qk_rope_head_dim=16, max_seq_len=128, rope_scaling=YarnScaling(factor=40.0, original_seq_len=64),
              rms_norm_eps=1e-3, rope_theta=500.0, name="probe-yarn")
-_MODELS: list[tuple[str, object, Numerics, str]] = [
+_FLOAT_MODELS: list[tuple[str, object, Numerics, str]] = [
     ("yarn-absorbed", _YARN, Numerics(), "absorbed"),
     ("yarn-naive", _YARN, Numerics(), "naive"),
     ("v2", tiny_v2(name="probe-v2"), Numerics(), "absorbed"),
+]
+_FP8_MODELS: list[tuple[str, object, Numerics, str]] = [
     ("fp8-path-ue8m0", tiny_fp8(name="probe-fp8"), Numerics("fp8", "ue8m0"), "absorbed"),
     ("fp8-path-ue8m0-naive", tiny_fp8(name="probe-fp8"), Numerics("fp8", "ue8m0"), "naive"),
     ("fp8-dequantized", tiny_fp8(name="probe-fp8"), Numerics(), "absorbed"),
 ]
 
 
-def _model_outputs(backend: Backend) -> Iterator[Output]:
-    for name, config, numerics, form in _MODELS:
+def _models(backend: Backend, models) -> Iterator[Output]:
+    for name, config, numerics, form in models:
         weights = build_weights(config, seed=9, bias_mean=-2.0)
         prompt = np.random.default_rng(10).integers(0, config.vocab_size, (2, 5))
         try:
@@ -183,26 +185,27 @@ def _expert_parallel_outputs(backend: Backend) -> Iterator[Output]:
         yield "expert-parallel", np.frombuffer(json.dumps(measured).encode(), np.uint8)
 
 
-def _core_outputs(backend: Backend) -> Iterator[Output]:
+def _components(backend: Backend) -> Iterator[Output]:
     try:
         yield from _component_outputs(backend)
     except Unsupported:
-        pass
-    yield from _mtp_outputs(backend)  # early: most model mutants already change the main logits here
-    yield from _model_outputs(backend)
-    yield from _forced_outputs(backend)
+        return
 
 
-# The probe in sections, cheapest first; a mutation target's role reaches the section named here ("core" for the
-# rest): a mutant is probed there first, a control there only.
-SECTIONS = {"core": _core_outputs, "kernel": _kernel_outputs, "training": _training_outputs,
-            "pipeline": _pipeline_outputs, "expert-parallel": _expert_parallel_outputs}
-ROLE_SECTIONS = {"kernel": "kernel", "training": "training", "pipeline": "pipeline", "ep": "expert-parallel"}
+# The probe in sections, cheapest first. A mutant is probed in the sections its targets' roles reach (what it
+# replaces is all it can change), a control there too: the fingerprint of a section is made only where needed.
+SECTIONS = {"components": _components, "mtp": _mtp_outputs, "models": lambda b: _models(b, _FLOAT_MODELS),
+            "fp8-models": lambda b: _models(b, _FP8_MODELS), "forced": _forced_outputs, "kernel": _kernel_outputs,
+            "training": _training_outputs, "pipeline": _pipeline_outputs, "expert-parallel": _expert_parallel_outputs}
+ROLE_SECTIONS = {"moe": ("components", "models", "forced"), "rope": ("models",), "norm": ("models",),
+                 "ffn": ("models",), "attention": ("models", "fp8-models"), "fp8": ("components", "fp8-models"),
+                 "mtp": ("mtp",), "model": ("models", "mtp", "forced"), "kernel": ("kernel",),
+                 "training": ("training",), "pipeline": ("pipeline",), "ep": ("expert-parallel",)}
 
 
 def sections_of(roles) -> list[str]:
-    """The sections the given mutation roles reach, in SECTIONS' order."""
-    reached = {ROLE_SECTIONS.get(role, "core") for role in roles}
+    """The sections the given mutation roles reach (all, for a role not listed), in SECTIONS' order."""
+    reached = {section for role in roles for section in ROLE_SECTIONS.get(role, tuple(SECTIONS))}
     return [name for name in SECTIONS if name in reached]
 
 

@@ -75,14 +75,16 @@ _ENTRIES = [
               "blockwise fp8 GEMM vs cuBLAS fp8 tensor cores on an H100: measured 1.2e-4 to 1.3e-4, the ~14-bit "
               "tensor-core accumulation (section 4)"),
     Tolerance("grad.float32", 1e-4,
-              "TensorFlow autodiff of a component (float32 inside: norms, RoPE, softmax) vs float64 central finite "
-              "differences of the reference's: measured <= 2e-6 (section 11)"),
+              "TensorFlow autodiff (float32 inside: norms, RoPE, softmax) vs float64 central finite differences of "
+              "the reference's, per component and per trained tensor along a random direction: measured <= 2e-6 "
+              "(section 11)"),
     Tolerance("train.loss.float32", 1e-5,
-              "a TensorFlow float32 training step's losses vs the float64 reference's, relative: measured <= 1e-7 "
+              "a TensorFlow float32 training step's losses vs the float64 reference's, relative: measured <= 1.1e-7 "
               "(section 11)"),
     Tolerance("train.update.float32", 1e-3,
-              "the parameter update of one TF float32 AdamW step vs the reference's from finite-difference "
-              "gradients: measured <= 1.3e-4 (section 11)"),
+              "a TF float32 step's parameter and bias updates vs the reference's AdamW and bias rule on the same "
+              "gradients and loads: measured <= 7.4e-6 over three steps, 1.3e-4 for a first step from zero moments "
+              "(section 11)"),
     Tolerance("ep.float64", 1e-12,
               "expert-parallel MoE vs the single-device MoE, float64, forward and gradients: the same products "
               "summed in other orders (DTensor einsums vs tiles); measured <= 1e-15 (section 9)"),

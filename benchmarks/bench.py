@@ -9,7 +9,7 @@ floors are measured too, and their medians reported: the fp32 matmul rate (NumPy
 the matmul rate at the shape a prefill's experts have (mean copies per expert x one expert's projections), at the
 start of the round; the read bandwidth (a BLAS matrix-vector product over 400 MB) beside every decode measurement,
 just before and just after its steps, the faster of the two kept (the stricter floor). This shared machine's
-bandwidth swings by half from one second to the next (benchmarks/results/repeats/), so a decode is held against the
+bandwidth swings by half from one second to the next (docs/performance-log.md), so a decode is held against the
 floor of its own moment: an implementation's decode_floor_fraction is the median over rounds of (floor of the
 round / its decode of the round), not a ratio of medians taken seconds apart. Each
 workload's work is counted: prefill FLOPs (2 x activated parameters per token, the head at the last position

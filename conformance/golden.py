@@ -12,6 +12,10 @@ be finite, of a float (or, for tokens, integer) dtype and of the shape the confi
 tokens must lie in the vocabulary and fit in max_position_embeddings; `tokens.decoded` must be the
 greedy choice of the file's own logits; and a case must hold something to compare. A case that fails
 any of this is bad input (exit 2), never a conformance failure.
+
+Checking a backend compares every expected tensor it can produce; what it cannot (an `Unsupported` numerics path,
+attention form or MTP module) and every tensor this harness does not know are not compared, each named with the
+part it belongs to: the verdict is then INCOMPLETE unless the user allows those parts (conformance.verdict).
 """
 
 from __future__ import annotations

@@ -103,8 +103,8 @@ def naive_attention(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tensor, 
     """Latents expanded to per-head keys and values, then attention: [B,S,H,v].
 
     Per head, one product gives both score terms: the query [nope | rope] against the key [nope | shared rope
-    key], laid out [B,H,S,.] so that both products are plain batched matmuls (as einsums into [B,S,H,T] outside
-    XLA, a bench-small prompt's attention took 1.4x as long, measured side by side).
+    key], laid out [B,H,S,.] so that both products are plain batched matmuls (einsums into [B,S,H,T] run slower
+    outside XLA).
     `query_blocks` > 1 splits the queries into that many blocks, each scored against the keys up to its last
     query only: the queries are the last S of the T key positions and the mask is causal, so no key past a
     block's last query is visible to it. At 4 blocks a causal prompt needs 5/8 of the products."""
@@ -155,8 +155,8 @@ def _absorbed_in_kernel(q_nope: tf.Tensor, q_rope: tf.Tensor, kv_latent: tf.Tens
                         up: tf.Tensor, config: ModelConfig, mask: tf.Tensor, scale: float) -> tf.Tensor:
     """absorbed_attention for a decode step's few queries in the matvec kernel (impl.matvec), wkv_b's per-head
     blocks and the caches read in place: each head's key rows of the block as x B, the core over the visible
-    positions (XLA had copied the cache's window out of each layer's cache, 0.5 ms of a 10 ms bench-small step), each
-    head's value rows as x B^T (XLA's per-head products had read the block at 5 GB/s)."""
+    positions (XLA copies the cache's window out of each layer's cache), each head's value rows as x B^T (XLA's
+    per-head products read the block slowly)."""
     batch, length, heads, nope = q_nope.shape
     q_latent = matvec.per_head(_to_heads(q_nope), up, 0, nope, transposed=True)
     latent_out = matvec.latent_attention(q_latent, tf.reshape(q_rope, [batch * length, heads, -1]), kv_latent,

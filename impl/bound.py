@@ -1,9 +1,8 @@
 """A compiled step called with its weights, caches and history bound once, not on every call.
 
-A decode step of bench-small takes ~150 weight variables besides its two per-call tensors. Calling its concrete
-function with the structured arguments canonicalizes and type-checks every one of them on each call: 1 to 3 ms
-of Python a step on a 2-core machine, 3 to 7% of the step (paired A/B in one process, the same outputs bit for
-bit). A `BoundStep` flattens the arguments once, remembers where the per-call tensors sit among the flat
+A decode step takes every weight of the model as an argument (about 150 for a small model) besides its two
+per-call tensors. Calling its concrete function with the structured arguments canonicalizes and type-checks every
+one of them on each call, milliseconds of Python a step. A `BoundStep` flattens the arguments once, remembers where the per-call tensors sit among the flat
 inputs, and afterwards only puts the new tensors there. It uses the concrete function's flat call, a private
 TensorFlow API (present from 2.0 to the 2.21 this project runs on); the outputs come back structured.
 """

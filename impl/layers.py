@@ -19,8 +19,7 @@ def rms_norm(x: tf.Tensor, weight: tf.Tensor, eps: float) -> tf.Tensor:
 
 
 # Up to this many rows (a decode step's tokens), x W^T is computed as (W x^T)^T: with the weight as the left
-# operand XLA's CPU dot reads it in place, where x W^T had it fuse a copy into a slower loop (bench-small decode
-# 1.17x faster, measured side by side).
+# operand XLA's CPU dot reads it in place, where x W^T has it fuse a copy into a slower loop.
 MATVEC_ROWS = 8
 
 
@@ -40,10 +39,9 @@ def project(x: tf.Tensor, weight: tf.Tensor, stored: bool = False) -> tf.Tensor:
 
 
 def head_logits(x: tf.Tensor, head: tf.Tensor) -> tf.Tensor:
-    """x [B, S, dim] @ head [V, dim]^T. In float32 through `project`: as an einsum, XLA transposed the whole
-    head on every decode step (45 ms a step for a full-width layer's head). bfloat16 keeps the einsum, with
-    which the fp8-path bfloat16 cross check stays within its measured bound (0.31 instead of <= 7.9e-2 the
-    other way)."""
+    """x [B, S, dim] @ head [V, dim]^T. In float32 through `project`: as an einsum, XLA transposes the whole
+    head on every decode step. bfloat16 keeps the einsum, whose rounding the fp8-path bfloat16 cross check's
+    bound was measured with (TOLERANCES.md section 6)."""
     if x.dtype == tf.float32:
         return project(x, head, stored=True)
     return tf.einsum("bsd,vd->bsv", x, head)
@@ -71,8 +69,7 @@ def linear(x: tf.Tensor, weight: LinearWeight, numerics: Numerics, module: Linea
 
 def silu(x: tf.Tensor) -> tf.Tensor:
     """x * sigmoid(x) in float32, rounded once to x's dtype; written as x / (1 + e^-x) since outside XLA
-    TensorFlow fuses x * sigmoid(x) into a oneDNN kernel that was slower on the small expert groups of a
-    prefill (bench-small prefill 7% faster, measured side by side)."""
+    TensorFlow fuses x * sigmoid(x) into a oneDNN kernel that is slower on the small expert groups of a prefill."""
     wide = tf.cast(x, tf.float32)
     return tf.cast(wide / (1 + tf.exp(-wide)), x.dtype)
 

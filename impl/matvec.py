@@ -5,7 +5,7 @@ stacks (`experts`: a MoE block's routed copies, its shared experts, a dense FFN)
 over a layer's latent cache (`latent_attention`).
 
 XLA's CPU dot runs a matrix-vector product of at most 2 MB of weights as one task on one core, and on the 2-core
-machines measured one core reads about half the bandwidth of two (README, Performance). The kernel is compiled
+machines measured one core reads about half the bandwidth of two (docs/performance-log.md). The kernel is compiled
 once per machine with the system's C++ compiler (`CXX`, default g++) into a cache directory and registered as an
 XLA custom call; without a compiler, or with DSV3_MATVEC_KERNEL=0, the steps keep XLA's own products (same
 results within float32 rounding: the kernel sums in another order). Loading a library runs its code, so the cache
@@ -43,8 +43,7 @@ ATTENTION_TARGET = "dsv3_latent_attention"
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-pthread")
 
 # Smallest weight (floats) the kernel takes: below it a product is a few microseconds in XLA, where the custom call
-# and waking the other cores cost about as much (bench-small's smallest, 256 x 1024, is above; the tiny configs'
-# are below).
+# and waking the other cores cost about as much (the tiny configs' weights are below it).
 MIN_WEIGHT = 1 << 16
 
 _in_scope = contextvars.ContextVar("matvec_kernel", default=False)

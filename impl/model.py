@@ -55,12 +55,8 @@ WINDOW_QUANTUM = 128  # the smallest attention window (positions); see attention
 
 def _constant(array: np.ndarray, dtype: tf.DType) -> tf.Tensor:
     """A weight as a tensor, not a variable: a compiled step takes each weight as an argument, and TensorFlow's call
-    looks up a variable's resource on every call. 150 arguments of a trivial compiled function cost 309 to 458 us a
-    call as variables and 109 to 195 us as tensors (751 to 1043 us and 591 to 751 us right after a 400 MB read, as in
-    a decode step; two runs); bench-small's decode step was 1.03x faster over 12 paired rounds in one process (equal
-    within noise over 12 more, on a busier machine), its logits equal bit for bit. The tensor is the value of a
-    variable made for it: tf.constant of a host array kept two copies (resident memory grew by 1.52 GiB for 0.75),
-    a variable one."""
+    looks up a variable's resource on every call, which a tensor spares. The tensor is the value of a variable made
+    for it: tf.constant of a host array keeps two copies, a variable one."""
     return tf.Variable(tf.cast(tf.constant(array), dtype), trainable=False).read_value()
 
 
@@ -145,8 +141,7 @@ def _on_mesh(weights: ModelWeights, expert_parallel, dtype: tf.DType) -> ModelWe
 
 
 # A prompt attends (outside XLA, in the naive form) in this many query blocks, each against the keys up to its
-# last query (impl.attention.naive_attention): 5/8 of the products; bench-small's 512-token attention core took
-# 1.3x as long in one block as in 4 (2 and 8 blocks in between), measured side by side.
+# last query (impl.attention.naive_attention): 5/8 of the products of one block.
 PROMPT_QUERY_BLOCKS = 4
 
 
@@ -336,9 +331,9 @@ class Program:
 def attention_window(needed: int, capacity: int) -> int:
     """How many of the cache's `capacity` positions a step attends over when the first `needed` are filled:
     `needed` rounded up to a multiple of half its power of two (WINDOW_QUANTUM at least), so that a step reads at
-    most half again the filled positions and a sequence compiles two windows per doubling of its length (a
-    bench-small decode step compiles in about 6 s). Attending over the whole capacity made a step's cost grow
-    with the capacity asked for rather than with the sequence (measured in benchmarks/results/window.md)."""
+    most half again the filled positions and a sequence compiles two windows per doubling of its length (each
+    window a compilation of its own). Attending over the whole capacity would make a step's cost grow with the
+    capacity asked for rather than with the sequence (benchmarks/results/window.md)."""
     if needed <= WINDOW_QUANTUM:
         return min(capacity, WINDOW_QUANTUM)
     half_octave = 2 ** (needed.bit_length() - 2)
@@ -367,8 +362,7 @@ class Transformer:
         `trim_last_block` (with logits "last", for a model without MTP modules, which read every position's final
         state): the prefill computes what the last logits and the caches need, no more: the last block's queries,
         attention output and FFN at the last position only (its keys and cache entries at every position), so
-        the prefill's block outputs and chosen experts of that block cover the last position only (bench-small's
-        prefill 1.12x faster: the median of 16 paired rounds, quartiles 1.10x and 1.14x)."""
+        the prefill's block outputs and chosen experts of that block cover the last position only."""
         if trim_last_block and (logits != "last" or weights.mtp):
             raise ValueError("trim_last_block needs logits='last' and a model without MTP modules")
         self.config = config
@@ -420,7 +414,7 @@ class Transformer:
 
     def _step(self, name: str, *args):
         """Run a compiled step on this model's weights, caches and history, bound once per (step, argument shapes)
-        (impl.bound: binding the ~150 weight variables of bench-small on every call cost 1 to 3 ms a decode step)."""
+        (impl.bound: binding every weight on every call costs milliseconds of Python a decode step)."""
         caches = self.mtp_caches if name == "mtp" else self.caches
         step = getattr(self.program, name)
         if not hasattr(step, "get_concrete_function"):  # expert parallel: the steps run eagerly
@@ -479,9 +473,8 @@ class Transformer:
 
     def next_logits(self, tokens: np.ndarray) -> np.ndarray:
         """decode for generation: the logits [B, q, V] only. The block outputs and chosen experts stay inside the
-        step: fewer outputs to hand back and convert (bench-small's decode step 1.05x faster than decode's, the median
-        ratio of 49 rounds paired in one process; the logits equal bit for bit). A token routed to an expert that is
-        not loaded is refused as in decode."""
+        step: fewer outputs to hand back and convert. A token routed to an expert that is not loaded is refused as in
+        decode."""
         logits, experts = self._feed("next_logits", tokens)
         _check_resident(tuple(e.numpy() for e in experts), _partial_blocks(self.weights))
         return logits.numpy()

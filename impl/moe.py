@@ -28,9 +28,8 @@ from .layers import project, silu, swiglu_ffn
 
 MAX_TILE_ROWS = 64
 # Up to this many routed copies per expert on average (as tile_rows rounds it), float experts inside XLA loop over
-# the copies rather than take the tiles: on bench-small's experts (64 x 3 MB, 2 cores) the loop took 0.1x the tiles'
-# time at 16 sequences of one token, 0.35x at 128 and 0.8x at 256 (32 rows a tile); at 512 (64 rows) the tiles
-# took 0.76x the loop's (README).
+# the copies rather than take the tiles: the loop reads each expert's weights in place, the tiles gather them per
+# tile, which pays only for tiles of many rows (docs/performance-log.md).
 COPIES_LOOP_MAX_ROWS = 32
 
 
@@ -113,7 +112,7 @@ def route(x: tf.Tensor, gate: GateWeights, config: ModelConfig) -> tuple[tf.Tens
 def tile_rows(copies: int, n_experts: int) -> int:
     """Rows per tile: the power of two at or above the mean copies per expert, at most MAX_TILE_ROWS. Rounding
     up, not down, halves the tiles (and the expert weights gathered for them) for a padding of at most one
-    tile per expert; on 2 cores it made the bench-small prefill MoE 1.4x faster (benchmarks/results)."""
+    tile per expert."""
     rows = 1
     while rows < min(-(-copies // n_experts), MAX_TILE_ROWS):
         rows *= 2
@@ -213,11 +212,9 @@ def copies_in_place(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked
     """The routed experts inside XLA: a loop over the T*k routed copies in expert order, each one token's row
     against its expert's weights in place, weighted by its gate and added to its token's row. XLA reads the
     slice of the stack inside a one-row product (it fuses the slice into the matrix-vector product) but copies
-    the slice out of the stack before a product of several rows: a bench-small decode step at 8 sequences ran
-    1.18x faster this way than with a loop over the used experts multiplying every token (`experts_in_place`),
-    at 4 sequences 1.26x (paired, README); at one sequence the two do the same work. Consecutive copies of one
-    expert find its weights in cache. At 16 and 32 sequences it replaced the tiles: 8.6x and 7.2x faster steps
-    (paired, README)."""
+    the slice out of the stack before a product of several rows, which a loop over the used experts multiplying
+    every token (`experts_in_place`) and the tiles both pay. Consecutive copies of one expert find its weights in
+    cache."""
     _, sorted_expert, sorted_token, sorted_gating = sorted_copies(experts, gating, x.dtype)
     if (matvec.applies(x, stacked.gate_proj.weight.shape[1:]) and stacked.gate_proj.scale_inv is None
             and not numerics.fp8_training):  # the whole loop as one kernel call, the experts read in their stacks
@@ -287,8 +284,8 @@ def grouped_experts(x: tf.Tensor, gating: tf.Tensor, experts: tf.Tensor, stacked
                     numerics: Numerics, resident: tuple[int, ...] | None = None) -> tf.Tensor:
     """The routed experts outside XLA, where shapes may depend on the routing: the T*k copies sorted by expert
     and split into one group per expert, each group multiplied against its expert's weights in place, the
-    copies weighted and summed back per token. Exactly T*k rows, no padding, no weight copied: on 2 cores a
-    bench-small MoE layer over 512 tokens took 40 ms this way and 165 ms as XLA tiles (measured side by side).
+    copies weighted and summed back per token. Exactly T*k rows, no padding, no weight copied (XLA's static
+    shapes would need tiles, padding and gathered weights).
     With only some experts `resident` (the stack holds those alone, in that order), a group routed elsewhere
     yields zeros: such a step is refused afterwards (impl.model checks the routing). fp8 experts run in turn
     (`_fp8_groups_in_turn`)."""

@@ -308,8 +308,8 @@ class Session:
                     submit("control", key, spec, _control_task, key, spec)
 
             # Every mutant of a backend is probed against the same unmutated fingerprint of each section it needs,
-            # made once. Without --first-kill every control run is queued at once; with it, only those of the checks
-            # some mutant did run.
+            # made once. When every mutant runs every check it names, every control run is queued at once;
+            # stopping at the first kill, only those of the checks some mutant did run.
             for spec in backend_specs:
                 for section in dict.fromkeys(s for m in waiting[spec] for s in probed_sections(m)):
                     if (names[spec], section) not in self.fingerprints:

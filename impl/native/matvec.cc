@@ -4,7 +4,7 @@
 // and the absorbed attention's core over a latent cache (dsv3_latent_attention); each entry says its operands.
 //
 // Why it exists: XLA's CPU dot emitter runs a matrix-vector product of at most 2 MB of weights as one task on one
-// core, and the 2-core machines measured read about half as fast from one core as from two (README, Performance).
+// core, and the 2-core machines measured read about half as fast from one core as from two (docs/performance-log.md).
 // Here every pass is split into units over a small pool of threads that spin briefly between calls (a decode step
 // issues a call every few tens of microseconds) and then sleep on a futex.
 //

@@ -21,8 +21,8 @@ struct Product {
 };
 
 // Output rows [n0, n1) of one product, R rows of x against W weight rows at a time: each weight row is read once
-// for all R, W rows are read side by side and the next W rows are prefetched (on a 2-core Intel Xeon one core read
-// 8.5 GB/s a row at a time, 12 GB/s four rows at a time with the prefetch; two cores 25.7 GB/s, measured alone).
+// for all R, W rows are read side by side and the next W rows are prefetched (several streams keep a core's memory
+// reads in flight).
 template <int R, int W>
 void product_rows(const Product& p, long n0, long n1) {
   const long in = p.in, vec_end = in - in % 16;
@@ -49,14 +49,8 @@ void product_rows(const Product& p, long n0, long n1) {
 
 // One row of x (a decode step at one sequence): each weight row alone, summed into four accumulators along it, the
 // cache lines kAhead floats (8 KB) further along the weights prefetched as it goes (past a row's end that is the next
-// rows, which the same thread reads next). On a 2-core AMD EPYC, a chain of a bench-small step's 149 products read
-// 1.07x to 1.13x faster this way than four weight rows side by side with the prefetch (medians of 40 interleaved
-// chains each, three times). The prefetch ahead then made one 400 MB product 1.8x faster in the minutes when
-// OpenBLAS's gemv read about 50 GB/s (29 -> 53 GB/s, above OpenBLAS's) and 1.7x in those when it read about 68
-// (43 -> 76); distances of 2 KB and more read alike when the machine was slow, 8 KB and 12 KB best when it was fast,
-// 4 KB (the same column of the next row) unevenly. bench-small's decode step at one sequence: 14.3 -> 12.1 ms (medians
-// of 29 rounds paired in one process, the distance switched at run time, while OpenBLAS read 36-66 GB/s; in the 6 rounds
-// at 61-66 GB/s, 9.9 ms without and 10.5 with: no gain there).
+// rows, which the same thread reads next): one long sequential stream per thread, which the hardware prefetcher and
+// the explicit one keep full (the distances measured are in docs/performance-log.md).
 constexpr long kAhead = 2048;
 
 void single_row(const Product& p, long n0, long n1) {
@@ -115,9 +109,7 @@ void product_rows_any(const Product& p, long n0, long n1) {
 
 // y = x W for one matrix `m` of a transposed product: 256 outputs at a time held in 16 vector registers while every
 // weight row adds its part, scaled by its element of x (the rows lie one after another, prefetched kAhead floats
-// ahead); the last out % 256 outputs added up in place in the output row (in L1). A bench-small decode step's per-head
-// products (both ways) took 0.50 ms instead of 0.54 (medians of 32 rounds paired in one process; only the
-// transposed ones changed: before, every output was added up in place).
+// ahead); the last out % 256 outputs added up in place in the output row (in L1).
 void transposed_rows(const Product& p, long m) {
   constexpr long kVectors = 16, kWidth = kVectors * 16;
   const float* w = p.w + m * p.w_stride;

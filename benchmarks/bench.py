@@ -482,8 +482,8 @@ def add_command(commands, integer) -> None:
 
 def report_section(golden_dir, backends: list[str], out: Path):
     """The last written results of each workload (benchmarks/results/bench-*.json), with a bar plot."""
-    from conformance.plots import plt
-    from conformance.report import Section
+    from conformance.report.plots import plt
+    from conformance.report.section import Section
 
     rows, results = [], []
     for path in sorted(RESULTS.glob("bench-*.json")):

@@ -14,7 +14,7 @@ logits, each decode step's logits), per row (one token of one sequence): the row
 setting: the largest share of a tensor's rows beyond the policy's row bound (hidden tensors, and the two-row
 logits), the worst row, and whether the policy passes every tensor.
 
-Run: python -m benchmarks.fp8_flips [--prompts N]   (CI runs a shortened version in tests/test_fp8_scope.py)
+Run: python -m benchmarks.fp8_flips [--prompts N]   (CI runs a shortened version in tests/harness/test_fp8_scope.py)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from conformance.backends import resolve_backend
 from conformance.format.numerics import Numerics
-from conformance.golden import GoldenCase
+from conformance.golden.cases import GoldenCase
 from conformance.metrics import Comparison, row_errors
 from conformance.paths import GOLDEN_DIR
 from conformance.tolerances import tolerance
@@ -59,7 +59,7 @@ def measure(prompts: int, length: int = 32, batch: int = 2) -> list[dict]:
         for scope, form in settings:
             numerics = Numerics("fp8", "ue8m0", scope)
             runners = {(name, dtype): resolve_backend(name).make_runner(case.config, weights, numerics, dtype,
-                                                                       attention=form)
+                                                                       attention_form=form)
                        for pair in PAIRS for name, dtype in (pair[:2], pair[2:])}
             for prompt in range(prompts):
                 tokens = rng.integers(0, case.config.vocab_size, (batch, length))

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from conformance.golden import GoldenCase, check_case
+from conformance.golden.cases import GoldenCase, check_case
 from conformance.paths import GOLDEN_DIR
 
 from .timing import gate, publish

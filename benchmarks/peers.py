@@ -72,12 +72,12 @@ class HFPeer(Peer):
         from transformers.utils import logging
 
         from conformance.format.config import to_hf_dict
-        from conformance.oracle import _state_dict
+        from conformance.golden.oracle import hf_state_dict
 
         logging.set_verbosity_error()
         raw = dict(to_hf_dict(config), num_nextn_predict_layers=0)
         model = DeepseekV3ForCausalLM(DeepseekV3Config(**raw, attn_implementation="sdpa"))
-        model.load_state_dict({k: torch.tensor(v) for k, v in _state_dict(weights, config).items()}, strict=True)
+        model.load_state_dict({k: torch.tensor(v) for k, v in hf_state_dict(weights, config).items()}, strict=True)
         self.torch, self.model, self.cache = torch, model.float().eval(), None
 
     def _run(self, tokens):
@@ -104,7 +104,7 @@ class OfficialPeer(Peer):
         from conformance.format.checkpoint import hf_to_official
         from conformance.format.config import to_official_dict
         from conformance.format.weights import named_tensors
-        from conformance.official_generate import build, load_official
+        from conformance.producers.official import build, load_official
 
         torch.set_default_dtype(torch.float32)
         official = load_official(Path(checkout), "cpu")

@@ -22,25 +22,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 from tabulate import tabulate
 
-from benchmarks.bench import add_command as bench_command
-
-from .console import quiet
-from .backends import DEFAULT_BACKENDS, Unsupported, resolve_backend, resolve_backends
-from .format.checkpoint import load_weights, open_checkpoint
-from .format.config import ModelConfig, load_config
-from .format.errors import BadInput
-from .format.inputs import InputError
-from .format.numerics import Numerics
-from .golden import CaseResult, GoldenCase, check_case
-from .manifest import verify
-from .experiments import add_command as experiment_command
-from .fullscale.command import add_command as fullscale_commands
-from .pipeline.command import add_command as schedule_command
-from .pipeline.execution import add_command as pipeline_step_command
-from .profiles import PROFILES
-from .runners import NonFiniteOutput, greedy
-from .speculative import speculative_generate
-from .verdict import PASSED, Missing, allowed, parse_allow
+from conformance.console import quiet
+from conformance.backends import DEFAULT_BACKENDS, Unsupported, resolve_backend, resolve_backends
+from conformance.format.checkpoint import load_weights, open_checkpoint
+from conformance.format.config import ModelConfig, load_config
+from conformance.format.errors import BadInput
+from conformance.format.inputs import InputError
+from conformance.format.numerics import Numerics
+from conformance.golden.cases import CaseResult, GoldenCase, check_case
+from conformance.golden.manifest import verify
+from conformance.studies.experiments import add_command as experiment_command
+from conformance.fullscale.command import add_command as fullscale_commands
+from conformance.pipeline.command import add_command as schedule_command
+from conformance.pipeline.execution import add_command as pipeline_step_command
+from conformance.profiles import PROFILES
+from conformance.backends import NonFiniteOutput, greedy
+from conformance.backends import speculative_generate
+from conformance.verdict import PASSED, Missing, allowed, parse_allow
 
 PASS, FAILURE, BAD_INPUT, INTERNAL = 0, 1, 2, 3
 
@@ -134,7 +132,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _golden_generate(args: argparse.Namespace) -> int:
-    from .golden_generate import generate_all
+    from conformance.golden.generate import generate_all
 
     for path in generate_all(Path(args.golden_dir), args.case or None):
         print(f"wrote {path}")
@@ -156,8 +154,8 @@ def mutation_table(results) -> str:
 
 
 def _mutants(args: argparse.Namespace) -> int:
-    from .mutation.catalogue import CATALOGUE
-    from .mutation.runner import run_catalogue, select, summarize
+    from conformance.mutation.catalogue import CATALOGUE
+    from conformance.mutation.runner import run_catalogue, select, summarize
 
     if args.list:
         print(tabulate([(m.key, m.origin, m.bug) for m in CATALOGUE], headers=["mutant", "origin", "bug"]))
@@ -180,22 +178,24 @@ def _mutants(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import CAPABILITIES, build_report
+    from conformance.report.build import build_report
+    from conformance.report.section import section_names
 
     specs = [spec.strip() for spec in args.backend.split(",")]
     resolve_backends(specs)
     chosen = args.sections.strip()
-    capabilities = list(CAPABILITIES) if chosen == "all" else [] if chosen == "none" else \
+    known = section_names()
+    capabilities = known if chosen == "all" else [] if chosen == "none" else \
         [name.strip() for name in chosen.split(",") if name.strip()]
-    unknown = sorted(set(capabilities) - set(CAPABILITIES))
+    unknown = sorted(set(capabilities) - set(known))
     if unknown:
         raise BadInput(f"--sections: unknown section(s) {unknown}: expected 'all', 'none' or a comma-separated "
-                       f"list of {', '.join(CAPABILITIES)}")
-    from .checks import CHECKS
+                       f"list of {', '.join(known)}")
+    from conformance.checks import CHECKS
 
     allow = parse_allow(args.allow_missing, set(CHECKS) | {key.split(":")[0] for key in CHECKS})
-    report = build_report(Path(args.golden_dir), specs, Path(args.out), suite=not args.no_suite,
-                          mutants=args.mutants, jobs=args.jobs, profile=args.hypothesis_profile,
+    report = build_report(Path(args.golden_dir), specs, Path(args.out), suite=args.suite or args.full,
+                          mutants="all" if args.full else args.mutants, jobs=args.jobs, profile=args.hypothesis_profile,
                           capabilities=capabilities, allow=allow)
     print(f"wrote {Path(args.out) / 'report.html'}, report.md and report.json")
     print(report.summary())
@@ -216,8 +216,9 @@ def _at_least(minimum: int):
 
 
 # Subcommands of the capabilities that live in their own packages: each registers itself.
-CAPABILITY_COMMANDS = (schedule_command, pipeline_step_command, fullscale_commands, experiment_command,
-                       bench_command)
+CAPABILITY_COMMANDS = (schedule_command, pipeline_step_command, fullscale_commands, experiment_command)
+# Tools above the harness (the benchmarks) register their commands through this entry point group.
+COMMAND_GROUP = "dsv3_conformance.commands"
 BACKEND_HELP = "a built-in name (reference, tf), an entry-point name, or package.module:object"
 ALLOW_HELP = ("comma-separated parts that may be missing (e.g. mtp,naive,fp8): what the backend cannot run is then "
               "listed but does not make the verdict INCOMPLETE (exit 1)")
@@ -283,9 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("golden_dir", nargs="?", default="golden")
     report.add_argument("--backend", default=",".join(DEFAULT_BACKENDS), help="comma-separated backends")
     report.add_argument("--out", default="report", help="folder for report.md, report.json and report.html")
-    report.add_argument("--no-suite", action="store_true", help="leave out the pytest suite (golden checks only)")
-    report.add_argument("--mutants", choices=("first-kill", "all", "none"), default="first-kill",
-                        help="mutation table: stop each mutant at its first kill, run all its checks, or skip")
+    report.add_argument("--suite", action="store_true", help="add the conformance suite (pytest conformance/)")
+    report.add_argument("--mutants", choices=("none", "first-kill", "all"), default="none",
+                        help="add the mutation table: each mutant stopped at its first kill, or with all its checks "
+                             "(default: none)")
+    report.add_argument("--full", action="store_true", help="the full report: the suite and every mutant with all its "
+                                                            "checks")
     report.add_argument("--jobs", type=_at_least(1), default=os.cpu_count() or 1, help="processes for the mutants")
     report.add_argument("--hypothesis-profile", choices=PROFILES, default=default_profile, help=profile_help)
     report.add_argument("--allow-missing", metavar="PARTS", help=ALLOW_HELP)
@@ -294,7 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "expert-parallel, ...)")
     report.set_defaults(run=_report)
 
-    for add_command in CAPABILITY_COMMANDS:
+    from importlib import metadata
+
+    registered = [entry.load() for entry in metadata.entry_points(group=COMMAND_GROUP)]
+    for add_command in (*CAPABILITY_COMMANDS, *registered):
         add_command(commands, _at_least)
     return parser
 

@@ -1,6 +1,6 @@
 """Options of the conformance suite (which backends, at which scale, what may be missing) and its verdict.
 
-A check a backend could not run, in whole or in part, is skipped as not compared (conformance/test_suite.py).
+A check a backend could not run, in whole or in part, is skipped as not compared (conformance/suite/test_suite.py).
 At the end of the session this plugin prints what ran, passed, failed and was not compared per check family
 and backend, with the reasons, and one verdict line; a session with something not compared that
 `--allow-missing` does not name exits 1 (INCOMPLETE), never 0. Under pytest-xdist the controller sees every

@@ -17,8 +17,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .metrics import Comparison
-from .tolerances import tolerance
+from conformance.metrics import Comparison
+from conformance.tolerances import tolerance
 
 Listener = Callable[[Comparison, str], None]
 LISTENERS: list[Listener] = []
@@ -82,6 +82,8 @@ PARTS = {
     "components": "the component functions route, to_e4m3, quantize_activation, fp8_gemm",
     "oracle": "the transformers oracle (the oracle extra)",
     "training": "the training step (Backend.trainer)",
+    "pipeline": "a pipelined training step over devices (Backend.capabilities)",
+    "expert-parallel": "an expert-parallel MoE layer (Backend.capabilities)",
     "layers": "layers of a checkpoint (verify-checkpoint)",
     "mutation": "mutants of the catalogue (Backend.mutation_targets)",
     "unknown": "expected tensors this harness does not know",
@@ -117,7 +119,7 @@ class Incomplete(Exception):
 def parse_allow(text: str | None, known: Iterable[str] = ()) -> tuple[str, ...]:
     """The parts of `--allow-missing a,b,c`: each a part of PARTS or one of `known` (check families and keys,
     mutants); anything else is bad input (a misspelled part would silently allow nothing)."""
-    from .format.errors import BadInput
+    from conformance.format.errors import BadInput
 
     names = tuple(name.strip() for name in (text or "").split(",") if name.strip())
     unknown = sorted(set(names) - set(PARTS) - set(known))

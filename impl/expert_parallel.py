@@ -35,7 +35,7 @@ from conformance.format.config import ModelConfig  # noqa: E402
 from conformance.format.numerics import Numerics  # noqa: E402
 from conformance.format.weights import FFNWeights, LinearWeight  # noqa: E402
 
-from .fp8 import BLOCK, E4M3_MAX, activation_scales, dequantize_weight, e4m3_values  # noqa: E402
+from .fp8 import BLOCK, activation_scales, dequantize_weight, e4m3_grid, e4m3_values  # noqa: E402
 from .layers import silu  # noqa: E402
 from .moe import StackedMoE, route, shared_experts  # noqa: E402
 from .trees import leaves, rebuild, structure_of  # noqa: E402
@@ -107,17 +107,6 @@ def dispatch_masks(experts: tf.Tensor, devices: int, per_device: int, dtype: tf.
     return mask, tf.one_hot(flat % per_device, per_device, dtype=dtype)
 
 
-def round_to_e4m3_grid(x: tf.Tensor) -> tf.Tensor:
-    """float32 x rounded to the nearest e4m3 value (ties to even) under the harness's cast rule (saturate to
-    +-448, NaN kept), computed in float32: DTensor cannot carry float8 tensors. The e4m3 spacing near |x| is
-    2^(e-3) for the exponent e of |x|, and 2^-9 below the smallest normal (2^-6)."""
-    clipped = tf.clip_by_value(tf.cast(x, tf.float32), -E4M3_MAX, E4M3_MAX)
-    exponent = tf.bitwise.bitwise_and(tf.bitwise.right_shift(tf.bitcast(clipped, tf.int32), 23), 0xFF) - 127
-    spacing_exponent = tf.maximum(exponent, -6) - 3
-    spacing = tf.bitcast(tf.bitwise.left_shift(spacing_exponent + 127, 23), tf.float32)
-    return tf.round(clipped / spacing) * spacing
-
-
 def _local_linear(rows: tf.Tensor, weight: LinearWeight, numerics: Numerics) -> tf.Tensor:
     """rows [S, N, C, in] through every local expert's weight [N, E_l, out, in] -> [S, N, C, E_l, out]."""
     if weight.scale_inv is None:
@@ -131,7 +120,7 @@ def _local_linear(rows: tf.Tensor, weight: LinearWeight, numerics: Numerics) -> 
     blocks = width // BLOCK
     scales = activation_scales(rows, numerics.scale_format("expert"))  # [S, N, C, blocks]
     grouped = tf.reshape(tf.cast(rows, tf.float32), [sources, devices, slots, blocks, BLOCK])
-    q = round_to_e4m3_grid(grouped / tf.reshape(scales, [sources, devices, slots, blocks, 1]))
+    q = e4m3_grid(grouped / tf.reshape(scales, [sources, devices, slots, blocks, 1]))
     _, local, out, _ = weight.weight.shape
     w = tf.reshape(weight.weight, [devices, local, out, blocks, BLOCK])
     partial = tf.einsum("sdcbk,deobk->sdceob", q, w)

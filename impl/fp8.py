@@ -42,10 +42,15 @@ def round_to_e4m3_grid(x: tf.Tensor) -> tf.Tensor:
     return tf.where(tf.math.is_nan(x), x, rounded)
 
 
+def e4m3_grid(x: tf.Tensor) -> tf.Tensor:
+    """The values to_e4m3 gives, still in float32 (for what cannot carry float8, such as DTensor): clipped to
+    +-448 first (NaN passes through the clip), then rounded to nearest-even by `round_to_e4m3_grid`."""
+    return round_to_e4m3_grid(tf.clip_by_value(tf.cast(x, tf.float32), -E4M3_MAX, E4M3_MAX))
+
+
 def to_e4m3(x: tf.Tensor) -> tf.Tensor:
-    """Cast to e4m3fn under the harness rule (clip to +-448 first; NaN passes through the clip), rounded to
-    nearest-even by `round_to_e4m3_grid` whatever XLA fuses the cast with."""
-    return tf.cast(round_to_e4m3_grid(tf.clip_by_value(tf.cast(x, tf.float32), -E4M3_MAX, E4M3_MAX)), E4M3)
+    """Cast to e4m3fn under the harness rule, exact whatever XLA fuses the cast with (`e4m3_grid`)."""
+    return tf.cast(e4m3_grid(x), E4M3)
 
 
 def e4m3_values(weight: tf.Tensor) -> tf.Tensor:

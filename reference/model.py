@@ -132,11 +132,11 @@ class Transformer:
     """The NumPy reference model (float64 by default, float32 selectable), holding one batch's state."""
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics = Numerics(),
-                 dtype: np.dtype = np.float64, attention: AttentionForm = "absorbed"):
+                 dtype: np.dtype = np.float64, attention_form: AttentionForm = "absorbed"):
         self.config = config
         self.numerics = numerics
         self.dtype = np.dtype(dtype)
-        self.attention = attention
+        self.attention_form = attention_form
         # fp8 weights stay as stored; everything else (scales included, losslessly) takes the compute dtype.
         self.weights = map_arrays(weights, lambda a: a if a.dtype.itemsize == 1 else a.astype(self.dtype))
         self.caches: tuple[LatentCache, ...] = ()
@@ -153,7 +153,7 @@ class Transformer:
 
     def _feed(self, tokens: np.ndarray, forced_experts: Routing) -> ForwardResult:
         tokens = check_tokens(tokens, self.config, self.length)
-        result = forward(self.weights, self.config, self.numerics, self.attention, tokens, self.length, self.caches,
+        result = forward(self.weights, self.config, self.numerics, self.attention_form, tokens, self.length, self.caches,
                          forced_experts)
         self.caches = result.caches
         self.tokens = np.concatenate([self.tokens, tokens], axis=1)
@@ -186,7 +186,7 @@ class Transformer:
             raise InputError("the MTP modules have seen every position: feed the main model first")
         following = check_tokens(np.asarray(following).reshape(len(self.tokens), -1), self.config, self.length)
         stream = np.concatenate([self.tokens[:, start:], following], axis=1)
-        result = mtp_forward(self.weights, self.config, self.numerics, self.attention, self.normed[:, start:], stream,
+        result = mtp_forward(self.weights, self.config, self.numerics, self.attention_form, self.normed[:, start:], stream,
                              start, self.mtp_caches, options, forced_experts)
         # An entry computed from a draft token is dropped: the last position is recomputed once it is known.
         keep = self.length if following.shape[1] >= len(self.weights.mtp) else self.length - 1

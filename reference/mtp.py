@@ -61,33 +61,3 @@ def accepted_prefix(drafts: np.ndarray, predicted: np.ndarray) -> int:
     """Drafted tokens [B, d] kept: the longest prefix every sequence's verification agrees with."""
     agree = np.cumprod(drafts == predicted, axis=1).sum(axis=1)
     return int(agree.min()) if agree.size else 0
-
-
-def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log softmax(logits)[target] per position, in float64."""
-    wide = logits.astype(np.float64)
-    shifted = wide - wide.max(axis=-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    return -np.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-
-
-def mtp_loss(logits: list[np.ndarray], tokens: np.ndarray, weight: float, options: MTPOptions) -> float:
-    """lambda / D * sum over depths k of the cross-entropy of depth k's logits [B, S, V] against t(i+k+1).
-
-    Positions whose target lies beyond the sequence have none; the mean is over the positions that have
-    one ("valid") or over all S positions (1/T, "all").
-    """
-    batch, length = tokens.shape
-    total = 0.0
-    for depth, depth_logits in enumerate(logits, start=1):
-        valid = length - depth - 1
-        if valid <= 0:
-            continue
-        losses = cross_entropy(depth_logits[:, :valid], tokens[:, depth + 1:])
-        total += losses.sum() / (batch * (valid if options.loss_normalization == "valid" else length))
-    return mtp_loss_scale(weight, len(logits)) * total
-
-
-def mtp_loss_scale(weight: float, depths: int) -> float:
-    """lambda / D: the weight of the sum of the D depths' losses."""
-    return weight / depths

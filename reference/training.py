@@ -3,7 +3,7 @@ differences. Slow and plain on purpose: it is the baseline the TensorFlow traini
 
 Losses of one batch of token sequences [B, S] (report sections 2.1.2, 2.2; SEMANTICS.md sections 3, 4):
 - main: the mean cross-entropy of each position's logits against the next token;
-- MTP: lambda / D times the sum over depths of each depth's cross-entropy (reference/mtp.py);
+- MTP: lambda / D times the sum over depths of each depth's cross-entropy (`mtp_loss`);
 - balance: for each MoE layer and sequence, alpha * sum_i f_i P_i with f_i = N_r / (K_r T) * (tokens of the
   sequence routed to expert i) and P_i = the sequence's mean of s_i / sum_j s_j (s: the affinities, before
   the bias), averaged over the sequences and summed over the layers.
@@ -26,7 +26,6 @@ from conformance.format.weights import MoEWeights
 from .attention import LatentCache
 from .model import block, mtp_forward
 from .moe import affinities
-from .mtp import cross_entropy, mtp_loss
 from .norm import rms_norm
 
 
@@ -41,6 +40,36 @@ class Losses:
     @property
     def total(self) -> float:
         return self.main + self.mtp + self.balance
+
+
+def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per position, in float64."""
+    wide = logits.astype(np.float64)
+    shifted = wide - wide.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return -np.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+
+def mtp_loss(logits: list[np.ndarray], tokens: np.ndarray, weight: float, options: MTPOptions) -> float:
+    """lambda / D * sum over depths k of the cross-entropy of depth k's logits [B, S, V] against t(i+k+1).
+
+    Positions whose target lies beyond the sequence have none; the mean is over the positions that have
+    one ("valid") or over all S positions (1/T, "all").
+    """
+    batch, length = tokens.shape
+    total = 0.0
+    for depth, depth_logits in enumerate(logits, start=1):
+        valid = length - depth - 1
+        if valid <= 0:
+            continue
+        losses = cross_entropy(depth_logits[:, :valid], tokens[:, depth + 1:])
+        total += losses.sum() / (batch * (valid if options.loss_normalization == "valid" else length))
+    return mtp_loss_scale(weight, len(logits)) * total
+
+
+def mtp_loss_scale(weight: float, depths: int) -> float:
+    """lambda / D: the weight of the sum of the D depths' losses."""
+    return weight / depths
 
 
 def balance_loss(scores: np.ndarray, experts: np.ndarray, config: ModelConfig, alpha: float) -> float:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from ..backends import REFERENCE, Runner, Unsupported
-from ..format.config import tiny
-from ..format.numerics import UE8M0_SCOPES, Numerics
-from ..verdict import expect_close
-from .registry import examples, register
-from .strategies import build_weights, model_examples, models, prompt_and_continuation
+from conformance.backends import REFERENCE, Runner, Unsupported
+from conformance.format.config import tiny
+from conformance.format.numerics import UE8M0_SCOPES, Numerics
+from conformance.verdict import expect_close
+from conformance.checks.registry import examples, register
+from conformance.checks.strategies import build_weights, model_examples, models, prompt_and_continuation
 
 COMPONENT = "cross-backend"
 

@@ -5,10 +5,10 @@ the logical devices it needs and carries the mutants planted here (isolated.py).
 
 from __future__ import annotations
 
-from ..backends import REFERENCE, Unsupported
-from ..verdict import CheckFailed
-from .isolated import run_isolated
-from .registry import register
+from conformance.backends import REFERENCE, Unsupported
+from conformance.verdict import CheckFailed
+from conformance.checks.isolated import run_isolated
+from conformance.checks.registry import register
 
 COMPONENT = "distributed"
 

@@ -15,14 +15,14 @@ from hypothesis import strategies as st
 
 from reference.fp8 import dequantize_weight, quantize_weight
 
-from ..format.fp8 import FP8Error
-from ..format.numerics import Numerics
-from ..format.safetensors_io import read_all
-from ..golden import GoldenCase
-from ..metrics import rel_err
-from ..paths import GOLDEN_DIR
-from ..verdict import CheckFailed, expect, expect_close, expect_equal
-from .registry import check, examples, register
+from conformance.format.fp8 import FP8Error
+from conformance.format.numerics import Numerics
+from conformance.format.safetensors_io import read_all
+from conformance.golden.cases import GoldenCase
+from conformance.metrics import rel_err
+from conformance.paths import GOLDEN_DIR
+from conformance.verdict import CheckFailed, expect, expect_close, expect_equal
+from conformance.checks.registry import check, examples, register
 
 COMPONENT = "FP8 numerics"
 FP8_CASE = GOLDEN_DIR / "official" / "v3-tiny-fp8"

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ..golden import GoldenCase, check_case
-from ..manifest import case_dirs
-from ..paths import GOLDEN_DIR
-from ..verdict import CheckFailed, Incomplete, record
-from .registry import register
+from conformance.golden.cases import GoldenCase, check_case
+from conformance.golden.manifest import case_dirs
+from conformance.paths import GOLDEN_DIR
+from conformance.verdict import CheckFailed, Incomplete, record
+from conformance.checks.registry import register
 
 COMPONENT = "golden cases"
 

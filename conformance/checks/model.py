@@ -8,22 +8,22 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from ..format.numerics import Numerics
-from ..verdict import expect_close, self_consistency_key
-from .registry import check, examples
-from .strategies import model_examples, models, token_batches
+from conformance.format.numerics import Numerics
+from conformance.verdict import expect_close, self_consistency_key
+from conformance.checks.registry import check, examples
+from conformance.checks.strategies import model_examples, models, token_batches
 
 COMPONENT = "attention and cache"
 
 
 @check("properties:naive-absorbed", COMPONENT)
-@examples(model=models(), data=st.data(), max_examples=model_examples(), requires=dict(attention="naive"))
+@examples(model=models(), data=st.data(), max_examples=model_examples(), requires=dict(attention_form="naive"))
 def naive_attention_equals_absorbed(backend, model, data):
     """Naive MLA (latents expanded per head) and absorbed MLA give the same logits."""
     config, weights = model
     tokens = data.draw(token_batches(config))
     absorbed = backend.make_runner(config, weights).prefill(tokens)
-    naive = backend.make_runner(config, weights, attention="naive").prefill(tokens)
+    naive = backend.make_runner(config, weights, attention_form="naive").prefill(tokens)
     expect_close("naive vs absorbed MLA, logits at every position", naive.logits, absorbed.logits,
                  self_consistency_key(backend.default_dtype))
 

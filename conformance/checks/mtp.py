@@ -8,16 +8,16 @@ import dataclasses
 import numpy as np
 from hypothesis import strategies as st
 
-from ..backends import REFERENCE
-from ..format.mtp import MTPOptions
-from ..format.weights import LinearWeight
-from ..runners import greedy
-from ..speculative import speculative_generate
-from ..tolerances import tolerance
-from ..verdict import expect, expect_close, expect_equal, self_consistency_key
-from .cross import require_dtype
-from .registry import check, examples
-from .strategies import build_weights, configs, model_examples, models
+from conformance.backends import REFERENCE
+from conformance.format.mtp import MTPOptions
+from conformance.format.weights import LinearWeight
+from conformance.backends import greedy
+from conformance.backends import speculative_generate
+from conformance.tolerances import tolerance
+from conformance.verdict import expect, expect_close, expect_equal, self_consistency_key
+from conformance.checks.cross import require_dtype
+from conformance.checks.registry import check, examples
+from conformance.checks.strategies import build_weights, configs, model_examples, models
 
 COMPONENT = "multi-token prediction"
 

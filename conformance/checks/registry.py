@@ -19,9 +19,9 @@ from typing import Callable
 import hypothesis
 from hypothesis import given, settings
 
-from .. import profiles  # noqa: F401  (the shared hypothesis profile is loaded before any check is defined)
-from ..backends import Backend, Unsupported
-from ..verdict import Incomplete, Missing, NotApplicable
+from conformance import profiles  # noqa: F401  (the shared hypothesis profile is loaded before any check is defined)
+from conformance.backends import Backend, Unsupported
+from conformance.verdict import Incomplete, Missing, NotApplicable
 
 SCALES = ("fast", "small", "full")
 

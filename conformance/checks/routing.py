@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from ..format.weights import GateWeights
-from ..tolerances import tolerance
-from ..verdict import expect, expect_close
-from .registry import check, examples
-from .strategies import configs
+from conformance.format.weights import GateWeights
+from conformance.tolerances import tolerance
+from conformance.verdict import expect, expect_close
+from conformance.checks.registry import check, examples
+from conformance.checks.strategies import configs
 
 COMPONENT = "MoE routing"
 

@@ -18,12 +18,12 @@ import numpy as np
 
 from reference import training as ref
 
-from ..backends import REFERENCE, Unsupported
-from ..format.config import tiny
-from ..format.training import TrainSettings
-from ..verdict import expect, expect_close
-from .registry import register
-from .strategies import build_weights
+from conformance.backends import REFERENCE, Unsupported
+from conformance.format.config import tiny
+from conformance.format.training import TrainSettings
+from conformance.verdict import expect, expect_close
+from conformance.checks.registry import register
+from conformance.checks.strategies import build_weights
 
 COMPONENT = "training"
 STEPS = 3

@@ -23,12 +23,12 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ..checks.strategies import build_weights
-from ..format.config import tiny
-from ..format.numerics import Numerics
-from ..metrics import rel_err
-from ..tolerances import tolerance
-from ..verdict import CheckFailed
+from conformance.checks.strategies import build_weights
+from conformance.format.config import tiny
+from conformance.format.numerics import Numerics
+from conformance.metrics import rel_err
+from conformance.tolerances import tolerance
+from conformance.verdict import CheckFailed
 
 MESH_SIZES = (1, 2, 4, 8)
 KINDS = ("uniform", "one-expert", "some-experts-empty", "skewed")
@@ -133,7 +133,7 @@ def run(examples: int | None = None) -> dict:
     from impl.devices import logical_cpus
     from impl.expert_parallel import ExpertMesh
 
-    from .. import profiles
+    from conformance import profiles
 
     profiles.load()
     devices = logical_cpus(max(MESH_SIZES))
@@ -212,7 +212,7 @@ def _with_runtime_log(call) -> tuple:
 
 
 if __name__ == "__main__":
-    from ..checks.isolated import add_arguments, planted_from
+    from conformance.checks.isolated import add_arguments, planted_from
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import BadInput
+from conformance.format.config import ModelConfig
+from conformance.format.errors import BadInput
 
 
 class InputError(BadInput):

@@ -11,8 +11,8 @@ from typing import Callable, Collection, Literal, Sequence
 
 import numpy as np
 
-from .config import ModelConfig
-from .fp8 import scale_shape
+from conformance.format.config import ModelConfig
+from conformance.format.fp8 import scale_shape
 
 Role = Literal["float", "fp8", "scale"]
 

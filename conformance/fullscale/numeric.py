@@ -37,17 +37,17 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..backends import REFERENCE, Backend, Unsupported, resolve_backend
-from ..checks.routing import misrouted
-from ..format.checkpoint import Checkpoint, load_layer, load_mtp, load_tensor
-from ..format.config import ModelConfig
-from ..format.fp8 import scale_shape
-from ..format.numerics import Numerics
-from ..format.weights import (AttentionWeights, ExpertNotResident, FFNWeights, LayerWeights, LinearWeight,
+from conformance.backends import REFERENCE, Backend, Unsupported, resolve_backend
+from conformance.checks.routing import misrouted
+from conformance.format.checkpoint import Checkpoint, load_layer, load_mtp, load_tensor
+from conformance.format.config import ModelConfig
+from conformance.format.fp8 import scale_shape
+from conformance.format.numerics import Numerics
+from conformance.format.weights import (AttentionWeights, ExpertNotResident, FFNWeights, LayerWeights, LinearWeight,
                               ModelWeights, MoEWeights, MTPWeights, TensorSpec, tree_nbytes)
-from ..metrics import rel_err
-from ..tolerances import tolerance
-from ..verdict import FAILED, INCOMPLETE, PASSED, Missing, allowed
+from conformance.metrics import rel_err
+from conformance.tolerances import tolerance
+from conformance.verdict import FAILED, INCOMPLETE, PASSED, Missing, allowed
 
 # Experts resident beyond a token's top-k: those whose choice score is within this of the k-th (a float32
 # backend may break such a near tie the other way; float32 rounds scores near 1 by 6e-8).
@@ -107,7 +107,7 @@ class LayerRow:
 
 
 def _float64(tree):
-    from ..format.weights import map_arrays
+    from conformance.format.weights import map_arrays
 
     return map_arrays(tree, lambda a: a if a.dtype.itemsize == 1 else a.astype(np.float64))
 
@@ -297,7 +297,7 @@ def _oracle(row: LayerRow, config: ModelConfig, weights: LayerWeights, hidden: n
     if isinstance(weights.ffn, MoEWeights) and any(expert is None for expert in weights.ffn.experts):
         return missing("only some experts are resident")
     try:
-        from ..oracle import OracleRunner, OracleUnavailable
+        from conformance.golden.oracle import OracleRunner, OracleUnavailable
     except ImportError as error:
         return missing(str(error))
     try:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..format.config import ModelConfig
-from ..format.weights import expected_tensors
+from conformance.format.config import ModelConfig
+from conformance.format.weights import expected_tensors
 
 # Published for the released model (DeepSeek-V3 README_WEIGHTS.md and technical report, billions).
 PUBLISHED = {"main": 671.0, "mtp_unique": 11.5, "mtp_block": 11.5, "stored": 685.0, "activated": 36.7}

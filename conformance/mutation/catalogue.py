@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .planting import Context, Maker
+from conformance.mutation.planting import Context, Maker
 
 HISTORICAL, SEED, HARNESS, CONTROL = ("historical (SEMANTICS.md section 2)", "seed documents", "harness catalogue",
                                       "control (changes nothing)")
@@ -594,12 +594,12 @@ CATALOGUE = [
            _one("moe:MASKED_CHOICE", _constant(float("-inf"))), ROUTING),
     Mutant("control-attention", "pass-through wrappers around both attention forms", CONTROL,
            (Patch("attention:absorbed_attention", _pass_through), Patch("attention:naive_attention", _pass_through)),
-           ("properties:batch-rows", "properties:naive-absorbed") + TINY),
+           ("properties:batch-rows", "properties:naive-absorbed")),
     Mutant("control-fp8", "pass-through wrappers around the activation scales and the fp8 GEMM", CONTROL,
-           (Patch("fp8:activation_scales", _pass_through), Patch("fp8:fp8_gemm", _pass_through)), FP8[:4] + FP8_ACT),
+           (Patch("fp8:activation_scales", _pass_through), Patch("fp8:fp8_gemm", _pass_through)), FP8[:4]),
     Mutant("control-mtp", "pass-through wrappers around the MTP input and head", CONTROL,
            (Patch("mtp:mtp_input", _pass_through), Patch("mtp:mtp_head", _pass_through)),
-           MTP + ("mtp:cross[float32]",)),
+           ("mtp:cross[float32]",)),
     Mutant("control-golden", "a pass-through wrapper around RMSNorm, on golden cases of both producers", CONTROL,
            _one("norm:rms_norm", _pass_through), TINY + EPS_THETA[:1]),
     Mutant("control-training", "pass-through wrappers around the gradients and the bias update", CONTROL,

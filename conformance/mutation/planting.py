@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Iterator
 
-from ..backends import Backend
-from ..verdict import NotApplicable  # the backend has no such role or attribute: the mutant does not apply to it
+from conformance.backends import Backend
+from conformance.verdict import NotApplicable  # the backend has no such role or attribute: the mutant does not apply to it
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,13 @@ import numpy as np
 
 from reference.fp8 import quantize_weight
 
-from ..backends import Backend, Unsupported
-from ..checks.isolated import run_isolated
-from ..checks.strategies import build_weights
-from ..format.config import YarnScaling, tiny, tiny_fp8, tiny_v2
-from ..format.numerics import Numerics
-from ..format.weights import GateWeights
-from ..speculative import speculative_generate
+from conformance.backends import Backend, Unsupported
+from conformance.checks.isolated import run_isolated
+from conformance.checks.strategies import build_weights
+from conformance.format.config import YarnScaling, tiny, tiny_fp8, tiny_v2
+from conformance.format.numerics import Numerics
+from conformance.format.weights import GateWeights
+from conformance.backends import speculative_generate
 
 Output = tuple[str, np.ndarray]
 
@@ -85,7 +85,7 @@ def _models(backend: Backend, models) -> Iterator[Output]:
         weights = build_weights(config, seed=9, bias_mean=-2.0)
         prompt = np.random.default_rng(10).integers(0, config.vocab_size, (2, 5))
         try:
-            runner = backend.make_runner(config, weights, numerics, attention=form)
+            runner = backend.make_runner(config, weights, numerics, attention_form=form)
             steps = [runner.prefill(prompt, capacity=7)]
             steps += [runner.decode(token) for token in np.array([[1, 2], [3, 4]])]
         except Unsupported:
@@ -140,7 +140,7 @@ def _forced_outputs(backend: Backend) -> Iterator[Output]:
 
 def _kernel_outputs(backend: Backend) -> Iterator[Output]:
     """Decode steps at widths the tf backend's native kernel takes."""
-    from ..checks.cross import KERNEL_WIDTHS
+    from conformance.checks.cross import KERNEL_WIDTHS
 
     try:
         runner = backend.make_runner(KERNEL_WIDTHS, build_weights(KERNEL_WIDTHS, seed=16), dtype="float32")
@@ -153,7 +153,7 @@ def _kernel_outputs(backend: Backend) -> Iterator[Output]:
 
 def _training_outputs(backend: Backend) -> Iterator[Output]:
     """A training step: losses, gradients, loads and the weights after."""
-    from ..checks.training import CONFIGS, SETTINGS
+    from conformance.checks.training import CONFIGS, SETTINGS
     from reference.training import arrays
 
     if backend.trainer is None:

@@ -23,10 +23,10 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from ..backends import BUILTIN, Backend, Unsupported, resolve_backend
-from ..verdict import CheckFailed
-from .catalogue import CATALOGUE, MUTANTS, ROLES, Mutant
-from .planting import NotApplicable, import_backend, planted
+from conformance.backends import BUILTIN, Backend, Unsupported, resolve_backend
+from conformance.verdict import CheckFailed
+from conformance.mutation.catalogue import CATALOGUE, MUTANTS, ROLES, Mutant
+from conformance.mutation.planting import NotApplicable, import_backend, planted
 
 @dataclass
 class CheckRun:
@@ -44,7 +44,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def run_check(key: str, backend: Backend) -> CheckRun:
-    from ..checks import CHECKS
+    from conformance.checks import CHECKS
 
     start = time.perf_counter()
     sink = io.StringIO()
@@ -76,7 +76,7 @@ class MutantRun:
 def probed_sections(mutant: Mutant) -> list[str]:
     """The probe's sections a mutant is probed in: those its targets' roles reach (what it replaces is all it can
     change), so that the fingerprint of a section is made only where some mutant needs it."""
-    from .probe import sections_of
+    from conformance.mutation.probe import sections_of
 
     return sections_of(patch.target.split(":")[0] for patch in mutant.patches)
 
@@ -84,7 +84,7 @@ def probed_sections(mutant: Mutant) -> list[str]:
 def plant_and_run(mutant: Mutant, backend: Backend, unmutated: dict, first_kill: bool) -> MutantRun:
     """Plant `mutant`, probe against the `unmutated` fingerprint, then run its checks (the first kill ends it
     when `first_kill`)."""
-    from .probe import first_difference
+    from conformance.mutation.probe import first_difference
 
     run = MutantRun(mutant.key, backend.name)
     start = time.perf_counter()
@@ -170,7 +170,7 @@ def _control_task(key: str, backend_spec: str) -> CheckRun:
 
 
 def _fingerprint_task(backend_spec: str, section: str) -> dict:
-    from .probe import fingerprint
+    from conformance.mutation.probe import fingerprint
 
     return fingerprint(resolve_backend(backend_spec), [section])
 
@@ -186,7 +186,7 @@ def plant_in_turn(backend_spec: str, keys: list[str] | None = None) -> list[str]
 
     The runner never relies on this (each of its mutants runs in a process of its own); it shows that
     planting alone, in one process, also undoes itself completely."""
-    from .probe import fingerprint, first_difference
+    from conformance.mutation.probe import fingerprint, first_difference
 
     backend = resolve_backend(backend_spec)
     import_backend(backend)
@@ -211,7 +211,7 @@ def _worker_init(profile: str, threads: int) -> None:
     os.environ["HYPOTHESIS_PROFILE"] = profile
     # The workers share the machine's cores: each runs TensorFlow on its share.
     os.environ["TF_NUM_INTRAOP_THREADS"] = os.environ["TF_NUM_INTEROP_THREADS"] = str(threads)
-    from .. import profiles
+    from conformance import profiles
 
     profiles.load(profile)
 
@@ -351,7 +351,7 @@ def summarize(results: list[MutantResult]) -> tuple[str, str]:
     or a control was killed; INCOMPLETE when no mutant applies to some backend, which then proves nothing about
     the checks on it; PASSED otherwise. Mutants that do not apply to a backend (a role it does not declare) are
     counted, not run."""
-    from ..verdict import FAILED, INCOMPLETE, PASSED
+    from conformance.verdict import FAILED, INCOMPLETE, PASSED
 
     real = [r for r in results if not r.control and r.verdict != "not applicable"]
     controls = [r for r in results if r.control]

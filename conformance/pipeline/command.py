@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .schedules import METHODS, generate
-from .static import check_schedule
+from conformance.pipeline.schedules import METHODS, generate
+from conformance.pipeline.static import check_schedule
 
 
 def _schedule(args: argparse.Namespace) -> int:

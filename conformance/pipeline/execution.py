@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from tabulate import tabulate
 
-from ..format.pipeline import Schedule, micro_batches_per_flow, stages
-from .schedules import METHODS, generate
-from .topology import chunks_of
+from conformance.format.pipeline import Schedule, micro_batches_per_flow, stages
+from conformance.pipeline.schedules import METHODS, generate
+from conformance.pipeline.topology import chunks_of
 
 COSINE_BOUND = 1e-13  # the DualPipe example's own bound on gradients, float64
 
@@ -142,7 +142,7 @@ def standard_runs() -> list[dict]:
 if __name__ == "__main__":
     import json
 
-    from ..checks.isolated import add_arguments, planted_from
+    from conformance.checks.isolated import add_arguments, planted_from
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -28,8 +28,8 @@ separated first pair on the last rank (where the V turns).
 
 from __future__ import annotations
 
-from ..format.errors import BadInput
-from ..format.pipeline import Op, Schedule
+from conformance.format.errors import BadInput
+from conformance.format.pipeline import Op, Schedule
 
 METHODS = ("dualpipe", "dualpipev", "1f1b", "zb1p")
 

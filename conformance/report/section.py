@@ -1,0 +1,41 @@
+"""A section of the report beyond the golden cases and the suite: a capability's table, figures and verdict, and
+where the sections come from (this package's modules, and any registered through the entry point group
+`dsv3_conformance.report_sections`, as the benchmarks register theirs)."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+SECTION_GROUP = "dsv3_conformance.report_sections"
+# name -> module of this package whose report_section(golden_dir, backends, out) computes it
+BUILTIN_SECTIONS = {"mtp": "conformance.report.mtp", "fp8": "conformance.report.fp8",
+                    "pipeline": "conformance.report.pipeline", "expert-parallel": "conformance.report.expert_parallel",
+                    "training": "conformance.report.training"}
+
+
+@dataclass
+class Section:
+    """A table (and its figures) a capability contributes to the report."""
+
+    title: str
+    introduction: str
+    rows: list[dict]
+    figures: dict[str, Path] = field(default_factory=dict)
+    passed: bool = True  # a capability's own verdict; a failed section fails the report
+
+
+def capability_sections() -> dict[str, Callable]:
+    """name -> report_section(golden_dir, backends, out) of every section: the built-in ones, then the registered."""
+    sections = {name: importlib.import_module(module).report_section for name, module in BUILTIN_SECTIONS.items()}
+    for entry in metadata.entry_points(group=SECTION_GROUP):
+        sections.setdefault(entry.name, entry.load())
+    return sections
+
+
+def section_names() -> list[str]:
+    return [*BUILTIN_SECTIONS, *(entry.name for entry in metadata.entry_points(group=SECTION_GROUP)
+                                 if entry.name not in BUILTIN_SECTIONS)]

@@ -1,0 +1,44 @@
+"""Recorded divergences of the transformers oracle (conformance/divergences.py) still exist.
+
+Configs the oracle implements differently from the official code are not compared for equality; each
+such divergence is recorded, and checked here to still show.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conformance.backends import REFERENCE
+from conformance.checks.strategies import build_weights
+from conformance.golden.divergences import DIVERGENCES
+from conformance.metrics import rel_err
+from conformance.tolerances import tolerance
+
+pytest.importorskip("torch", reason="the PyTorch oracle needs the oracle extra: pip install -e '.[oracle]'")
+pytest.importorskip("transformers", reason="the PyTorch oracle needs the oracle extra: pip install -e '.[oracle]'")
+pytestmark = pytest.mark.oracle
+
+from conformance.golden.oracle import OracleRunner  # noqa: E402  (after the skip: it imports torch lazily anyway)
+
+
+@pytest.mark.parametrize("divergence", [d for d in DIVERGENCES if d.example], ids=lambda d: d.key)
+def test_known_divergence_still_exists(divergence):
+    """A recorded divergence must still show; if it no longer does, its record is out of date."""
+    config = divergence.example()
+    weights = build_weights(config, seed=11)
+    prompt = np.random.default_rng(0).integers(0, config.vocab_size, (2, 12))
+    official = REFERENCE.make_runner(config, weights).prefill(prompt).logits
+    oracle = OracleRunner(config, weights, accept_divergences=True).prefill(prompt).logits
+    error = rel_err(oracle, official)
+    assert error > tolerance("oracle.float32").value, (
+        f"divergence {divergence.key} is no longer observed (rel_err {error:.2e}): update conformance/divergences.py")
+
+
+def test_oracle_refuses_diverging_configs():
+    from conformance.format.config import tiny_v2
+    from conformance.golden.oracle import OracleUnavailable
+
+    config = tiny_v2()
+    with pytest.raises(OracleUnavailable, match="hf-ignores-scoring-func, hf-assumes-correction-bias"):
+        OracleRunner(config, build_weights(config, seed=0))

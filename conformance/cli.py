@@ -25,7 +25,7 @@ from tabulate import tabulate
 from conformance.console import quiet
 from conformance.backends import DEFAULT_BACKENDS, Unsupported, resolve_backend, resolve_backends
 from conformance.format.checkpoint import load_weights, open_checkpoint
-from conformance.format.config import ModelConfig, load_config
+from conformance.format.config import ALLOW_FIELDS_HELP, ModelConfig, allow_fields, load_config
 from conformance.format.errors import BadInput
 from conformance.format.inputs import InputError
 from conformance.format.numerics import Numerics
@@ -48,9 +48,9 @@ def results_table(result: CaseResult) -> str:
 
 
 def report_unknown_fields(config: ModelConfig, source: str) -> None:
-    """Unknown config fields are kept, not fatal, and said once."""
+    """Unknown config fields the user allowed are said once."""
     if config.unknown_fields:
-        print(f"{source}: unknown config field(s) kept and ignored: {', '.join(config.unknown_fields)}",
+        print(f"{source}: unknown config field(s) accepted by --allow-fields: {', '.join(config.unknown_fields)}",
               file=sys.stderr)
 
 
@@ -71,7 +71,7 @@ def missing_table(missing: list[Missing], allow: tuple[str, ...]) -> str:
 def _check_golden(args: argparse.Namespace) -> int:
     backend = resolve_backend(args.backend)
     allow = parse_allow(args.allow_missing)
-    case = GoldenCase.load(args.case_dir)
+    case = GoldenCase.load(args.case_dir, allow_fields(args.allow_fields))
     report_unknown_fields(case.config, str(case.path / "config.json"))
     result = check_case(case, backend, args.dtype, allow=allow)
     print(f"case {result.case} on backend {result.backend}")
@@ -98,7 +98,7 @@ def _parse_prompts(prompts: list[str]) -> np.ndarray:
 
 def _generate(args: argparse.Namespace) -> int:
     backend = resolve_backend(args.backend)
-    config = load_config(args.config or args.model_dir)
+    config = load_config(args.config or args.model_dir, allow_fields(args.allow_fields))
     report_unknown_fields(config, args.config or str(Path(args.model_dir) / "config.json"))
     prompt = _parse_prompts(args.prompt)
     if prompt.shape[1] + args.steps - 1 > config.max_seq_len:
@@ -106,6 +106,11 @@ def _generate(args: argparse.Namespace) -> int:
                          f"max_position_embeddings={config.max_seq_len}")
     with open_checkpoint(args.model_dir) as checkpoint:
         weights = load_weights(checkpoint, config, progress=True)
+        if config.n_mtp_layers and not weights.mtp:
+            if args.speculative:
+                raise InputError(f"{args.model_dir}: --speculative needs the MTP module, which this checkpoint "
+                                 "does not store")
+            print(f"{args.model_dir}: no MTP tensors stored: loaded as a model without MTP", file=sys.stderr)
         runner = backend.make_runner(config, weights, Numerics(args.gemm_impl, config.scale_fmt), args.dtype)
         stats = None
         try:
@@ -237,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compute dtype (default: the backend's)")
     golden.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     golden.add_argument("--allow-missing", metavar="PARTS", help=ALLOW_HELP)
+    golden.add_argument("--allow-fields", metavar="FIELDS", help=ALLOW_FIELDS_HELP)
     golden.set_defaults(run=_check_golden)
 
     generate = commands.add_parser("generate", help="greedy generation from prompt token ids")
@@ -245,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="comma-separated token ids; repeat for a batch of equal-length prompts")
     generate.add_argument("--steps", type=_at_least(0), default=16, help="tokens to generate")
     generate.add_argument("--config", help="config file (default: MODEL_DIR/config.json)")
+    generate.add_argument("--allow-fields", metavar="FIELDS", help=ALLOW_FIELDS_HELP)
     generate.add_argument("--backend", default="tf", help=BACKEND_HELP)
     generate.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default=None)
     generate.add_argument("--gemm-impl", choices=("bf16", "fp8"), default="bf16",
@@ -303,7 +310,27 @@ def build_parser() -> argparse.ArgumentParser:
     registered = [entry.load() for entry in metadata.entry_points(group=COMMAND_GROUP)]
     for add_command in (*CAPABILITY_COMMANDS, *registered):
         add_command(commands, _at_least)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('dsv3-conformance')}")
+    _show_defaults(parser)
     return parser
+
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, unless its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.formatter_class = _DefaultsHelp
+                _show_defaults(command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,6 +92,11 @@ class Checkpoint:
         """The official converted layout leaves the MTP module out."""
         return self.layout == "official"
 
+    def has_mtp(self, config: ModelConfig) -> bool:
+        """Whether any tensor of the MTP modules is stored (transformers saves none of them)."""
+        prefix = f"model.layers.{config.n_layers}."
+        return not self.drops_mtp and any(name.startswith(prefix) for name in self._locations)
+
     def names(self) -> list[str]:
         return sorted(self._locations)
 
@@ -318,10 +323,10 @@ def load_weights(checkpoint: Checkpoint, config: ModelConfig, layers: Sequence[i
                  check_finite: bool = True, progress: bool = False) -> ModelWeights:
     """The weight tree of `config` from `checkpoint`, validated.
 
-    Missing tensors, and (when the whole model is loaded) tensors the config does not describe, are
+    A checkpoint that stores no MTP tensor loads as a model without MTP (`weights.mtp` empty). Missing tensors, and (when the whole model is loaded) tensors the config does not describe, are
     errors that list them. `layers` loads only those blocks, reading nothing else of the other layers.
     """
-    include_mtp = not checkpoint.drops_mtp
+    include_mtp = checkpoint.has_mtp(config)
     total = len(checkpoint.names()) if progress and layers is None else None
     bar = tqdm(total=total, desc=f"loading {checkpoint.path.name}", unit="tensor") if progress else None
     fetch = _ValidatingFetch(checkpoint, config, check_finite, bar)

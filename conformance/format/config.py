@@ -101,6 +101,24 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+class _Problems:
+    """Every problem of a config, reported together in one ConfigError."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def require(self, condition: bool, message: str) -> bool:
+        if not condition:
+            self.found.append(message)
+        return bool(condition)
+
+    def raise_any(self) -> None:
+        if len(self.found) == 1:
+            raise ConfigError(self.found[0])
+        if self.found:
+            raise ConfigError(f"{len(self.found)} problems: " + "; ".join(self.found))
+
+
 def show(value: Any) -> str:
     """A value as the user wrote it in JSON: "4" (a string) is not 4 (a number)."""
     try:
@@ -145,16 +163,19 @@ def _is_number(value: Any) -> bool:
 def validate(config: ModelConfig) -> None:
     """Raise ConfigError naming the fields (as the user's file spells them) when `config` cannot be run."""
     n = config.spelled
+    problems = _Problems()
+    _require = problems.require
     for name in _POSITIVE + _NON_NEGATIVE:
         value, floor = getattr(config, name), 1 if name in _POSITIVE else 0
-        _require(_is_int(value) and value >= floor,
-                 f"{n(name)} must be {'a positive' if floor else 'a non-negative'} integer, found {show(value)}")
-        if name in LIMITS:
+        if _require(_is_int(value) and value >= floor,
+                    f"{n(name)} must be {'a positive' if floor else 'a non-negative'} integer, found {show(value)}") \
+                and name in LIMITS:
             bound, reason = LIMITS[name]
             _require(value <= bound, f"{n(name)}={value} exceeds this harness's bound of {bound:,} ({reason})")
     for name in ("route_scale", "rms_norm_eps", "rope_theta"):
         _require(_is_number(getattr(config, name)), f"{n(name)} must be a finite number, found "
                                                      f"{show(getattr(config, name))}")
+    problems.raise_any()  # the relations below need every number to be one
     _require(config.n_dense_layers <= config.n_layers,
              f"{n('n_dense_layers')}={config.n_dense_layers} exceeds {n('n_layers')}={config.n_layers}")
     _require(config.score_func in ("sigmoid", "softmax"),
@@ -183,9 +204,11 @@ def validate(config: ModelConfig) -> None:
              f"unknown {n('scale_fmt')} {show(config.scale_fmt)}: expected \"ue8m0\" or none")
     yarn = config.rope_scaling
     if yarn is not None:
-        for name in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
-            value = getattr(yarn, name)
-            _require(_is_number(value), f"{n('rope_scaling.' + name)} must be a finite number, found {show(value)}")
+        numbers = [_require(_is_number(getattr(yarn, name)), f"{n('rope_scaling.' + name)} must be a finite "
+                            f"number, found {show(getattr(yarn, name))}")
+                   for name in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")]
+        if not all(numbers):
+            problems.raise_any()
         _require(yarn.factor >= 1, f"{n('rope_scaling.factor')} must be >= 1, found {show(yarn.factor)}")
         _require(_is_int(yarn.original_seq_len) and yarn.original_seq_len > 0,
                  f"{n('rope_scaling.original_seq_len')} must be a positive integer, found "
@@ -193,6 +216,7 @@ def validate(config: ModelConfig) -> None:
         _require(yarn.beta_fast > yarn.beta_slow > 0,
                  f"{n('rope_scaling.beta_fast')} > {n('rope_scaling.beta_slow')} > 0 is needed, found "
                  f"{show(yarn.beta_fast)} and {show(yarn.beta_slow)}")
+    problems.raise_any()
 
 
 # --- raw JSON fields: their types, checked before any conversion -------------------------------------------
@@ -209,14 +233,24 @@ _KINDS = {
 }
 
 
-def _check_types(raw: Mapping[str, Any], schema: Mapping[str, str], prefix: str = "") -> None:
+def _check_types(raw: Mapping[str, Any], schema: Mapping[str, str], prefix: str = "",
+                 problems: _Problems | None = None) -> None:
+    """Every field of `raw` that `schema` names has its type; all problems are added to `problems` (raised
+    at once when none is given)."""
+    collected = problems or _Problems()
     for key, kind in schema.items():
         if key in raw:
             accepts, description = _KINDS[kind]
-            _require(accepts(raw[key]), f"{prefix}{key} must be {description}, found {show(raw[key])}")
+            collected.require(accepts(raw[key]), f"{prefix}{key} must be {description}, found {show(raw[key])}")
+    if problems is None:
+        collected.raise_any()
 
 
 # --- Hugging Face config.json ----------------------------------------------------------------------
+# Two forms: the released checkpoint's (transformers 4 and the remote code: `rope_theta` and `rope_scaling`,
+# `topk_method`, `scoring_func`) and transformers 5's (`rope_parameters` holding the theta and YaRN; no
+# `topk_method` or `scoring_func`: its model always routes by sigmoid with the correction bias, group-limited).
+# A field the file omits takes transformers' `DeepseekV3Config` default (docs/checkpoints.md).
 
 # HF field -> ModelConfig field, for fields that map one to one.
 _HF_FIELDS = {
@@ -239,23 +273,34 @@ _HF_FIELDS = {
     "qk_rope_head_dim": "qk_rope_head_dim",
     "v_head_dim": "v_head_dim",
     "rms_norm_eps": "rms_norm_eps",
-    "rope_theta": "rope_theta",
     "max_position_embeddings": "max_seq_len",
     "num_nextn_predict_layers": "n_mtp_layers",
 }
+# transformers' DeepseekV3Config defaults (5.25; tests/harness/test_config.py compares them with the installed
+# class), for the fields a file may omit; `topk_method` and `scoring_func` are what its model does.
+HF_DEFAULTS = {"first_k_dense_replace": 3, "n_shared_experts": 1, "n_group": 8, "topk_group": 4,
+               "scoring_func": "sigmoid", "topk_method": "noaux_tc", "routed_scaling_factor": 2.5,
+               "q_lora_rank": 1536, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "num_nextn_predict_layers": 1,
+               "norm_topk_prob": True, "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False,
+               "rope_interleave": True}
 # Fields read by hand below (they need checks or conversion).
-_HF_SPECIAL = {"q_lora_rank", "rope_scaling", "topk_method", "norm_topk_prob", "quantization_config",
-               "moe_layer_freq", "hidden_act", "num_key_value_heads", "tie_word_embeddings", "head_dim",
-               "qk_head_dim", "scale_fmt", "attention_bias"}
-# Fields of released configs that do not change the forward pass.
+_HF_SPECIAL = {"q_lora_rank", "rope_theta", "rope_scaling", "rope_parameters", "topk_method", "norm_topk_prob",
+               "quantization_config", "moe_layer_freq", "hidden_act", "num_key_value_heads", "tie_word_embeddings",
+               "head_dim", "qk_head_dim", "scale_fmt", "attention_bias", "rope_interleave"}
+# Fields of released and transformers-saved configs that do not change the forward pass.
 _HF_IGNORED = {"architectures", "model_type", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id",
-               "initializer_range", "attention_dropout", "pretraining_tp", "use_cache",
+               "initializer_range", "attention_dropout", "pretraining_tp", "use_cache", "output_router_logits",
                "transformers_version", "torch_dtype", "dtype", "aux_loss_alpha", "seq_aux", "ep_size",
-               "rope_interleave", "_name_or_path"}
+               "_name_or_path", "output_hidden_states", "output_attentions", "return_dict", "id2label", "label2id",
+               "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class",
+               "sep_token_id", "decoder_start_token_id", "task_specific_params", "finetuning_task", "prefix",
+               "torchscript", "tf_legacy_loss", "use_bfloat16", "_attn_implementation_autoset"}
 _HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "n_routed_experts", "num_experts_per_tok", "kv_lora_rank",
                 "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings")
 _TOPK_METHODS = {"noaux_tc": True, "greedy": False, "group_limited_greedy": False}
+# transformers writes its default num_key_value_heads (128) for any model; MLA reads no such field.
+_HF_DEFAULT_KV_HEADS = 128
 
 
 _HF_SCHEMA = {**{key: "int" for key in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
@@ -267,104 +312,148 @@ _HF_SCHEMA = {**{key: "int" for key in ("vocab_size", "hidden_size", "intermedia
               "q_lora_rank": "int?", "routed_scaling_factor": "number", "rms_norm_eps": "number",
               "rope_theta": "number", "scoring_func": "str", "topk_method": "str", "hidden_act": "str",
               "scale_fmt": "str?", "norm_topk_prob": "bool", "tie_word_embeddings": "bool", "attention_bias": "bool",
-              "rope_scaling": "object?", "quantization_config": "object?"}
-_HF_YARN_SCHEMA = {"type": "str?", "rope_type": "str?", "factor": "number", "original_max_position_embeddings": "int",
-                   "beta_fast": "number", "beta_slow": "number", "mscale": "number", "mscale_all_dim": "number"}
+              "rope_interleave": "bool", "rope_scaling": "object?", "rope_parameters": "object?",
+              "quantization_config": "object?"}
+_HF_ROPE_SCHEMA = {"type": "str?", "rope_type": "str?", "rope_theta": "number", "factor": "number",
+                   "original_max_position_embeddings": "int", "beta_fast": "number", "beta_slow": "number",
+                   "mscale": "number", "mscale_all_dim": "number", "truncate": "bool",
+                   "partial_rotary_factor": "number", "attention_factor": "number"}
 _HF_QUANT_SCHEMA = {"quant_method": "str", "fmt": "str", "weight_block_size": "list", "activation_scheme": "str",
                     "scale_fmt": "str?"}
 HF_SPELLING = {**{ours: theirs for theirs, ours in _HF_FIELDS.items()}, "gate_bias": "topk_method",
-               "fp8_weights": "quantization_config", "scale_fmt": "scale_fmt",
+               "fp8_weights": "quantization_config", "scale_fmt": "scale_fmt", "rope_theta": "rope_theta",
                **{f"rope_scaling.{name}": f"rope_scaling.{name}" for name in
                   ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")},
                "rope_scaling.original_seq_len": "rope_scaling.original_max_position_embeddings"}
 
 
-def _yarn_from_hf(rope_scaling: Mapping[str, Any] | None) -> YarnScaling | None:
-    if not rope_scaling:
-        return None
-    _check_types(rope_scaling, _HF_YARN_SCHEMA, "rope_scaling.")
-    kind = rope_scaling.get("type", rope_scaling.get("rope_type"))
+def _rope_from_hf(raw: Mapping[str, Any], problems: _Problems) -> tuple[float, YarnScaling | None]:
+    """The rope theta and YaRN of either form. transformers (and the released remote code) scale the rotary
+    part by m(mscale)/m(mscale_all_dim) and the softmax by m(mscale_all_dim)^2, absent values read as 1 and 0;
+    the official code scales the softmax by m(mscale)^2 alone. The two agree exactly when the two are equal."""
+    legacy, current = raw.get("rope_scaling"), raw.get("rope_parameters")
+    where = "rope_parameters" if current is not None else "rope_scaling"
+    rope = dict(current if current is not None else legacy or {})
+    problems.require(not (legacy and current is not None and
+                          {k: v for k, v in legacy.items() if k != "type"} !=
+                          {k: v for k, v in current.items() if k not in ("rope_theta", "type")}),
+                     f"rope_scaling {show(legacy)} and rope_parameters {show(current)} disagree")
+    unknown = sorted(set(rope) - set(_HF_ROPE_SCHEMA))
+    problems.require(not unknown, f"{where} has unknown field(s) {', '.join(unknown)}")
+    for key, kind in _HF_ROPE_SCHEMA.items():
+        if key in rope:
+            accepts, description = _KINDS[kind]
+            problems.require(accepts(rope[key]), f"{where}.{key} must be {description}, found {show(rope[key])}")
+    if problems.found:
+        return 10000.0, None
+    theta = rope.get("rope_theta", raw.get("rope_theta", HF_DEFAULTS["rope_theta"]))
+    problems.require("rope_theta" not in raw or "rope_theta" not in rope or raw["rope_theta"] == rope["rope_theta"],
+                     f"rope_theta {show(raw.get('rope_theta'))} and {where}.rope_theta {show(rope.get('rope_theta'))} "
+                     "disagree")
+    kind = rope.get("rope_type", rope.get("type", "default"))
     if kind in ("default", None):
-        return None
-    _require(kind == "yarn", f"rope_scaling type {show(kind)} is not supported: DeepSeek-V3 uses \"yarn\" or none")
-    _require("factor" in rope_scaling and "original_max_position_embeddings" in rope_scaling,
-             "rope_scaling of type yarn needs 'factor' and 'original_max_position_embeddings'")
-    return YarnScaling(factor=float(rope_scaling["factor"]),
-                       original_seq_len=rope_scaling["original_max_position_embeddings"],
-                       beta_fast=float(rope_scaling.get("beta_fast", 32)),
-                       beta_slow=float(rope_scaling.get("beta_slow", 1)),
-                       mscale=float(rope_scaling.get("mscale", 1.0)),
-                       mscale_all_dim=float(rope_scaling.get("mscale_all_dim", 1.0)))
+        return float(theta), None
+    problems.require(kind == "yarn", f"{where} type {show(kind)} is not supported: DeepSeek-V3 uses \"yarn\" or "
+                                     "\"default\"")
+    problems.require("factor" in rope and "original_max_position_embeddings" in rope,
+                     f"{where} of type yarn needs 'factor' and 'original_max_position_embeddings'")
+    mscale, mscale_all_dim = rope.get("mscale", 1.0), rope.get("mscale_all_dim", 0.0)
+    problems.require(mscale == mscale_all_dim,
+                     f"{where}.mscale={show(mscale)} and mscale_all_dim={show(mscale_all_dim)} (absent: 1 and 0) "
+                     "differ: transformers then scales the rotary part apart from the softmax, which the official "
+                     "code does not; write both equal, as the released config does")
+    problems.require(rope.get("truncate", True) is True, f"{where}.truncate=false is not supported: the official "
+                                                         "code rounds the correction range outwards")
+    problems.require(rope.get("partial_rotary_factor", 1) == 1, f"{where}.partial_rotary_factor must be 1")
+    problems.require("attention_factor" not in rope, f"{where}.attention_factor is not supported: the official "
+                                                     "code derives it from mscale")
+    if problems.found:
+        return float(theta), None
+    problems.require(raw["max_position_embeddings"] > rope["original_max_position_embeddings"],
+                     f"yarn with max_position_embeddings={raw['max_position_embeddings']} not above "
+                     f"{where}.original_max_position_embeddings={rope['original_max_position_embeddings']}: "
+                     "transformers applies YaRN, the official code does not")
+    return float(theta), YarnScaling(factor=float(rope["factor"]),
+                                     original_seq_len=rope["original_max_position_embeddings"],
+                                     beta_fast=float(rope.get("beta_fast", 32)),
+                                     beta_slow=float(rope.get("beta_slow", 1)),
+                                     mscale=float(mscale), mscale_all_dim=float(mscale_all_dim))
 
 
-def _fp8_from_hf(quantization: Mapping[str, Any] | None) -> tuple[bool, str | None]:
+def _fp8_from_hf(quantization: Mapping[str, Any] | None, problems: _Problems) -> tuple[bool, str | None]:
     if not quantization:
         return False, None
-    _check_types(quantization, _HF_QUANT_SCHEMA, "quantization_config.")
+    _check_types(quantization, _HF_QUANT_SCHEMA, "quantization_config.", problems)
     method = quantization.get("quant_method")
-    _require(method == "fp8", f"quantization_config.quant_method {show(method)} is not supported: expected \"fp8\"")
-    _require(quantization.get("fmt", "e4m3") == "e4m3",
-             f"quantization_config.fmt {show(quantization.get('fmt'))} is not supported: expected \"e4m3\"")
+    problems.require(method == "fp8", f"quantization_config.quant_method {show(method)} is not supported: "
+                                      "expected \"fp8\"")
+    problems.require(quantization.get("fmt", "e4m3") == "e4m3",
+                     f"quantization_config.fmt {show(quantization.get('fmt'))} is not supported: expected \"e4m3\"")
     block = quantization.get("weight_block_size", [BLOCK, BLOCK])
-    _require(block == [BLOCK, BLOCK],
-             f"quantization_config.weight_block_size {show(block)} is not supported: expected [128, 128]")
+    problems.require(block == [BLOCK, BLOCK],
+                     f"quantization_config.weight_block_size {show(block)} is not supported: expected [128, 128]")
     scheme = quantization.get("activation_scheme", "dynamic")
-    _require(scheme == "dynamic", f"quantization_config.activation_scheme {show(scheme)} is not supported: "
-                                  "expected \"dynamic\"")
+    problems.require(scheme == "dynamic", f"quantization_config.activation_scheme {show(scheme)} is not supported: "
+                                          "expected \"dynamic\"")
     return True, quantization.get("scale_fmt")
 
 
-def from_hf_dict(raw: Mapping[str, Any], name: str = "") -> ModelConfig:
-    """Build a config from the fields of a Hugging Face DeepSeek-V3 `config.json`."""
+def from_hf_dict(raw: Mapping[str, Any], name: str = "", allow_fields: tuple[str, ...] = ()) -> ModelConfig:
+    """Build a config from the fields of a Hugging Face DeepSeek-V3 `config.json` (either form), reporting
+    every problem at once. A field this harness does not know is refused unless `allow_fields` names it."""
+    problems = _Problems()
     missing = [key for key in _HF_REQUIRED if key not in raw]
-    _require(not missing, f"config.json lacks required field(s): {', '.join(missing)}")
-    _check_types(raw, _HF_SCHEMA)
-    values: dict[str, Any] = {ours: raw[theirs] for theirs, ours in _HF_FIELDS.items() if theirs in raw}
-    values.setdefault("n_dense_layers", 0)
-    values.setdefault("n_shared_experts", 0)
-    values.setdefault("n_expert_groups", 1)
-    values.setdefault("n_limited_groups", 1)
-    values.setdefault("score_func", "softmax")
-    values.setdefault("route_scale", 1.0)
+    problems.require(not missing, f"config.json lacks required field(s): {', '.join(missing)}")
+    unknown = sorted(key for key in raw if key not in _HF_FIELDS and key not in _HF_SPECIAL
+                     and key not in _HF_IGNORED and key not in allow_fields)
+    problems.require(not unknown, f"unknown config field(s) {', '.join(unknown)}: a field this harness does not "
+                                  f"read may change the model; --allow-fields {','.join(unknown)} accepts them as not "
+                                  "changing it")
+    _check_types(raw, _HF_SCHEMA, "", problems)
+    problems.raise_any()
+    theta, yarn = _rope_from_hf(raw, problems)
+    fp8_weights, quant_scale_fmt = _fp8_from_hf(raw.get("quantization_config"), problems)
+    field = {**HF_DEFAULTS, **raw}
+    values: dict[str, Any] = {ours: field[theirs] for theirs, ours in _HF_FIELDS.items()}
     values["route_scale"] = float(values["route_scale"])
-    values["q_lora_rank"] = raw.get("q_lora_rank") or 0
+    values["q_lora_rank"] = field["q_lora_rank"] or 0
+    values.update(rope_theta=theta, rope_scaling=yarn, fp8_weights=fp8_weights,
+                  scale_fmt=raw.get("scale_fmt", quant_scale_fmt))
 
-    topk_method = raw.get("topk_method", "greedy")
-    _require(topk_method in _TOPK_METHODS,
-             f"unknown topk_method {show(topk_method)}: expected one of {sorted(_TOPK_METHODS)}")
-    _require(not (topk_method == "greedy" and values["n_expert_groups"] > 1),
-             f"topk_method \"greedy\" with n_group={values['n_expert_groups']} is ambiguous: HF ignores the "
-             "groups, the official code limits them; use \"group_limited_greedy\" or n_group 1")
-    values["gate_bias"] = _TOPK_METHODS[topk_method]
-    if "norm_topk_prob" in raw and values["score_func"] in ("sigmoid", "softmax"):
-        _require(raw["norm_topk_prob"] == (values["score_func"] == "sigmoid"),
-                 f"norm_topk_prob={show(raw['norm_topk_prob'])} with scoring_func {show(values['score_func'])}: the "
-                 "official code renormalizes exactly when scoring is sigmoid")
-    _require(raw.get("moe_layer_freq", 1) == 1,
-             f"moe_layer_freq={show(raw.get('moe_layer_freq'))} is not supported: every layer after "
-             "first_k_dense_replace is MoE")
-    _require(raw.get("hidden_act", "silu") == "silu",
-             f"hidden_act {show(raw.get('hidden_act'))} is not supported: DeepSeek-V3 uses \"silu\"")
-    _require(not raw.get("tie_word_embeddings", False), "tie_word_embeddings=true is not supported: "
-                                                        "DeepSeek-V3 has a separate lm_head")
-    _require(not raw.get("attention_bias", False), "attention_bias=true is not supported: MLA has no biases")
+    topk_method = field["topk_method"]
+    if problems.require(topk_method in _TOPK_METHODS,
+                        f"unknown topk_method {show(topk_method)}: expected one of {sorted(_TOPK_METHODS)}"):
+        problems.require(not (topk_method == "greedy" and values["n_expert_groups"] > 1),
+                         f"topk_method \"greedy\" with n_group={values['n_expert_groups']} is ambiguous: HF ignores "
+                         "the groups, the official code limits them; use \"group_limited_greedy\" or n_group 1")
+        values["gate_bias"] = _TOPK_METHODS[topk_method]
+    if values["score_func"] in ("sigmoid", "softmax"):
+        problems.require(field["norm_topk_prob"] == (values["score_func"] == "sigmoid"),
+                         f"norm_topk_prob={show(field['norm_topk_prob'])} with scoring_func {show(values['score_func'])}:"
+                         " the official code renormalizes exactly when scoring is sigmoid")
+    problems.require(raw.get("moe_layer_freq", 1) == 1,
+                     f"moe_layer_freq={show(raw.get('moe_layer_freq'))} is not supported: every layer after "
+                     "first_k_dense_replace is MoE")
+    problems.require(field["hidden_act"] == "silu",
+                     f"hidden_act {show(field['hidden_act'])} is not supported: DeepSeek-V3 uses \"silu\"")
+    problems.require(not field["tie_word_embeddings"], "tie_word_embeddings=true is not supported: DeepSeek-V3 has a "
+                                                       "separate lm_head")
+    problems.require(not field["attention_bias"], "attention_bias=true is not supported: MLA has no biases")
+    problems.require(field["rope_interleave"], "rope_interleave=false is not supported: the checkpoint's rope "
+                                               "columns are then in another order than the released weights'")
     heads = raw["num_attention_heads"]
-    _require(raw.get("num_key_value_heads", heads) == heads,
-             f"num_key_value_heads={raw.get('num_key_value_heads')} differs from num_attention_heads={heads}: "
-             "MLA has no grouped keys")
+    problems.require(raw.get("num_key_value_heads", heads) in (heads, _HF_DEFAULT_KV_HEADS),
+                     f"num_key_value_heads={raw.get('num_key_value_heads')} differs from num_attention_heads={heads}: "
+                     "MLA has no grouped keys")
     rope_dim, nope_dim = raw["qk_rope_head_dim"], raw["qk_nope_head_dim"]
-    _require(raw.get("head_dim", rope_dim) == rope_dim,
-             f"head_dim={raw.get('head_dim')} must equal qk_rope_head_dim={rope_dim} (HF uses it as the rope width)")
-    _require(raw.get("qk_head_dim", nope_dim + rope_dim) == nope_dim + rope_dim,
-             f"qk_head_dim={raw.get('qk_head_dim')} is not qk_nope_head_dim + qk_rope_head_dim = "
-             f"{nope_dim} + {rope_dim}")
-    values["rope_scaling"] = _yarn_from_hf(raw.get("rope_scaling"))
-    values["fp8_weights"], quant_scale_fmt = _fp8_from_hf(raw.get("quantization_config"))
-    values["scale_fmt"] = raw.get("scale_fmt", quant_scale_fmt)
-    if "rope_theta" in values:
-        values["rope_theta"] = float(values["rope_theta"])
-    extra = {key: value for key, value in raw.items()
-             if key not in _HF_FIELDS and key not in _HF_SPECIAL and key not in _HF_IGNORED}
+    problems.require(raw.get("head_dim", rope_dim) == rope_dim,
+                     f"head_dim={raw.get('head_dim')} must equal qk_rope_head_dim={rope_dim} (HF uses it as the "
+                     "rope width)")
+    problems.require(raw.get("qk_head_dim", nope_dim + rope_dim) == nope_dim + rope_dim,
+                     f"qk_head_dim={raw.get('qk_head_dim')} is not qk_nope_head_dim + qk_rope_head_dim = "
+                     f"{nope_dim} + {rope_dim}")
+    problems.raise_any()
+    extra = {key: value for key, value in raw.items() if key in allow_fields}
     return ModelConfig(**values, name=name, extra_fields=extra, spelling=HF_SPELLING)
 
 
@@ -394,8 +483,9 @@ OFFICIAL_SPELLING = {"rope_scaling.factor": "rope_factor", "rope_scaling.origina
                      "rope_scaling.mscale": "mscale", "rope_scaling.mscale_all_dim": "mscale"}
 
 
-def from_official_dict(raw: Mapping[str, Any], name: str = "") -> ModelConfig:
-    """Build a config from the official `ModelArgs` json form (`dim`, `n_routed_experts`, ...)."""
+def from_official_dict(raw: Mapping[str, Any], name: str = "", allow_fields: tuple[str, ...] = ()) -> ModelConfig:
+    """Build a config from the official `ModelArgs` json form (`dim`, `n_routed_experts`, ...). A field this
+    harness does not know is refused unless `allow_fields` names it."""
     required = ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "n_routed_experts",
                 "n_activated_experts")
     missing = [key for key in required if key not in raw]
@@ -414,9 +504,12 @@ def from_official_dict(raw: Mapping[str, Any], name: str = "") -> ModelConfig:
                                          beta_slow=float(raw.get("beta_slow", 1)),
                                          mscale=float(raw.get("mscale", 1.0)),
                                          mscale_all_dim=float(raw.get("mscale", 1.0)))
-    extra = {key: value for key, value in raw.items()
-             if key not in _OFFICIAL_FIELDS and key not in _OFFICIAL_YARN and key not in _OFFICIAL_IGNORED
-             and key != "dtype"}
+    unknown = sorted(key for key in raw if key not in _OFFICIAL_FIELDS and key not in _OFFICIAL_YARN
+                     and key not in _OFFICIAL_IGNORED and key != "dtype")
+    _require(set(unknown) <= set(allow_fields),
+             f"unknown config field(s) {', '.join(sorted(set(unknown) - set(allow_fields)))}: a field this harness "
+             "does not read may change the model; --allow-fields names those that do not")
+    extra = {key: raw[key] for key in unknown}
     return ModelConfig(**values, name=name, extra_fields=extra, spelling=OFFICIAL_SPELLING)
 
 
@@ -438,20 +531,31 @@ def is_official_form(raw: Mapping[str, Any]) -> bool:
     return "dim" in raw and "hidden_size" not in raw
 
 
-def from_dict(raw: Mapping[str, Any], name: str = "") -> ModelConfig:
+ALLOW_FIELDS_HELP = ("comma-separated config fields this harness does not know, accepted as not changing the model "
+                     "(default: an unknown field is refused)")
+
+
+def allow_fields(text: str | None) -> tuple[str, ...]:
+    """The field names of an --allow-fields option."""
+    return tuple(name.strip() for name in (text or "").split(",") if name.strip())
+
+
+def from_dict(raw: Mapping[str, Any], name: str = "", allow_fields: tuple[str, ...] = ()) -> ModelConfig:
     """Build a config from either json form, telling them apart by their field names."""
-    return from_official_dict(raw, name) if is_official_form(raw) else from_hf_dict(raw, name)
+    reader = from_official_dict if is_official_form(raw) else from_hf_dict
+    return reader(raw, name, allow_fields)
 
 
-def load_config(path: str | Path) -> ModelConfig:
-    """Read a config file, or the `config.json` inside a folder."""
+def load_config(path: str | Path, allow_fields: tuple[str, ...] = ()) -> ModelConfig:
+    """Read a config file, or the `config.json` inside a folder; `allow_fields`: unknown fields to accept."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
     raw = read_json(path, ConfigError, "config file")
     _require(isinstance(raw, dict), f"{path}: a config must be a JSON object, found {type(raw).__name__}")
     try:
-        return from_dict(raw, name=path.parent.name if path.name == "config.json" else path.stem)
+        return from_dict(raw, name=path.parent.name if path.name == "config.json" else path.stem,
+                         allow_fields=allow_fields)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
 
@@ -461,7 +565,7 @@ def to_hf_dict(config: ModelConfig) -> dict[str, Any]:
     raw: dict[str, Any] = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
     for theirs, ours in _HF_FIELDS.items():
         raw[theirs] = getattr(config, ours)
-    raw.update(q_lora_rank=config.q_lora_rank or None, num_key_value_heads=config.n_heads,
+    raw.update(q_lora_rank=config.q_lora_rank or None, num_key_value_heads=config.n_heads, rope_theta=config.rope_theta,
                topk_method=("noaux_tc" if config.gate_bias else
                             "group_limited_greedy" if config.n_expert_groups > 1 else "greedy"),
                norm_topk_prob=config.score_func == "sigmoid", moe_layer_freq=1, hidden_act="silu",

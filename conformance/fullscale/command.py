@@ -10,7 +10,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from conformance.format.checkpoint import open_checkpoint
-from conformance.format.config import load_config, preset
+from conformance.format.config import ALLOW_FIELDS_HELP, allow_fields, load_config, preset
 from conformance.format.errors import BadInput
 from conformance.verdict import FAILED, PASSED, outcome, parse_allow, summary_line
 
@@ -38,7 +38,7 @@ def _verify(args: argparse.Namespace) -> int:
     folder = Path(args.checkpoint)
     if not folder.is_dir():
         raise BadInput(f"{folder}: not a checkpoint folder")
-    config = load_config(args.config or folder)
+    config = load_config(args.config or folder, allow_fields(args.allow_fields))
     try:
         integrity = check_integrity(folder, config, hash_files=args.hash, finite=not args.headers_only)
     except FileNotFoundError as error:
@@ -100,6 +100,7 @@ def add_command(commands, integer) -> None:
                                                            "headers, then layers numerically in bounded memory")
     verify.add_argument("checkpoint")
     verify.add_argument("--config", help="config file (default: CHECKPOINT/config.json)")
+    verify.add_argument("--allow-fields", metavar="FIELDS", help=ALLOW_FIELDS_HELP)
     verify.add_argument("--integrity-only", action="store_true", help="stop after the integrity checks")
     verify.add_argument("--hash", action="store_true", help="sha256 of every shard (streamed)")
     verify.add_argument("--headers-only", action="store_true", help="skip the NaN/Inf scan of the data")

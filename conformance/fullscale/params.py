@@ -10,6 +10,7 @@ parameters). Definitions:
 - activated per token: what one token's forward pass multiplies by, in the main model: every parameter but
   the routed experts, plus k routed experts per MoE layer; the input embedding is a lookup, not a product,
   and is listed apart.
+The published numbers stand beside the counts only for the released config.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from conformance.format.config import ModelConfig
+from conformance.format.config import ModelConfig, deepseek_v3_671b
 from conformance.format.weights import expected_tensors
 
 # Published for the released model (DeepSeek-V3 README_WEIGHTS.md and technical report, billions).
@@ -36,23 +37,25 @@ class ParameterCount:
     embedding: int
     mtp_input_projection: int  # eh_proj, part of mtp_unique
     mtp_norms: int  # enorm, hnorm and shared_head.norm, part of mtp_unique
+    layers: int
+    released: bool  # the config is the released model's, so the published numbers apply
 
     def rows(self) -> list[dict]:
         def billions(value: int) -> str:
-            return f"{value / 1e9:.3f}B"
+            return f"{value / 1e9:.3f}B" if value >= 1e8 else f"{value / 1e6:.3f}M" if value >= 1e5 else f"{value:,}"
 
         rows = []
         for key, value, note in (
-                ("main", self.main, "embedding, 61 blocks, final norm, output head"),
+                ("main", self.main, f"embedding, {self.layers} blocks, final norm, output head"),
                 ("mtp_unique", self.mtp_unique, f"MTP modules without their embedding and head copies; "
                                                 f"eh_proj is {billions(self.mtp_input_projection)} of it"),
                 ("mtp_block", self.mtp_unique - self.mtp_input_projection - self.mtp_norms,
-                 "the MTP decoder blocks alone (without eh_proj, enorm, hnorm, shared_head.norm): the published "
-                 "11.5B is this count"),
+                 "the MTP decoder blocks alone (without eh_proj, enorm, hnorm, shared_head.norm)"
+                 + (": the published 11.5B is this count" if self.released else "")),
                 ("stored", self.stored, "main + MTP as stored (copies of embedding and head included)"),
                 ("activated", self.activated, f"per token, without the embedding lookup ({billions(self.embedding)})"
                                               "; with it " + billions(self.activated + self.embedding))):
-            published = PUBLISHED.get(key)
+            published = PUBLISHED.get(key) if self.released else None
             row = {"count": key, "measured": billions(value), "note": note}
             if published is not None:
                 row["published"] = f"{published}B"
@@ -92,4 +95,5 @@ def count_parameters(config: ModelConfig) -> ParameterCount:
     activated = main - routed + moe_layers * config.n_activated_experts * expert - embedding
     return ParameterCount(main=main, mtp_unique=mtp - mtp_copies, mtp_stored=mtp, stored=main + mtp, scales=scales,
                           activated=activated, embedding=embedding, mtp_input_projection=eh_proj,
-                          mtp_norms=mtp_norms)
+                          mtp_norms=mtp_norms, layers=config.n_layers,
+                          released=config.replace(name="") == deepseek_v3_671b().replace(name=""))

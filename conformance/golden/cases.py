@@ -103,12 +103,12 @@ class GoldenCase:
         return self.meta.get("case", self.path.name)
 
     @classmethod
-    def load(cls, path: str | Path) -> "GoldenCase":
+    def load(cls, path: str | Path, allow_fields: tuple[str, ...] = ()) -> "GoldenCase":
         path = Path(path)
         if not (path / EXPECTED).is_file():
             raise GoldenError(f"{path}: not a golden case, no {EXPECTED}")
         meta = _read_meta(path)
-        case = cls(path, load_config(path), meta)
+        case = cls(path, load_config(path, allow_fields), meta)
         overrides = meta.get("expected_files", {})
         base_impl = meta.get("gemm_impl", "bf16")
         case.files.append(ExpectedFile(path / EXPECTED, "", base_impl, read_all(path / EXPECTED)))

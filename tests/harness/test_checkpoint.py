@@ -143,8 +143,18 @@ def test_missing_tensor(tmp_path):
         tmp_path, FLOAT, tensors)
 
 
-def test_missing_mtp_module_suggests_the_config_field(tmp_path):
-    tensors = random_tensors(FLOAT, seed=0, include_mtp=False)
+def test_a_checkpoint_without_mtp_tensors_loads_without_mtp(tmp_path):
+    """transformers saves no MTP tensors: the model loads without its MTP module."""
+    assert FLOAT.n_mtp_layers > 0
+    with _write(tmp_path, FLOAT, random_tensors(FLOAT, seed=0, include_mtp=False)) as checkpoint:
+        assert load_weights(checkpoint, FLOAT).mtp == ()
+
+
+def test_a_partial_mtp_module_is_missing_tensors(tmp_path):
+    tensors = random_tensors(FLOAT, seed=0)
+    prefix = f"model.layers.{FLOAT.n_layers}."
+    for name in [name for name in tensors if name.startswith(prefix)][1:]:
+        del tensors[name]
     assert "set num_nextn_predict_layers to 0" in _error(tmp_path, FLOAT, tensors)
 
 

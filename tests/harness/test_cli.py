@@ -128,14 +128,16 @@ def test_malformed_meta_json_is_named(tmp_path, capsys):
     assert f"{case / 'meta.json'}: not valid JSON" in capsys.readouterr().err
 
 
-def test_unknown_config_fields_are_reported_not_fatal(tmp_path, capsys):
+def test_unknown_config_fields_are_bad_input_unless_allowed(tmp_path, capsys):
     case = tmp_path / "case"
     shutil.copytree(TINY, case)
     raw = json.loads((case / "config.json").read_text())
     raw["my_serving_flag"] = True
     (case / "config.json").write_text(json.dumps(raw))
-    assert main(["check-golden", str(case)]) == 0
-    assert "unknown config field(s) kept and ignored: my_serving_flag" in capsys.readouterr().err
+    assert main(["check-golden", str(case)]) == 2
+    assert "unknown config field(s) my_serving_flag" in capsys.readouterr().err
+    assert main(["check-golden", str(case), "--allow-fields", "my_serving_flag"]) == 0
+    assert "accepted by --allow-fields: my_serving_flag" in capsys.readouterr().err
 
 
 def test_a_passing_tf_check_prints_nothing_tensorflow_internal_on_stderr():
@@ -153,3 +155,12 @@ def test_a_passing_tf_check_prints_nothing_tensorflow_internal_on_stderr():
     loud = subprocess.run(command[:3] + ["-v"] + command[3:], capture_output=True, text=True, env=environment,
                           timeout=600, check=False)
     assert loud.returncode == 0 and "absl::InitializeLog" in loud.stderr
+
+
+def test_version_and_defaults_in_help(capsys):
+    from importlib import metadata
+
+    assert main(["--version"]) == 0
+    assert metadata.version("dsv3-conformance") in capsys.readouterr().out
+    assert main(["generate", "--help"]) == 0
+    assert "tokens to generate (default: 16)" in " ".join(capsys.readouterr().out.split())

@@ -95,12 +95,92 @@ def test_yarn_only_when_run_is_longer_than_trained_context():
     assert not yarn_active(config.replace(max_seq_len=config.rope_scaling.original_seq_len))
 
 
-def test_unknown_fields_are_kept_and_reported():
+def test_unknown_fields_are_refused_unless_allowed():
     raw = to_hf_dict(tiny())
     raw.update(my_flag=True, zeta=3)
-    config = from_hf_dict(raw)
+    with pytest.raises(ConfigError, match="unknown config field\\(s\\) my_flag, zeta"):
+        from_hf_dict(raw)
+    config = from_hf_dict(raw, allow_fields=("my_flag", "zeta"))
     assert config.unknown_fields == ("my_flag", "zeta")
     assert to_hf_dict(config)["zeta"] == 3
+    with pytest.raises(ConfigError, match="unknown config field\\(s\\) zeta"):
+        from_official_dict({**OFFICIAL_671B, "zeta": 3})
+
+
+def test_every_problem_is_reported_at_once():
+    raw = to_hf_dict(tiny())
+    raw.update(hidden_act="gelu", moe_layer_freq=2, topk_group=5, my_flag=True)
+    with pytest.raises(ConfigError, match="unknown config field"):
+        from_hf_dict(raw)
+    del raw["my_flag"]
+    with pytest.raises(ConfigError) as raised:
+        from_hf_dict(raw)
+    assert "hidden_act" in str(raised.value) and "moe_layer_freq" in str(raised.value)
+
+
+def _hf5(**rope):
+    """A transformers-5 config.json: theta and YaRN in rope_parameters, no topk_method or scoring_func."""
+    raw = to_hf_dict(tiny())
+    for legacy in ("rope_scaling", "rope_theta", "topk_method", "scoring_func"):
+        raw.pop(legacy)
+    raw.update(transformers_version="5.25.0", num_key_value_heads=128, head_dim=8, rope_interleave=True,
+               rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 40.0,
+                                "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+                                "mscale": 1.0, "mscale_all_dim": 1.0, **rope})
+    return raw
+
+
+def test_transformers_5_form_reads_theta_and_yarn_from_rope_parameters():
+    config = from_hf_dict(_hf5())
+    assert config.rope_theta == 500.0 and config.rope_scaling == tiny().rope_scaling
+    assert config.score_func == "sigmoid" and config.gate_bias  # what transformers' model always does
+    assert config.replace(rope_theta=tiny().rope_theta) == tiny().replace(name="")
+    assert from_hf_dict(_hf5(rope_type="default")).rope_scaling is None
+
+
+@pytest.mark.parametrize("rope, message", [
+    (dict(mscale_all_dim=0.5), "mscale=1.0 and mscale_all_dim=0.5"),
+    (dict(truncate=False), "truncate=false is not supported"),
+    (dict(attention_factor=1.2), "attention_factor is not supported"),
+    (dict(original_max_position_embeddings=64), "transformers applies YaRN, the official code does not"),
+    (dict(rope_type="llama3"), 'type "llama3" is not supported'),
+    (dict(low_freq_factor=1), "rope_parameters has unknown field(s) low_freq_factor"),
+])
+def test_rope_parameters_that_change_the_model_are_refused(rope, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_hf_dict(_hf5(**rope))
+
+
+def test_rope_theta_given_twice_must_agree():
+    with pytest.raises(ConfigError, match="rope_theta 10000.0 and rope_parameters.rope_theta 500.0 disagree"):
+        from_hf_dict({**_hf5(), "rope_theta": 10000.0})
+
+
+def test_omitted_fields_take_transformers_defaults():
+    """HF_DEFAULTS against the installed transformers' DeepseekV3Config (an independent source)."""
+    transformers = pytest.importorskip("transformers")
+    from conformance.format.config import HF_DEFAULTS
+
+    theirs = transformers.DeepseekV3Config()
+    for field, value in HF_DEFAULTS.items():
+        if field == "rope_theta":
+            assert theirs.rope_parameters["rope_theta"] == value
+        elif hasattr(theirs, field):
+            assert getattr(theirs, field) == value, field
+    raw = _hf5()
+    for field in ("first_k_dense_replace", "n_group", "topk_group", "n_shared_experts", "routed_scaling_factor"):
+        del raw[field]
+    config = from_hf_dict({**raw, "num_hidden_layers": 4, "n_routed_experts": 16})
+    assert (config.n_dense_layers, config.n_expert_groups, config.n_limited_groups, config.n_shared_experts,
+            config.route_scale) == (theirs.first_k_dense_replace, theirs.n_group, theirs.topk_group,
+                                    theirs.n_shared_experts, theirs.routed_scaling_factor)
+
+
+def test_every_field_transformers_saves_is_read_or_known_to_be_inert():
+    transformers = pytest.importorskip("transformers")
+    saved = transformers.DeepseekV3Config(**{key: value for key, value in _hf5().items()
+                                             if key not in ("transformers_version",)}).to_dict()
+    from_hf_dict(saved)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -126,6 +206,9 @@ def test_unknown_fields_are_kept_and_reported():
     (dict(topk_group=5), "topk_group=5 exceeds n_group=4"),
     (dict(first_k_dense_replace=9), "first_k_dense_replace=9 exceeds num_hidden_layers=2"),
     (dict(num_key_value_heads=1), "num_key_value_heads=1 differs from num_attention_heads=4"),
+    (dict(rope_interleave=False), "rope_interleave=false is not supported"),
+    (dict(rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 32, "mscale": 1.0}),
+     "mscale=1.0 and mscale_all_dim=0.0 (absent: 1 and 0) differ"),
     (dict(topk_method="magic"), 'unknown topk_method "magic"'),
     (dict(topk_method="greedy"), 'topk_method "greedy" with n_group=4 is ambiguous'),
     (dict(norm_topk_prob=False), 'norm_topk_prob=false with scoring_func "sigmoid"'),

@@ -136,7 +136,8 @@ def test_a_truncated_shard_is_named(copy):
     shard = _shard_of(copy, EXPERT)
     shard.write_bytes(shard.read_bytes()[:-1000])
     problems = _problems(copy)
-    assert any(p["shard"] == shard.name and "truncated" in p["problem"] for p in problems), problems
+    assert len(problems) == 1 and problems[0]["shard"] == shard.name and "truncated" in problems[0]["problem"], \
+        problems
 
 
 def test_a_wrong_dtype_is_named(copy):
@@ -187,3 +188,10 @@ def test_numeric_mode_verifies_every_layer_with_only_the_needed_experts(syntheti
     moe = [row for row in rows if row["kind"] in ("MoE", "MTP module")]
     assert all(int(row["experts loaded"].split("/")[0]) < 16 for row in moe), moe
     assert all(float(row["peak resident"].split()[0]) < 4 for row in rows)
+
+
+def test_published_numbers_stand_beside_the_released_config_only():
+    assert all("published" in row for row in count_parameters(deepseek_v3_671b()).rows()[:5])
+    tiny_rows = count_parameters(deepseek_v3_671b().replace(n_layers=4, n_dense_layers=1, name="small")).rows()
+    assert not any("published" in row for row in tiny_rows)
+    assert "4 blocks" in tiny_rows[0]["note"]

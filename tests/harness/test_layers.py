@@ -109,3 +109,15 @@ def test_the_rules_can_fail(tmp_path):
     graph = imports(modules(tmp_path))
     assert upward(graph) == ["conformance.format.config imports conformance.verdict"]
     assert circles(graph) == [["conformance.metrics", "conformance.verdict"]]
+
+
+def test_a_backend_loads_no_harness_at_run_time():
+    """Importing both backends in a fresh process loads `conformance.format` and nothing else of `conformance`."""
+    import subprocess
+
+    code = ("import sys, reference.model, impl.model\n"
+            "print(sorted(m for m in sys.modules if m.startswith('conformance')"
+            " and m != 'conformance' and not m.startswith('conformance.format')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -35,6 +35,7 @@ from conformance.studies.experiments import add_command as experiment_command
 from conformance.fullscale.command import add_command as fullscale_commands
 from conformance.pipeline.command import add_command as schedule_command
 from conformance.pipeline.execution import add_command as pipeline_step_command
+from conformance.paths import GOLDEN_DIR
 from conformance.profiles import PROFILES
 from conformance.backends import NonFiniteOutput, greedy
 from conformance.backends import speculative_generate
@@ -266,11 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     golden_commands = golden_cmd.add_subparsers(dest="golden_command", required=True)
     regenerate = golden_commands.add_parser("generate", help="regenerate the oracle-produced cases (needs the "
                                                              "oracle extra)")
-    regenerate.add_argument("--golden-dir", default="golden")
+    regenerate.add_argument("--golden-dir", default=str(GOLDEN_DIR))
     regenerate.add_argument("--case", action="append", help="only this case (repeatable)")
     regenerate.set_defaults(run=_golden_generate)
     check = golden_commands.add_parser("verify", help="check every golden file against the manifest's sha256")
-    check.add_argument("--golden-dir", default="golden")
+    check.add_argument("--golden-dir", default=str(GOLDEN_DIR), help="(default: the shipped cases)")
     check.set_defaults(run=_golden_verify)
 
     profile_help = "hypothesis profile of the checks (default: $HYPOTHESIS_PROFILE or ci)"
@@ -288,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     mutants.set_defaults(run=_mutants)
 
     report = commands.add_parser("report", help="check every golden case on each backend and write a report")
-    report.add_argument("golden_dir", nargs="?", default="golden")
+    report.add_argument("golden_dir", nargs="?", default=str(GOLDEN_DIR), help="golden cases (default: the shipped "
+                                                                                "ones)")
     report.add_argument("--backend", default=",".join(DEFAULT_BACKENDS), help="comma-separated backends")
     report.add_argument("--out", default="report", help="folder for report.md, report.json and report.html")
     report.add_argument("--suite", action="store_true", help="add the conformance suite (pytest conformance/)")

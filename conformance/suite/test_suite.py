@@ -2,8 +2,8 @@
 
 The checks are library functions; this file only hands them to pytest. A check that does not apply to a
 backend is skipped as such; one the backend could not run, in whole or in part, is skipped as not compared
-and recorded: conformance/conftest.py then makes the session's verdict INCOMPLETE (exit 1) unless
-`--allow-missing` names what is missing.
+and recorded: the suite's plugin (conformance/suite/plugin.py) then makes the session's verdict INCOMPLETE
+(exit 1) unless `--allow-missing` names what is missing.
 """
 
 from __future__ import annotations

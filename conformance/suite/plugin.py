@@ -1,4 +1,7 @@
-"""Options of the conformance suite (which backends, at which scale, what may be missing) and its verdict.
+"""The conformance suite's pytest plugin (entry point `pytest11`, name `dsv3_conformance`): its options (which
+backends, at which scale, what may be missing) and its verdict. It acts only on the suite's own tests (this
+package), so it is inert in any other pytest run of the environment; `pytest --pyargs conformance.suite` runs the
+suite from anywhere.
 
 A check a backend could not run, in whole or in part, is skipped as not compared (conformance/suite/test_suite.py).
 At the end of the session this plugin prints what ran, passed, failed and was not compared per check family
@@ -20,6 +23,11 @@ from conformance.paths import GOLDEN_DIR
 from conformance.verdict import FAILED, INCOMPLETE, Missing, allowed, outcome, parse_allow
 
 NOT_COMPARED = "not_compared"
+SUITE = Path(__file__).resolve().parent
+
+
+def _in_suite(path: Path) -> bool:
+    return Path(path).resolve().is_relative_to(SUITE)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -44,7 +52,7 @@ def selected_backends(config: pytest.Config) -> list[Backend]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "backend" in metafunc.fixturenames:
+    if "backend" in metafunc.fixturenames and _in_suite(metafunc.definition.path):
         backends = selected_backends(metafunc.config)
         metafunc.parametrize("backend", backends, ids=[backend.name for backend in backends])
 
@@ -53,6 +61,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     order = ["fast", "small", "full"]
     chosen = order.index(config.getoption("--scale"))
     for item in items:
+        if not _in_suite(item.path):
+            continue
         for scale in order[1:]:
             if item.get_closest_marker(scale) and order.index(scale) > chosen:
                 item.add_marker(pytest.mark.skip(reason=f"needs --scale {scale}"))
@@ -93,13 +103,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "small: runs with --scale small or full")
     config.addinivalue_line("markers", "full: runs with --scale full")
     config.addinivalue_line("markers", "oracle: needs torch and transformers (the oracle extra)")
-    from conformance.checks import CHECKS
+    allow: tuple[str, ...] = ()
+    if config.getoption("--allow-missing"):
+        from conformance.checks import CHECKS
 
-    known = set(CHECKS) | {key.split(":")[0] for key in CHECKS}
-    try:
-        allow = parse_allow(config.getoption("--allow-missing"), known)
-    except BadInput as error:
-        raise pytest.UsageError(str(error)) from None
+        known = set(CHECKS) | {key.split(":")[0] for key in CHECKS}
+        try:
+            allow = parse_allow(config.getoption("--allow-missing"), known)
+        except BadInput as error:
+            raise pytest.UsageError(str(error)) from None
     config.stash[_COVERAGE] = Coverage(allow)
 
 

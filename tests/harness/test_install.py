@@ -1,0 +1,55 @@
+"""A non-editable install works from any folder: the shipped golden cases are package data, the commands find
+them, and the suite runs as a pytest plugin (`pytest --pyargs conformance.suite`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    target = tmp_path_factory.mktemp("site")
+    build = tmp_path_factory.mktemp("build")
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                           "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=600,
+                          cwd=build, env={**os.environ, "TMPDIR": str(build)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    environment = {**os.environ, "PYTHONPATH": str(target)}
+    return target, elsewhere, environment
+
+
+def _run(installed, *command, timeout=900):
+    target, elsewhere, environment = installed
+    return subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=timeout,
+                          cwd=elsewhere, env=environment)
+
+
+def test_the_installed_commands_find_the_shipped_cases(installed):
+    target = installed[0]
+    shipped = target / "conformance" / "golden" / "shipped"
+    assert (shipped / "manifest.json").is_file()
+    located = _run(installed, "-c", "import conformance.paths as p; print(p.GOLDEN_DIR)")
+    assert located.stdout.strip() == str(shipped), located.stderr[-2000:]
+    verified = _run(installed, "-m", "conformance", "golden", "verify")
+    assert verified.returncode == 0 and "match the manifest" in verified.stdout, verified.stderr[-2000:]
+    checked = _run(installed, "-m", "conformance", "check-golden", str(shipped / "official" / "v3-tiny"))
+    assert checked.returncode == 0 and "PASSED" in checked.stdout, (checked.stdout + checked.stderr)[-2000:]
+    report = _run(installed, "-m", "conformance", "report", "--backend", "reference", "--sections", "none",
+                  "--out", str(installed[1] / "report"))
+    assert report.returncode == 0, (report.stdout + report.stderr)[-2000:]
+    assert (installed[1] / "report" / "report.html").is_file()
+
+
+def test_the_suite_runs_as_a_plugin_from_elsewhere(installed):
+    done = _run(installed, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "conformance.suite",
+                "--backend", "reference", "-k", "golden and official/v3-tiny]")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "dsv3-conformance coverage" in done.stdout and "PASSED" in done.stdout

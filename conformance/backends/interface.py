@@ -24,6 +24,10 @@ from conformance.format.numerics import AttentionForm, Numerics
 from conformance.format.weights import ModelWeights
 
 COMPONENT_NAMES = ("route", "to_e4m3", "quantize_activation", "fp8_gemm")
+DTYPES = ("float32", "float64", "bfloat16")
+GEMM_IMPLS = ("bf16", "fp8")
+ATTENTION_FORMS = ("naive", "absorbed")
+CAPABILITIES = ("pipeline", "expert-parallel")
 
 
 class BackendError(BadInput):
@@ -155,6 +159,29 @@ class Backend:
     # devices, impl.pipeline's interface; "expert-parallel": an expert-parallel MoE layer, impl.expert_parallel's)
     capabilities: Mapping[str, str] = field(default_factory=dict)
 
+    def contract_problems(self) -> list[str]:
+        """What this backend's declaration gets wrong (checked when a backend is loaded by name)."""
+        problems = []
+        if not isinstance(self.name, str) or not self.name:
+            problems.append("name must be a non-empty string")
+        if not callable(self.runner):
+            problems.append("runner must be callable: (config, weights, numerics, dtype, attention_form) -> Runner")
+        for what, values, known in (("dtypes", self.dtypes, DTYPES), ("gemm_impls", self.gemm_impls, GEMM_IMPLS),
+                                    ("attention_forms", self.attention_forms, ATTENTION_FORMS)):
+            if isinstance(values, str) or not set(values) <= set(known):
+                problems.append(f"{what} {values!r} must be a tuple of {', '.join(known)}")
+        if self.default_dtype not in self.dtypes:
+            problems.append(f"default_dtype {self.default_dtype!r} is not among dtypes {self.dtypes!r}")
+        if self.trainer is not None and not callable(self.trainer):
+            problems.append("trainer must be callable or None")
+        unknown = sorted(set(self.capabilities) - set(CAPABILITIES))
+        if unknown:
+            problems.append(f"capabilities {unknown} unknown: expected {', '.join(CAPABILITIES)}")
+        if not all(isinstance(module, str) for module in (*self.mutation_targets.values(),
+                                                          *self.capabilities.values())):
+            problems.append("mutation_targets and capabilities map names to module paths (strings)")
+        return problems
+
     def require(self, dtype: str | None = None, gemm_impl: str | None = None,
                 attention_form: str | None = None) -> None:
         """Raise Unsupported unless the backend runs this dtype, numerics path and attention form."""
@@ -168,7 +195,12 @@ class Backend:
                     dtype: str | None = None, attention_form: AttentionForm = "absorbed") -> Runner:
         dtype = dtype or self.default_dtype
         self.require(dtype, numerics.gemm_impl if config.fp8_weights else None, attention_form)
-        return self.runner(config, weights, numerics, dtype, attention_form)
+        runner = self.runner(config, weights, numerics, dtype, attention_form)
+        lacking = [name for name in ("prefill", "decode") if not callable(getattr(runner, name, None))]
+        if lacking:
+            raise BackendError(f"backend {self.name}: its runner {type(runner).__name__} has no {' or '.join(lacking)}"
+                               " (a Runner, conformance.backends.Runner, implements prefill and decode)")
+        return runner
 
     def component(self, name: str) -> Callable:
         """One of the component functions (NumPy in and out)."""

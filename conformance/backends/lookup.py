@@ -51,6 +51,9 @@ def resolve_backend(spec: str | Backend) -> Backend:
                            f"point of group {ENTRY_POINT_GROUP!r}, or package.module:object")
     if not isinstance(backend, Backend):
         raise BackendError(f"backend {spec!r} is a {type(backend).__name__}, not a conformance.backends.Backend")
+    problems = backend.contract_problems()
+    if problems:
+        raise BackendError(f"backend {spec!r} does not declare what the harness needs: {'; '.join(problems)}")
     return backend
 
 

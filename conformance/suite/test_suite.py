@@ -39,3 +39,22 @@ def test_check(check, backend, record_property):
         missing = check.missing(reason)
         record_property(NOT_COMPARED, json.dumps([[m.what, m.part, m.reason] for m in missing]))
         pytest.skip(f"not compared on {backend.name}: {reason}")
+    except Exception as error:  # a failure is reported as it is, but bounded: no megabytes of weights in a repr
+        _bound(error)
+        raise
+
+
+BOUND = 4000
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= BOUND else f"{text[:BOUND // 2]} ... [{len(text) - BOUND:,} characters cut] ... " \
+                                           f"{text[-BOUND // 2:]}"
+
+
+def _bound(error: BaseException) -> None:
+    """Cut the message and the notes (hypothesis's falsifying example) of `error` to BOUND characters each."""
+    if len(error.args) == 1 and isinstance(error.args[0], str):
+        error.args = (_shorten(error.args[0]),)
+    if getattr(error, "__notes__", None):
+        error.__notes__ = [_shorten(note) for note in error.__notes__]

@@ -118,3 +118,17 @@ GARBAGE = _backend("second-sequence-garbage", SecondSequenceGarbage)
 NAN = _backend("second-sequence-nan", SecondSequenceNaN)
 NO_GROUP_LIMIT = _backend("no-group-limit", NoGroupLimit)
 HARD_CODED_THETA = _backend("hard-coded-theta", HardCodedTheta)
+
+
+class NoDecode:
+    """A runner that is not one: it has prefill but no decode."""
+
+    def __init__(self, config, weights, numerics, dtype, attention_form):
+        self.config = config
+
+    def prefill(self, tokens, forced_experts=None, capacity=None):
+        raise AssertionError("never called: the harness refuses this runner first")
+
+
+NO_DECODE = _backend("no-decode", NoDecode)
+MISDECLARED = Backend("misdeclared", Wrapper, default_dtype="float16", dtypes="float32", attention_forms=("flash",))

@@ -72,3 +72,13 @@ def test_a_backend_that_runs_nothing_is_never_passed_even_with_everything_allowe
     assert main(["verify-checkpoint", case, "--layers", "all", "--backend", f"{MODULE}:NOTHING",
                  "--allow-missing", everything]) == 1
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("INCOMPLETE: nothing compared")
+
+
+def test_a_backend_that_breaks_the_contract_is_bad_input_naming_what(capsys):
+    case = str(GOLDEN_DIR / "official" / "v3-tiny")
+    assert main(["check-golden", case, "--backend", f"{MODULE}:MISDECLARED"]) == 2
+    error = capsys.readouterr().err
+    assert "dtypes 'float32' must be a tuple" in error and "attention_forms ('flash',)" in error
+    assert "default_dtype 'float16'" in error
+    assert main(["check-golden", case, "--backend", f"{MODULE}:NO_DECODE"]) == 2
+    assert "its runner NoDecode has no decode" in capsys.readouterr().err

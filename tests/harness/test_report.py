@@ -80,3 +80,13 @@ def test_html_renders_in_headless_chromium(tmp_path):
     subprocess.run(flags + [f"--screenshot={tmp_path / 'shot.png'}", page], capture_output=True, timeout=120)
     pixels = matplotlib.image.imread(tmp_path / "shot.png")[..., :3]
     assert (pixels.min(axis=-1) < 0.9).mean() > 0.02, "the screenshot is (nearly) blank"
+
+
+def test_a_failure_message_is_bounded():
+    from conformance.suite.test_suite import BOUND, _bound
+
+    error = AssertionError("x" * 10 * BOUND)
+    error.add_note("Falsifying example: check(weights=" + "1.0, " * 5 * BOUND + ")")
+    _bound(error)
+    assert len(error.args[0]) < BOUND + 100 and "characters cut" in error.args[0]
+    assert len(error.__notes__[0]) < BOUND + 100

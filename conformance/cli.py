@@ -145,6 +145,46 @@ def _golden_generate(args: argparse.Namespace) -> int:
     return PASS
 
 
+def _golden_make(args: argparse.Namespace) -> int:
+    from conformance.golden.make import make_case
+
+    if args.prompt:
+        prompt = _parse_prompts(args.prompt)
+    else:
+        batch, length = _parse_shape(args.random)
+        config = load_config(args.checkpoint, allow_fields(args.allow_fields))
+        prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, (batch, length))
+    layers = _parse_layers(args.layers, load_config(args.checkpoint, allow_fields(args.allow_fields)))
+    meta = make_case(Path(args.out), Path(args.checkpoint), args.producer, prompt, args.steps, layers,
+                     official=Path(args.official) if args.official else None, device=args.device, dtype=args.dtype,
+                     copy_weights=args.copy_weights, allow_fields=allow_fields(args.allow_fields),
+                     command=" ".join(["dsv3-conformance", *sys.argv[1:]]))
+    print(f"wrote {args.out} ({meta['producer']}); check a port with: dsv3-conformance check-golden {args.out} "
+          "--backend YOUR_BACKEND")
+    return PASS
+
+
+def _parse_shape(text: str) -> tuple[int, int]:
+    try:
+        batch, length = (int(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(f"--random takes BATCH,LENGTH (two integers), found {text!r}") from None
+    if batch < 1 or length < 1:
+        raise InputError(f"--random BATCH,LENGTH must both be >= 1, found {text!r}")
+    return batch, length
+
+
+def _parse_layers(text: str | None, config: ModelConfig) -> list[int]:
+    if not text:
+        return []
+    if text == "all":
+        return list(range(config.n_layers))
+    try:
+        return sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        raise InputError(f"--layers takes comma-separated layer numbers or all, found {text!r}") from None
+
+
 def _golden_verify(args: argparse.Namespace) -> int:
     problems = verify(Path(args.golden_dir))
     for problem in problems:
@@ -263,13 +303,33 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true", help="print JSON instead of one line per sequence")
     generate.set_defaults(run=_generate)
 
-    golden_cmd = commands.add_parser("golden", help="golden cases: regenerate the oracle ones, verify hashes")
+    golden_cmd = commands.add_parser("golden", help="golden cases: make one from your checkpoint, regenerate the oracle ones, verify hashes")
     golden_commands = golden_cmd.add_subparsers(dest="golden_command", required=True)
     regenerate = golden_commands.add_parser("generate", help="regenerate the oracle-produced cases (needs the "
                                                              "oracle extra)")
     regenerate.add_argument("--golden-dir", default=str(GOLDEN_DIR))
     regenerate.add_argument("--case", action="append", help="only this case (repeatable)")
     regenerate.set_defaults(run=_golden_generate)
+    make = golden_commands.add_parser("make", help="make a golden case from your own checkpoint with a producer you "
+                                                   "trust (transformers, the official code, or a backend)")
+    make.add_argument("out", help="the case folder DIR/CASE to write; DIR/manifest.json gets its entry")
+    make.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json and safetensors)")
+    make.add_argument("--producer", required=True, help="hf (transformers from_pretrained), official (the official "
+                                                        "inference code, with --official), or a backend name")
+    make.add_argument("--official", metavar="CHECKOUT", help="a DeepSeek-V3 repository checkout (--producer official)")
+    make.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the official code runs")
+    make.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="its compute dtype")
+    prompts = make.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="comma-separated token ids; repeat for a batch")
+    prompts.add_argument("--random", metavar="BATCH,LENGTH", help="seeded random prompts of this shape")
+    make.add_argument("--seed", type=_at_least(0), default=0, help="seed of --random")
+    make.add_argument("--steps", type=_at_least(0), default=8, help="greedy decode steps")
+    make.add_argument("--layers", help="blocks whose outputs are recorded: comma-separated, or all (default: none, "
+                                       "the logits only)")
+    make.add_argument("--copy-weights", action="store_true", help="copy the weights into the case (default: the "
+                                                                  "case names the checkpoint and its fingerprint)")
+    make.add_argument("--allow-fields", metavar="FIELDS", help=ALLOW_FIELDS_HELP)
+    make.set_defaults(run=_golden_make)
     check = golden_commands.add_parser("verify", help="check every golden file against the manifest's sha256")
     check.add_argument("--golden-dir", default=str(GOLDEN_DIR), help="(default: the shipped cases)")
     check.set_defaults(run=_golden_verify)

@@ -86,6 +86,11 @@ def _read_meta(path: Path) -> dict:
         _meta_field(override, file, "gemm_impl", GEMM_IMPLS, "bf16")
     _meta_field(meta, file, "gemm_impl", GEMM_IMPLS, "bf16")
     _meta_field(meta, file, "ue8m0_scope", UE8M0_SCOPES, "official")
+    named = meta.get("checkpoint")
+    if named is not None and not (isinstance(named, dict) and isinstance(named.get("path"), str)
+                                  and re.fullmatch(r"[0-9a-f]{64}", str(named.get("fingerprint")))):
+        raise GoldenError(f"{file}: field 'checkpoint' must be {{\"path\": a folder, \"fingerprint\": a sha256}}, "
+                          f"found {named!r:.200}")
     if not isinstance(meta.get("case", ""), str):
         raise GoldenError(f"{file}: field 'case' must be a string, found {meta['case']!r}")
     return meta
@@ -124,7 +129,18 @@ class GoldenCase:
         return case
 
     def weights(self) -> ModelWeights:
-        with open_checkpoint(self.path) as checkpoint:
+        """The case's own weights, or those of the checkpoint its meta.json names (`golden make` without
+        --copy-weights), whose tensor names, dtypes and shapes must match the recorded fingerprint."""
+        named = self.meta.get("checkpoint")
+        if named is None or any(self.path.glob("model*.safetensors")):
+            with open_checkpoint(self.path) as checkpoint:
+                return load_weights(checkpoint, self.config)
+        from conformance.golden.make import fingerprint
+
+        with open_checkpoint(named["path"]) as checkpoint:
+            if fingerprint(checkpoint) != named["fingerprint"]:
+                raise GoldenError(f"{self.path}: the checkpoint {named['path']} is not the one this case was made "
+                                  "from (its tensor names, dtypes or shapes differ from the recorded fingerprint)")
             return load_weights(checkpoint, self.config)
 
     def tokens(self, file: ExpectedFile, name: str) -> np.ndarray | None:

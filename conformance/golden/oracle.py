@@ -7,6 +7,8 @@ with the recorded divergences (conformance/divergences.py). Needs the `oracle` e
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from conformance.format.config import ModelConfig, to_hf_dict
@@ -110,29 +112,14 @@ def _force_routing(router, forced: list) -> None:
     router.forward = forward
 
 
-class OracleRunner(Runner):
-    """Runs the transformers model with a cache; accepts forced routing like the reference."""
+class _TransformersRunner(Runner):
+    """A transformers `DeepseekV3ForCausalLM` behind the Runner interface, with a cache; accepts forced routing
+    like the reference; every block's output is read by a hook (before the final norm)."""
 
-    backend = "oracle"
-
-    def __init__(self, config: ModelConfig, weights: ModelWeights, accept_divergences: bool = False):
-        oracle_versions()
-        diverging = oracle_divergences(config)
-        if diverging and not accept_divergences:
-            raise OracleUnavailable("the oracle diverges on this config: " + ", ".join(d.key for d in diverging))
+    def _hold(self, model) -> None:
         import torch
-        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-        from transformers.utils import logging
 
-        logging.set_verbosity_error()
         self.torch = torch
-        self.config = config
-        raw = to_hf_dict(config)
-        raw["num_nextn_predict_layers"] = 0
-        hf_config = DeepseekV3Config(**raw, attn_implementation="eager")
-        model = DeepseekV3ForCausalLM(hf_config)
-        state = {name: torch.tensor(array) for name, array in hf_state_dict(weights, config).items()}
-        model.load_state_dict(state, strict=True)
         self.model = model.float().eval()
         self.routers = [layer.mlp.gate for layer in self.model.model.layers if hasattr(layer.mlp, "gate")]
         self.forced: list = []
@@ -154,10 +141,52 @@ class OracleRunner(Runner):
         experts = tuple(router.chosen.numpy() for router in self.routers)
         return StepOutput(out.logits.numpy(), hidden, experts)
 
-    def prefill(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
+    def prefill(self, tokens: np.ndarray, forced_experts: Routing = None, capacity: int | None = None) -> StepOutput:
         self.cache = None
         return self._run(np.asarray(tokens), forced_experts)
 
     def decode(self, tokens: np.ndarray, forced_experts: Routing = None) -> StepOutput:
         return self._run(np.asarray(tokens).reshape(-1, 1), forced_experts)
 
+
+class OracleRunner(_TransformersRunner):
+    """The transformers model built from the harness's weight tree and config (the oracle of the golden cases)."""
+
+    backend = "oracle"
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, accept_divergences: bool = False):
+        oracle_versions()
+        diverging = oracle_divergences(config)
+        if diverging and not accept_divergences:
+            raise OracleUnavailable("the oracle diverges on this config: " + ", ".join(d.key for d in diverging))
+        import torch
+        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        self.config = config
+        raw = to_hf_dict(config)
+        raw["num_nextn_predict_layers"] = 0
+        hf_config = DeepseekV3Config(**raw, attn_implementation="eager")
+        model = DeepseekV3ForCausalLM(hf_config)
+        state = {name: torch.tensor(array) for name, array in hf_state_dict(weights, config).items()}
+        model.load_state_dict(state, strict=True)
+        self._hold(model)
+
+
+class PretrainedRunner(_TransformersRunner):
+    """A checkpoint folder as transformers itself reads it (`from_pretrained`: its config reader, its weight
+    loader, its default attention), in float32: a producer independent of this harness's reading. Not eager
+    attention: it repeats keys num_attention_heads // num_key_value_heads times, and transformers saves its
+    default num_key_value_heads (128) for any model, so a smaller model's keys vanish (docs/checkpoints.md)."""
+
+    backend = "transformers"
+
+    def __init__(self, folder: str | Path, config: ModelConfig):
+        oracle_versions()
+        from transformers import DeepseekV3ForCausalLM
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        self.config = config
+        self._hold(DeepseekV3ForCausalLM.from_pretrained(str(folder), dtype="float32"))

@@ -119,6 +119,58 @@ def run(model, tokens: torch.Tensor, steps: int) -> dict[str, torch.Tensor]:
     return out
 
 
+class OfficialRunner:
+    """The official `Transformer` over a checkpoint folder (Hugging Face names; MTP tensors left out, as the
+    official code has no MTP module), behind the Runner interface a golden case maker reads: `prefill` gives
+    the last position's logits (all the official forward returns) and every block's output, `decode` one token
+    per sequence after the cached ones. Absorbed attention, the dequantized (bf16) path."""
+
+    def __init__(self, checkout: Path, folder: Path, config, device: str = "cpu", dtype: str = "float32"):
+        from conformance.format.config import to_official_dict
+
+        self.config = config
+        self.official = load_official(checkout, device)
+        self.commit = _commit(checkout)
+        self.device = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+        torch.set_default_dtype(getattr(torch, dtype))
+        torch.set_default_device(device)
+        model_args = dict(to_official_dict(config), max_batch_size=4)
+        mtp = tuple(f"model.layers.{config.n_layers + depth}." for depth in range(config.n_mtp_layers))
+        weights = {hf_to_official(name): tensor.to(device) for shard in sorted(Path(folder).glob("*.safetensors"))
+                   for name, tensor in load_file(str(shard)).items() if not name.startswith(mtp)}
+        self.model = build(self.official, model_args, weights, "absorb", "bf16")
+        self.position = 0
+
+    def _hidden(self, run):
+        hidden = {}
+        hooks = [layer.register_forward_hook(lambda m, i, o, index=index: hidden.__setitem__(index, o))
+                 for index, layer in enumerate(self.model.layers)]
+        try:
+            with torch.no_grad():
+                logits = run()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return logits, tuple(hidden[i].float().cpu().numpy() for i in sorted(hidden))
+
+    def prefill(self, tokens, forced_experts=None, capacity=None):
+        from conformance.backends import StepOutput
+
+        self.official.attn_impl = "absorb"
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        logits, hidden = self._hidden(lambda: self.model(tokens, 0))
+        self.position = tokens.shape[1]
+        return StepOutput(logits.float().cpu().numpy()[:, None, :], hidden, ())
+
+    def decode(self, tokens, forced_experts=None):
+        from conformance.backends import StepOutput
+
+        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1, 1)
+        logits, hidden = self._hidden(lambda: self.model(tokens, self.position))
+        self.position += 1
+        return StepOutput(logits.float().cpu().numpy()[:, None, :], hidden, ())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official", required=True, type=Path, help="a DeepSeek-V3 checkout")

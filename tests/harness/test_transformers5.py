@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from hf_models import save_tiny_hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -19,21 +20,8 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    config = transformers.DeepseekV3Config(
-        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
-        num_attention_heads=2, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
-        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
-        v_head_dim=8, max_position_embeddings=64, initializer_range=0.2,  # sharp attention: positions matter
-        rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0,
-                         "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
-                         "mscale_all_dim": 1.0})
-    torch.manual_seed(0)
-    model = transformers.DeepseekV3ForCausalLM(config).eval()
-    with torch.no_grad():  # correction biases away from zero, so that routing depends on them
-        for layer in model.model.layers[1:]:
-            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
     folder = tmp_path_factory.mktemp("hf5")
-    model.save_pretrained(folder)
+    model = save_tiny_hf(folder)
     with torch.no_grad():
         expected = model.generate(torch.tensor([PROMPT]), max_new_tokens=STEPS, do_sample=False)[0, len(PROMPT):]
     return folder, expected.tolist()
@@ -64,3 +52,15 @@ def test_the_comparison_sees_rope_parameters(saved, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     tokens, _ = _generate(folder, "reference", "--config", str(tmp_path / "config.json"))
     assert tokens != expected
+
+
+def test_transformers_eager_attention_loses_the_keys_of_a_saved_small_model(saved):
+    """A divergence of transformers (docs/checkpoints.md), checked to still exist: DeepseekV3Attention takes
+    num_key_value_groups = num_attention_heads // num_key_value_heads, and save_pretrained writes the default
+    num_key_value_heads (128) for any model, so with 2 heads eager attention repeats the keys 0 times and fails;
+    its default (sdpa) attention runs."""
+    folder, expected = saved
+    eager = transformers.DeepseekV3ForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    assert eager.config.num_key_value_heads == 128 and eager.model.layers[0].self_attn.num_key_value_groups == 0
+    with pytest.raises(RuntimeError, match="must match the size"), torch.no_grad():
+        eager(torch.tensor([PROMPT]))

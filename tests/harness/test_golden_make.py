@@ -1,0 +1,79 @@
+"""`golden make` writes a golden case from a user's checkpoint with two independent producers (transformers'
+own loading and the reference backend); each case passes on both backends, names and fingerprints its
+checkpoint, verifies against its manifest, and fails a port that hard-codes rope_theta."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from hf_models import THETA, save_tiny_hf  # noqa: E402
+
+from conformance.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    checkpoint = tmp_path_factory.mktemp("checkpoint")
+    save_tiny_hf(checkpoint)
+    golden = tmp_path_factory.mktemp("golden")
+    for producer in ("hf", "reference"):
+        assert main(["golden", "make", str(golden / producer), "--checkpoint", str(checkpoint), "--producer", producer,
+                     "--random", "2,8", "--steps", "4", "--layers", "all"]) == 0
+    return checkpoint, golden
+
+
+@pytest.mark.parametrize("producer", ["hf", "reference"])
+@pytest.mark.parametrize("backend", ["reference", "tf"])
+def test_a_made_case_passes_on_both_backends(made, producer, backend, capsys):
+    _, golden = made
+    assert main(["check-golden", str(golden / producer), "--backend", backend]) == 0
+    out = capsys.readouterr().out
+    assert "PASSED: 9 tensors" in out and "prefill.layer.2.hidden" in out and "tokens.decoded" in out
+
+
+def test_the_case_records_its_provenance_and_the_manifest_covers_it(made):
+    checkpoint, golden = made
+    meta = json.loads((golden / "hf" / "meta.json").read_text())
+    assert meta["producer"].startswith("transformers") and meta["checkpoint"]["path"] == str(checkpoint.resolve())
+    assert meta["command"].startswith("dsv3-conformance") and meta["created"] and meta["transformers"]
+    assert not list((golden / "hf").glob("model*.safetensors"))  # the weights stay where they are
+    assert main(["golden", "verify", "--golden-dir", str(golden)]) == 0
+    manifest = json.loads((golden / "manifest.json").read_text())
+    assert sorted(case["path"] for case in manifest["cases"]) == ["hf", "reference"]
+
+
+def test_a_port_that_hard_codes_theta_fails_the_made_case(made):
+    _, golden = made
+    assert THETA != 10000.0
+    assert main(["check-golden", str(golden / "hf"), "--backend", "broken_backends:HARD_CODED_THETA"]) == 1
+
+
+def test_another_checkpoint_in_its_place_is_refused(made, tmp_path, capsys):
+    checkpoint, golden = made
+    case = tmp_path / "case"
+    case.mkdir()
+    for name in ("config.json", "expected.safetensors"):
+        (case / name).write_bytes((golden / "hf" / name).read_bytes())
+    meta = json.loads((golden / "hf" / "meta.json").read_text())
+    meta["checkpoint"]["fingerprint"] = "0" * 64
+    (case / "meta.json").write_text(json.dumps(meta))
+    assert main(["check-golden", str(case)]) == 2
+    assert "not the one this case was made from" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.environ.get("DSV3_OFFICIAL_CHECKOUT"), reason="needs DSV3_OFFICIAL_CHECKOUT, a checkout "
+                                                                        "of the official DeepSeek-V3 repository")
+def test_the_official_code_as_a_producer(made, tmp_path):
+    checkpoint, _ = made
+    assert main(["golden", "make", str(tmp_path / "official"), "--checkpoint", str(checkpoint), "--producer",
+                 "official", "--official", os.environ["DSV3_OFFICIAL_CHECKOUT"], "--random", "2,8", "--steps", "4",
+                 "--layers", "all"]) == 0
+    assert main(["check-golden", str(tmp_path / "official"), "--backend", "tf"]) == 0
+    assert Path(tmp_path / "official" / "meta.json").is_file()

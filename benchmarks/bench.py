@@ -46,6 +46,7 @@ import json
 import statistics
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -358,7 +359,8 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
                          "memory_gib": memory[name], "peak_memory_gib": peak[name]}
     floors.update(prefill_flops=flops, prefill_floor_s=flops / floors["matmul_flops_per_s"], decode_bytes=needed,
                   decode_floor_ms=1e3 * needed / floors["read_bytes_per_s"])
-    return {"workload": workload, "config": config.name, "machine": machine(), "steal_per_round": steal,
+    return {"workload": workload, "config": config.name, "machine": machine(),
+            "date": datetime.now(timezone.utc).date().isoformat(), "steal_per_round": steal,
             "prompt": spec["prompt"], "decode_steps": spec["decode"], "rounds": rounds, "results": results,
             "left_out": left_out, "floors": floors, "ratios": ratios(results, floors)}
 
@@ -485,10 +487,13 @@ def report_section(golden_dir, backends: list[str], out: Path):
     from conformance.report.plots import plt
     from conformance.report.section import Section
 
-    rows, results = [], []
+    from conformance.report.section import stored_note
+
+    rows, results, notes = [], [], []
     for path in sorted(RESULTS.glob("bench-*.json")):
         result = json.loads(path.read_text())
         results.append(result)
+        notes.append(stored_note(result, path))
         for name, r in result["results"].items():
             rows.append({"workload": result["workload"], "implementation": name, "prefill (s)": f"{r['prefill_s']:.3f}",
                          "decode b=1 (ms)": f"{r['decode_ms']:.1f}", "decode b=8 (ms)": f"{r['decode_batch8_ms']:.1f}"})
@@ -517,4 +522,4 @@ def report_section(golden_dir, backends: list[str], out: Path):
     intro = ("Implementations side by side on the same weights and prompts, with the machine's floors measured in the "
              "same run (benchmarks/bench.py): the last results written by `dsv3-conformance bench --write`, on the "
              "machine that wrote them. Informational here; `dsv3-conformance bench --gate` fails on a missed gate.")
-    return Section("Performance", intro, rows, figures)
+    return Section("Performance", intro, rows, figures, stored="; ".join(notes))

@@ -49,6 +49,24 @@ def versions() -> dict[str, str]:
     return found
 
 
+def provenance() -> dict[str, str]:
+    """When, from what commit, on which machine and by which command the report was made."""
+    from datetime import datetime, timezone
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True) \
+        if (root / ".git").exists() else None
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip() if done and done.returncode == 0 else ""
+    commit = (done.stdout.strip() + (" (with uncommitted changes)" if dirty else "")) if done and done.returncode == 0 \
+        else "an installed package (no checkout)"
+    return {"made": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+            "machine": f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "command": " ".join(["dsv3-conformance" if sys.argv[0].endswith(("dsv3-conformance", "__main__.py",
+                                                                               "cli.py")) else sys.argv[0],
+                                 *sys.argv[1:]])}
+
+
 def run_suite(backends: list[str], results_dir: Path, profile: str, allow: tuple[str, ...] = ()) -> tuple[int, list[dict]]:
     """Run `pytest conformance/` with the report plugin; returns its exit status and one row per test."""
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +112,7 @@ class Report:
     figures: dict[str, Path] = field(default_factory=dict)
     extra: list[Section] = field(default_factory=list)
     allow: tuple[str, ...] = ()
+    made: dict[str, str] = field(default_factory=provenance)
 
     def missing(self) -> list[tuple[str, Missing]]:
         """(where, what) of everything expected that was not compared: golden tensors, suite checks, and backends
@@ -122,6 +141,31 @@ class Report:
     @property
     def passed(self) -> bool:
         return self.verdict == PASSED
+
+    def backend_rows(self) -> list[dict]:
+        """One line per backend: its golden cases, its suite checks, its mutants, and what was not compared."""
+        rows = []
+        for name in dict.fromkeys([c.backend for c in self.cases] + [r["backend"] for r in self.suite if r["backend"]]):
+            cases = [c for c in self.cases if c.backend == name]
+            checks = [r for r in self.suite if r["backend"] == name]
+            mutants = [m for m in self.mutants or [] if m.backend == name]
+            missing = [m for where, m in self.missing() if where.endswith(f" on {name}")]
+            failed = any(c.verdict == FAILED for c in cases) or any(r["outcome"] == "failed" for r in checks) or \
+                any(not m.ok for m in mutants)
+            compared = sum(len(c.results) for c in cases) + sum(r["outcome"] == "passed" for r in checks)
+            row = {"backend": name, "verdict": outcome(failed, compared, missing, self.allow),
+                   "golden cases": f"{sum(c.verdict == PASSED for c in cases)} of {len(cases)} passed"}
+            if self.suite:
+                row["suite checks"] = f"{sum(r['outcome'] == 'passed' for r in checks)} passed, " \
+                                      f"{sum(r['outcome'] == 'failed' for r in checks)} failed of {len(checks)}"
+            if self.mutants is not None:
+                row["mutants"] = f"{sum(m.ok for m in mutants)} of {len(mutants)} as expected"
+            row["not compared"] = ", ".join(sorted({m.part for m in missing})) or "nothing"
+            rows.append(row)
+        return rows
+
+    def claims(self) -> dict[str, bool]:
+        return {claim: held for section in self.extra for claim, held in section.claims.items()}
 
     def divergences(self) -> list[dict]:
         observed = {row["nodeid"].split("[")[-1].rstrip("]"): row["outcome"] for row in self.suite
@@ -203,14 +247,18 @@ class Report:
                 "suite_status": self.suite_status, "components": self.component_summary(), "checks": self.suite,
                 "mutants": [m.to_json() for m in self.mutants or []], "known_divergences": self.divergences(),
                 "tolerances": {key: {"value": t.value, "basis": t.basis} for key, t in POLICY.items()},
-                "sections": {section.title: section.rows for section in self.extra}}
+                "sections": {section.title: section.rows for section in self.extra},
+                "provenance": self.made, "backends": self.backend_rows(), "claims": self.claims(),
+                "stored": {section.title: section.stored for section in self.extra if section.stored}}
 
     def sections(self) -> list[tuple[str, str, list[dict]]]:
         """(title, introduction, rows) of every table, shared by the markdown and the HTML."""
         integrity = [{"problem": p} for p in self.manifest_problems] or [
             {"problem": "none: every golden file matches its sha256 in golden/manifest.json"}]
         sections = [
-            ("Versions", "What produced these results.", [{"component": k, "version": v} for k, v in versions().items()]),
+            ("Summary", "The verdict per backend, and what was not compared.", self.backend_rows()),
+            ("Provenance", "When, from what and where this report was made; the versions it depends on.",
+             [{"what": k, "value": v} for k, v in {**self.made, **versions()}.items()]),
             ("Golden integrity", "sha256 of every golden file against the manifest.", integrity),
             ("Golden cases", "Each backend against every expected tensor of every case (details below).",
              self.golden_rows()),
@@ -230,7 +278,8 @@ class Report:
                              self.mutation_rows()))
         sections.append(("Known divergences", "Where an oracle or the official code departs from the official "
                                               "semantics: recorded, not absorbed by tolerances.", self.divergences()))
-        sections += [(section.title, section.introduction, section.rows) for section in self.extra]
+        sections += [(section.title, section.introduction + (f" ({section.stored}.)" if section.stored else ""),
+                      section.rows) for section in self.extra]
         return sections
 
     def case_sections(self) -> list[tuple[str, list[dict]]]:
@@ -239,43 +288,86 @@ class Report:
 
     def to_markdown(self) -> str:
         parts = ["# DeepSeek-V3 conformance report", "", f"Overall: **{self.verdict}**", "", VERDICTS]
+        parts += [f"- claim that does not hold, as measured: {claim}" for claim, held in self.claims().items()
+                  if not held]
         for title, intro, rows in self.sections():
             parts += ["", f"## {title}", "", intro, "",
-                      tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True)]
+                      tabulate(_cells(rows), headers="keys", tablefmt="github", disable_numparse=True)]
         parts += ["", "## Figures", ""] + [f"![{name}]({path.name})" for name, path in self.figures.items()]
         for title, rows in self.case_sections():
-            parts += ["", f"### {title}", "", tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True)]
+            parts += ["", f"### {title}", "", tabulate(_cells(rows), headers="keys", tablefmt="github",
+                                                         disable_numparse=True)]
         return "\n".join(parts) + "\n"
 
     def to_html(self) -> str:
-        def table(rows: list[dict]) -> str:
-            if not rows:
-                return "<p>(none)</p>"
-            head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
-            body = "".join("<tr>" + "".join(f'<td class="{_css_class(v)}">{html.escape(str(v))}</td>'
-                                            for v in row.values()) + "</tr>" for row in rows)
-            return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
         verdict = self.verdict
-        parts = [f"<h1>DeepSeek-V3 conformance report</h1><p class='verdict {verdict.lower()}'>{verdict}</p>"
+        sections = self.sections()
+        anchors = [f"s{index}" for index in range(len(sections))]
+        failing = [claim for claim, held in self.claims().items() if not held]
+        parts = [f"<h1>DeepSeek-V3 conformance report</h1><p class='verdict {verdict.lower()}'>{verdict}</p>",
+                 f"<p class='made'>{html.escape(self.made['made'])}, commit {html.escape(self.made['commit'])}, "
+                 f"{html.escape(self.made['machine'])}: <code>{html.escape(self.made['command'])}</code></p>",
                  f"<p>{html.escape(VERDICTS)}</p>"]
-        for title, intro, rows in self.sections():
-            parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(intro)}</p>{table(rows)}")
+        if failing:
+            parts.append("<div class='claims'><b>Claims that do not hold, as measured:</b><ul>" +
+                         "".join(f"<li>{html.escape(claim)}</li>" for claim in failing) + "</ul></div>")
+        contents = [(anchor, title) for anchor, (title, _, _) in zip(anchors, sections)]
+        contents += [("figures", "Figures"), ("cases", "Golden cases in detail")]
+        parts.append("<nav><b>Contents</b><ol>" + "".join(f"<li><a href='#{a}'>{html.escape(t)}</a></li>"
+                                                          for a, t in contents) + "</ol></nav>")
+        for anchor, (title, intro, rows) in zip(anchors, sections):
+            body = _table(rows)
+            if len(rows) > COLLAPSE_ROWS:
+                body = f"<details><summary>{len(rows)} rows</summary>{body}</details>"
+            parts.append(f"<h2 id='{anchor}'>{html.escape(title)}</h2><p>{html.escape(intro)}</p>{body}")
+        parts.append("<h2 id='figures'>Figures</h2>")
         for name, path in self.figures.items():
             encoded = base64.b64encode(path.read_bytes()).decode()
-            parts.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,"
+            parts.append(f"<h3>{html.escape(name)}</h3><img alt='{html.escape(name)}' src='data:image/png;base64,"
                          f"{encoded}'>")
+        parts.append("<h2 id='cases'>Golden cases in detail</h2>")
         for title, rows in self.case_sections():
-            parts.append(f"<details><summary>{html.escape(title)}</summary>{table(rows)}</details>")
+            parts.append(f"<details><summary>{html.escape(title)}</summary>{_table(rows)}</details>")
         return f"<!doctype html><html><head><meta charset='utf-8'><title>DeepSeek-V3 conformance report</title>" \
                f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n"
+
+
+COLLAPSE_ROWS = 40  # a longer table starts collapsed
+
+
+def _cell(value: object) -> str:
+    """A value as a table shows it: numbers short, sequences joined, no Python reprs, one line of a message."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple, set)):
+        return ", ".join(_cell(v) for v in value)
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_cell(v)}" for k, v in value.items())
+    text = str(value).strip().splitlines()[0] if str(value).strip() else ""
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _cells(rows: list[dict]) -> list[dict]:
+    return [{key: _cell(value) for key, value in row.items()} for row in rows]
+
+
+def _table(rows: list[dict]) -> str:
+    """An HTML table whose header is every key of every row, in order: no row longer than its header."""
+    if not rows:
+        return "<p>(none)</p>"
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f'<td class="{_css_class(_cell(row.get(k, "")))}">{html.escape(_cell(row.get(k, "")))}'
+                                    "</td>" for k in keys) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 8px;
 text-align:left;vertical-align:top}th{background:#f0f0f0}td.good{color:#176317}td.bad{color:#fff;background:#b3261e}
 .verdict{font-size:22px;font-weight:bold}.passed{color:#176317}.failed{color:#b3261e}img{max-width:100%;
-border:1px solid #ddd}summary{cursor:pointer;margin:.3em 0}"""
+border:1px solid #ddd}summary{cursor:pointer;margin:.3em 0}.made{color:#555;font-size:13px}
+.claims{border-left:4px solid #b3261e;padding:.2em 1em;margin:1em 0}nav{font-size:14px}"""
 
 
 VERDICTS = ("PASSED: everything expected was compared and is within tolerance. FAILED: a comparison is out of "

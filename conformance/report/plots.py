@@ -16,24 +16,40 @@ from conformance.golden.cases import CaseResult
 _LAYER = re.compile(r"^prefill\.layer\.(\d+)\.hidden$")
 
 
+FLOOR = 1e-12  # where an exact match (rel_err 0) is drawn on a log axis
+
+
 def error_per_layer(cases: list[CaseResult], path: Path) -> Path:
-    """rel_err of each block's output against the golden: a colour per case, a line style per backend."""
-    figure, axis = plt.subplots(figsize=(9, 4.5))
-    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(dict.fromkeys(c.case for c in cases))}
-    styles = {backend: style for backend, style in zip(dict.fromkeys(c.backend for c in cases), ("-", "--", ":"))}
-    for case in cases:
-        points = sorted((int(m[1]), r.rel_err) for r in case.results if (m := _LAYER.match(r.name)))
-        if points:
-            layers, errors = zip(*points)
-            axis.plot(layers, np.maximum(errors, 1e-12), marker="o", color=colours[case.case],
-                      linestyle=styles[case.backend], label=f"{case.case} ({case.backend})")
-    for value in {r.tolerance for case in cases for r in case.results if _LAYER.match(r.name)}:
-        axis.axhline(value, color="red", linestyle="--", linewidth=1)
-    axis.set(yscale="log", xlabel="block", ylabel="rel_err of the block output",
-             title="Golden cases: error per layer (red: tolerance)")
-    axis.xaxis.get_major_locator().set_params(integer=True)
-    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    figure.tight_layout()
+    """rel_err of each block's output against the golden: a panel per backend, one series per case (a colour and a
+    marker of its own), each tolerance a labelled line, exact matches marked at the floor."""
+    backends = list(dict.fromkeys(c.backend for c in cases)) or ["-"]
+    names = list(dict.fromkeys(c.case for c in cases))
+    markers = "osD^vP*X<>"
+    look = {name: (plt.cm.tab20(i % 20), markers[i % len(markers)]) for i, name in enumerate(names)}
+    figure, axes = plt.subplots(1, len(backends), figsize=(5.5 * len(backends) + 2.5, 4.5), sharey=True,
+                                squeeze=False)
+    for axis, backend in zip(axes[0], backends):
+        for case in (c for c in cases if c.backend == backend):
+            points = sorted((int(m[1]), r.rel_err) for r in case.results if (m := _LAYER.match(r.name)))
+            if not points:
+                continue
+            layers, errors = (np.array(v, dtype=float) for v in zip(*points))
+            colour, marker = look[case.case]
+            axis.plot(layers, np.maximum(errors, FLOOR), marker=marker, color=colour, label=case.case)
+            exact = errors == 0
+            if exact.any():
+                axis.scatter(layers[exact], np.full(exact.sum(), FLOOR), marker="_", s=200, color="black", zorder=3)
+        for value in sorted({r.tolerance for c in cases for r in c.results if _LAYER.match(r.name)}):
+            axis.axhline(value, color="red", linestyle="--", linewidth=1)
+            axis.annotate(f"tolerance {value:.0e}", (0, value), xycoords=("axes fraction", "data"), fontsize=7,
+                          color="red", va="bottom")
+        axis.set(yscale="log", xlabel="block", title=f"{backend}")
+        axis.xaxis.get_major_locator().set_params(integer=True)
+    axes[0][0].set_ylabel(f"rel_err of the block output (exact: drawn at {FLOOR:.0e})")
+    handles = {label: handle for axis in axes[0] for handle, label in zip(*axis.get_legend_handles_labels())}
+    figure.legend(handles.values(), handles.keys(), fontsize=7, loc="center right")
+    figure.suptitle("Golden cases: error per layer")
+    figure.tight_layout(rect=(0, 0, 1 - 2.3 / (5.5 * len(backends) + 2.5), 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path

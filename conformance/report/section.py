@@ -26,6 +26,21 @@ class Section:
     rows: list[dict]
     figures: dict[str, Path] = field(default_factory=dict)
     passed: bool = True  # a capability's own verdict; a failed section fails the report
+    # Numbers not computed in this run: where and when they were measured (shown with the section).
+    stored: str = ""
+    # claim -> whether it holds, as measured (a claim that does not hold is shown at the top of the report)
+    claims: dict[str, bool] = field(default_factory=dict)
+
+
+def stored_note(result: dict, path: Path) -> str:
+    """Where and when a stored result file was measured, from its own record (or the file's date)."""
+    from datetime import datetime, timezone
+
+    where = result.get("machine")
+    if isinstance(where, dict):
+        where = f"{where.get('cpu', 'unknown CPU')}, {where.get('cores', '?')} cores"
+    when = result.get("date") or datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).date().isoformat()
+    return f"stored results, not measured in this run: {path.name}, on {where or 'a machine not recorded'}, {when}"
 
 
 def capability_sections() -> dict[str, Callable]:

@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from conformance.report.section import Section
+from conformance.report.section import Section, stored_note
 from conformance.paths import RESULTS_DIR as RESULTS
 from conformance.studies.experiments import EXPERIMENTS
 
@@ -24,23 +24,25 @@ def shown(value) -> str:
 def report_section(golden_dir, backends: list[str], out: Path):
     """The last results of each experiment (benchmarks/results), with their plots."""
 
-    rows, figures = [], {}
+    rows, figures, notes, claims = [], {}, [], {}
     for name in EXPERIMENTS:
         path = RESULTS / f"experiment-{name}.json"
         if not path.is_file():
             rows.append({"experiment": name, "status": f"not run: dsv3-conformance experiment {name}"})
             continue
         result = json.loads(path.read_text())
+        notes.append(stored_note(result, path))
         for run_name, numbers in result["summary"].items():
             rows.append({"experiment": f"{name} ({result['steps']} steps)", "run": run_name,
                          **{k: shown(v) for k, v in numbers.items()}})
         for claim, held in result["claims"].items():
             rows.append({"experiment": name, "run": f"claim: {claim}", "status": "holds" if held else "does not hold"})
+            claims[f"training, {name}: {claim}"] = bool(held)
         figure = out / f"experiment-{name}.png"
         shutil.copyfile(RESULTS / f"experiment-{name}.png", figure)
         figures[f"Training experiment: {name}"] = figure
     intro = ("The report's training claims at a small scale (conformance/experiments.py; data: the Python standard "
              "library's source as bytes). Claims are reported as measured, whichever way they go.")
-    return Section("Training experiments", intro, rows, figures)
+    return Section("Training experiments", intro, rows, figures, stored="; ".join(notes), claims=claims)
 
 

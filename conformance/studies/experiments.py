@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import sysconfig
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -226,12 +229,19 @@ def plot(name: str, result: dict, path: Path) -> Path:
     return path
 
 
+def _machine() -> dict:
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return {"cpu": names[0] if names else platform.processor() or platform.machine(), "cores": os.cpu_count()}
+
+
 def run(name: str, steps: int | None, out: Path, seed: int = 0, **knobs) -> dict:
     """One experiment; `knobs`: alpha and gamma for balance."""
     steps = steps or DEFAULT_STEPS[name]
     result = {"balance": balance, "fp8": fp8, "mtp": mtp}[name](steps, seed, **knobs)
     result.update(experiment=name, steps=steps, batch=BATCH, length=LENGTH, seed=seed,
-                  data="Python standard library source, byte-level tokens")
+                  data="Python standard library source, byte-level tokens", machine=_machine(),
+                  date=datetime.now(timezone.utc).date().isoformat())
     out.mkdir(parents=True, exist_ok=True)
     plot(name, result, out / f"experiment-{name}.png")
     (out / f"experiment-{name}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -6,15 +6,25 @@ import json
 import re
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
+
+import pytest
 
 from conformance.report.build import build_report
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_report_files_hold_tables_and_figures(tmp_path):
-    report = build_report(ROOT / "golden", ["reference"], tmp_path)
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """The report with every capability section, on the reference backend."""
+    folder = tmp_path_factory.mktemp("report")
+    return build_report(ROOT / "golden", ["reference"], folder), folder
+
+
+def test_report_files_hold_tables_and_figures(full):
+    report, tmp_path = full
     assert report.passed
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["passed"] is True and not data["manifest_problems"]
@@ -60,26 +70,61 @@ def test_plugin_records_one_line_per_test_with_its_comparisons(tmp_path):
     assert policies == {"golden.float32-path", "golden.fp8-path.h100", "tokens.exact"}
 
 
-def test_html_renders_in_headless_chromium(tmp_path):
-    """The page's tables and embedded figures survive a real browser (skipped where Chromium is absent)."""
+class _Tables(HTMLParser):
+    """Per table: the header's cell count and each body row's."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.section = [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append({"head": 0, "rows": []})
+        elif tag in ("thead", "tbody"):
+            self.section = tag
+        elif tag == "tr" and self.section == "tbody":
+            self.tables[-1]["rows"].append(0)
+        elif tag == "th":
+            self.tables[-1]["head"] += 1
+        elif tag == "td":
+            self.tables[-1]["rows"][-1] += 1
+
+
+def test_html_renders_in_headless_chromium_with_well_formed_tables(full):
+    """The page as a real browser builds it: summary first, contents, provenance, every table's rows as wide as its
+    header, the figures embedded (skipped where Chromium is absent)."""
     import shutil
 
     import matplotlib.image
-    import pytest
 
+    report, tmp_path = full
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         pytest.skip("no headless Chromium on this machine (.ci/run installs Debian's chromium)")
-    build_report(ROOT / "golden", ["reference"], tmp_path, capabilities=())
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,3000"]
     page = (tmp_path / "report.html").as_uri()
     dom = subprocess.run(flags + ["--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
-    assert dom.count("<table>") >= 4 and dom.count("<img") == 2 and "PASSED" in dom
+    assert dom.count("<img") == len(report.figures) and "PASSED" in dom
+    assert dom.index("<nav>") < dom.index(">Summary</h2>") < dom.index(">Golden cases</h2>")
+    assert "commit " in dom and "<code>" in dom  # provenance: when, commit, machine, command line
+    tables = _Tables()
+    tables.feed(dom)
+    assert len(tables.tables) >= 10
+    wrong = [table for table in tables.tables if any(cells != table["head"] for cells in table["rows"])]
+    assert not wrong, wrong[:3]
+    assert "stored results, not measured in this run" in dom  # the performance and training sections
+    assert not re.search(r"\(\d+, \d+\)|Traceback|errors_impl", dom)  # no tuple reprs or raw exceptions
     subprocess.run(flags + [f"--screenshot={tmp_path / 'shot.png'}", page], capture_output=True, timeout=120)
     pixels = matplotlib.image.imread(tmp_path / "shot.png")[..., :3]
     assert (pixels.min(axis=-1) < 0.9).mean() > 0.02, "the screenshot is (nearly) blank"
+
+
+def test_a_malformed_table_is_caught():
+    tables = _Tables()
+    tables.feed("<table><thead><tr><th>a</th></tr></thead><tbody><tr><td>1</td><td>2</td></tr></tbody></table>")
+    assert tables.tables == [{"head": 1, "rows": [2]}]
 
 
 def test_a_failure_message_is_bounded():

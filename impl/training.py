@@ -51,6 +51,15 @@ def _master_linear(weight: LinearWeight) -> LinearWeight:
     return LinearWeight(_master(weight.weight))
 
 
+def _variable_tree(weights: ModelWeights):
+    """The model's master variables; the MTP modules share the main model's embedding and output head (the same
+    variables)."""
+    main = _master_tree(dataclasses.replace(weights, mtp=()))
+    modules = tuple(dataclasses.replace(_master_tree(dataclasses.replace(m, embed=None, head=None)),
+                                        embed=main.embed, head=main.head) for m in weights.mtp)
+    return dataclasses.replace(main, mtp=modules)
+
+
 def _master_tree(tree):
     """The weight tree as float32 variables, routed experts stacked, gate biases apart (non-trainable)."""
     if tree is None:
@@ -130,11 +139,8 @@ class Trainer:
         self.config, self.settings, self.options = config, settings, options
         self.dtype = tf.as_dtype(dtype)
         self.numerics = Numerics(fp8_training=settings.fp8)
-        main = _master_tree(dataclasses.replace(weights, mtp=()))
-        # The MTP modules share the main model's embedding and output head: the same variables.
-        modules = tuple(dataclasses.replace(_master_tree(dataclasses.replace(m, embed=None, head=None)),
-                                            embed=main.embed, head=main.head) for m in weights.mtp)
-        self.tree = dataclasses.replace(main, mtp=modules)
+        self.tree = _variable_tree(weights)
+        modules = self.tree.mtp
         blocks = [layer.ffn for layer in self.tree.layers] + [m.block.ffn for m in modules]
         self.biases = [b.gate.bias for b in blocks if isinstance(b, StackedMoE) and b.gate.bias is not None]
         bias_ids = {id(b) for b in self.biases}
@@ -238,6 +244,16 @@ class Trainer:
                 "gradients": grads,
                 "loads": tf.stack(loads) if loads else tf.zeros([0, self.config.n_routed_experts], tf.int32),
                 "groups_spanned": spanned}
+
+    def restart(self, weights: ModelWeights) -> None:
+        """Start again from `weights` (the same config) with zero moments at step 0, keeping the compiled step: a
+        run from another seed compiles nothing."""
+        for variable, value in zip(leaves(self.tree), leaves(_variable_tree(weights))):
+            if isinstance(variable, tf.Variable):
+                variable.assign(value)
+        for moment in self.m + self.v:
+            moment.assign(tf.zeros_like(moment))
+        self.steps = 0
 
     def step(self, tokens: np.ndarray) -> dict:
         """One training step on tokens [B, S]; asserts node-limited routing (at most topk_group groups per

@@ -2,9 +2,10 @@
 
 Every check a mutant names first runs unmutated (the control run) and must pass. A mutant is killed
 only by a check that passed its control run and then raised `CheckFailed`, the check's own assertion on
-compared values; any other exception is an `error`, never a kill. Before its checks, every mutant is
-probed (probe.py): a mutant that changes no output of the backend is equivalent, which a real mutant
-must not be and a control mutant must be. Every task (a mutant, a control run, a fingerprint) runs in a
+compared values; any other exception is an `error`, never a kill. A mutant no check killed (every
+surviving control included) is then probed (probe.py): a mutant that changes no output of the backend is
+equivalent, which a real mutant must not be and a control mutant must be; a killed one changed what its
+check measured, so it is not probed, and no fingerprint is made for sections only killed mutants reach. Every task (a mutant, a control run, a fingerprint) runs in a
 fresh process forked from a server that preloaded the backends and never had anything planted: no mutant
 can leak into another, XLA compilations cannot pile up in one process (bounded memory), and every worker
 loads the same hypothesis profile as pytest.
@@ -71,6 +72,11 @@ class MutantRun:
     checks: list[CheckRun] = field(default_factory=list)
     error: str = ""
     seconds: float = 0.0
+    needs_probe: bool = False  # no check killed it: the probe must still say whether it changed anything
+
+
+# What a killed mutant records as its change: the check's own measurement (not probed).
+SEEN_BY_A_CHECK = "seen by the check that killed it"
 
 
 def probed_sections(mutant: Mutant) -> list[str]:
@@ -81,9 +87,9 @@ def probed_sections(mutant: Mutant) -> list[str]:
     return sections_of(patch.target.split(":")[0] for patch in mutant.patches)
 
 
-def plant_and_run(mutant: Mutant, backend: Backend, unmutated: dict, first_kill: bool) -> MutantRun:
-    """Plant `mutant`, probe against the `unmutated` fingerprint, then run its checks (the first kill ends it
-    when `first_kill`)."""
+def plant_and_run(mutant: Mutant, backend: Backend, unmutated: dict | None, first_kill: bool) -> MutantRun:
+    """Plant `mutant` and run its checks (the first kill ends them when `first_kill`); unless one killed it, probe
+    it against the `unmutated` fingerprint, or, when that is None, mark it to be probed (`needs_probe`)."""
     from conformance.mutation.probe import first_difference
 
     run = MutantRun(mutant.key, backend.name)
@@ -91,11 +97,16 @@ def plant_and_run(mutant: Mutant, backend: Backend, unmutated: dict, first_kill:
     try:
         import_backend(backend)
         with planted(backend, mutant):
-            run.changed = first_difference(backend, unmutated, probed_sections(mutant))
             for key in mutant.checks:
                 run.checks.append(run_check(key, backend))
                 if first_kill and run.checks[-1].outcome == "failed":
                     break
+            if any(check.outcome == "failed" for check in run.checks):
+                run.changed = SEEN_BY_A_CHECK
+            elif unmutated is None:
+                run.needs_probe = True
+            else:
+                run.changed = first_difference(backend, unmutated, probed_sections(mutant))
     except NotApplicable as reason:
         run.applicable, run.error = False, str(reason)
     except Exception as error:  # planting or probing broke: an error of the harness
@@ -139,7 +150,9 @@ def classify(mutant: Mutant, run: MutantRun, controls: dict[str, CheckRun]) -> M
         result.verdict = "not applicable"
         return result
     if run.error:
-        result.errors.append(f"planting: {run.error}")
+        result.errors.append(run.error if run.error.startswith("probing:") else f"planting: {run.error}")
+    if run.needs_probe:
+        result.errors.append("not probed: whether it changed anything is unknown")
     for check in run.checks:
         control = controls.get(check.check)
         if control is None or control.outcome != "passed":
@@ -175,8 +188,21 @@ def _fingerprint_task(backend_spec: str, section: str) -> dict:
     return fingerprint(resolve_backend(backend_spec), [section])
 
 
-def _mutant_task(key: str, backend_spec: str, unmutated: dict, first_kill: bool) -> MutantRun:
-    return plant_and_run(MUTANTS[key], resolve_backend(backend_spec), unmutated, first_kill)
+def _mutant_task(key: str, backend_spec: str, first_kill: bool) -> MutantRun:
+    return plant_and_run(MUTANTS[key], resolve_backend(backend_spec), None, first_kill)
+
+
+def _probe_task(key: str, backend_spec: str, unmutated: dict) -> tuple[str | None, str]:
+    """(the first output the planted mutant changes or None, an error of the probe or ""), in a fresh process."""
+    from conformance.mutation.probe import first_difference
+
+    mutant, backend = MUTANTS[key], resolve_backend(backend_spec)
+    try:
+        import_backend(backend)
+        with planted(backend, mutant):
+            return first_difference(backend, unmutated, probed_sections(mutant)), ""
+    except Exception as error:  # probing broke: an error of the harness
+        return None, f"probing: {_first_line(error)}"
 
 
 def plant_in_turn(backend_spec: str, keys: list[str] | None = None) -> list[str]:
@@ -292,14 +318,27 @@ class Session:
                                                                    "role this mutant plants in")
                         progress.update()
 
+            probing: dict[str, list[Mutant]] = {spec: [] for spec in backend_specs}
+
             def ready(spec: str) -> None:
-                """Submit every waiting mutant of `spec` whose probe sections all have their fingerprint."""
-                for mutant in list(waiting[spec]):
+                """Probe every surviving mutant of `spec` whose probe sections all have their fingerprint."""
+                for mutant in list(probing[spec]):
                     sections = probed_sections(mutant)
                     if all(self.fingerprints.get((names[spec], section)) is not None for section in sections):
-                        waiting[spec].remove(mutant)
+                        probing[spec].remove(mutant)
                         unmutated = {section: self.fingerprints[(names[spec], section)] for section in sections}
-                        submit("mutant", mutant.key, spec, _mutant_task, mutant.key, spec, unmutated, first_kill)
+                        progress.total += 1
+                        submit("probe", mutant.key, spec, _probe_task, mutant.key, spec, unmutated)
+
+            def probe(mutant: Mutant, spec: str) -> None:
+                """A survivor is probed against the unmutated fingerprint of each section it reaches, made once."""
+                probing[spec].append(mutant)
+                for section in probed_sections(mutant):
+                    if (names[spec], section) not in self.fingerprints:
+                        self.fingerprints[(names[spec], section)] = None  # scheduled
+                        progress.total += 1
+                        submit("fingerprint", section, spec, _fingerprint_task, spec, section)
+                ready(spec)
 
             def control(key: str, spec: str) -> None:
                 if (key, names[spec]) not in self.controls:
@@ -307,16 +346,12 @@ class Session:
                     progress.total += 1
                     submit("control", key, spec, _control_task, key, spec)
 
-            # Every mutant of a backend is probed against the same unmutated fingerprint of each section it needs,
-            # made once. When every mutant runs every check it names, every control run is queued at once;
-            # stopping at the first kill, only those of the checks some mutant did run.
+            # Every mutant runs its checks at once; only the survivors wait for fingerprints. When every mutant
+            # runs every check it names, every control run is queued at once; stopping at the first kill, only
+            # those of the checks some mutant did run.
             for spec in backend_specs:
-                for section in dict.fromkeys(s for m in waiting[spec] for s in probed_sections(m)):
-                    if (names[spec], section) not in self.fingerprints:
-                        self.fingerprints[(names[spec], section)] = None  # scheduled
-                        progress.total += 1
-                        submit("fingerprint", section, spec, _fingerprint_task, spec, section)
-                ready(spec)
+                for mutant in waiting[spec]:
+                    submit("mutant", mutant.key, spec, _mutant_task, mutant.key, spec, first_kill)
             if not first_kill:
                 for key, spec in sorted({(key, spec) for spec in backend_specs for m in mutants for key in m.checks}):
                     control(key, spec)
@@ -333,6 +368,12 @@ class Session:
                     runs[(key, spec)] = result
                     for check in result.checks:
                         control(check.check, spec)
+                    if result.needs_probe:
+                        probe(MUTANTS[key], spec)
+                elif kind == "probe":
+                    run = runs[(key, spec)]
+                    run.changed, run.needs_probe = result[0], False
+                    run.error = run.error or result[1]
                 else:
                     self.controls[(key, names[spec])] = result
         progress.close()

@@ -94,13 +94,18 @@ def _weights(config: ModelConfig, seed: int):
     return dataclasses.replace(weights, layers=tuple(unbiased(layer) for layer in weights.layers), mtp=mtp)
 
 
-def train(config: ModelConfig, settings: TrainSettings, steps: int, seed: int = 0, label: str = "") -> dict:
-    """Train from seed; per step the losses and MaxVio (worst MoE layer); the final held-out loss."""
+def train(config: ModelConfig, settings: TrainSettings, steps: int, seed: int = 0, label: str = "",
+          trainer=None) -> dict:
+    """Train from seed; per step the losses and MaxVio (worst MoE layer); the final held-out loss. `trainer`: one
+    of the same config and settings to restart from the seed's weights (its compiled step is reused)."""
     from impl.training import Trainer
     from reference.training import max_violation
 
     train_stream, held_out = corpus()
-    trainer = Trainer(config, _weights(config, seed), settings)
+    if trainer is None:
+        trainer = Trainer(config, _weights(config, seed), settings)
+    else:
+        trainer.restart(_weights(config, seed))
     history = {"main": [], "mtp": [], "balance": [], "max_violation": []}
     start = time.perf_counter()
     for _, tokens in zip(tqdm(range(steps), desc=label or "training", unit="step"), batches(train_stream, seed)):
@@ -138,9 +143,12 @@ def _spread(values: list[float]) -> dict:
 def balance(steps: int, seed: int = 0, alpha: float = 1e-2, gamma: float = 1e-2) -> dict:
     config = model_config()
     modes = (("no balancing", "none"), ("sequence-wise loss", "sequence-loss"), ("bias balancing", "bias"))
-    runs = {name: [train(config, TrainSettings(total_steps=steps, balancing=mode, balance_alpha=alpha, bias_gamma=gamma),
-                         steps, seed + offset, label=f"balance: {name}, seed {seed + offset}")
-                   for offset in range(SEEDS)] for name, mode in modes}
+    runs = {}
+    for name, mode in modes:
+        settings = TrainSettings(total_steps=steps, balancing=mode, balance_alpha=alpha, bias_gamma=gamma)
+        runs[name] = [train(config, settings, steps, seed, label=f"balance: {name}, seed {seed}")]
+        runs[name] += [train(config, settings, steps, seed + offset, label=f"balance: {name}, seed {seed + offset}",
+                             trainer=runs[name][0]["trainer"]) for offset in range(1, SEEDS)]
     summary = {name: {"MaxVio at step 1": _spread([r["history"]["max_violation"][0] for r in seeded]),
                       "MaxVio (last 20% of steps)": _spread([_tail(r["history"]["max_violation"]) for r in seeded]),
                       "held-out loss": _spread([r["held_out_loss"] for r in seeded]),

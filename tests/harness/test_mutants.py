@@ -140,3 +140,13 @@ def test_every_mutant_is_killed_by_an_assertion_and_every_control_survives(backe
     applied = {r.mutant for r in results if r.verdict != "not applicable"}
     if backend == "tf":  # every mutant applies to tf but the reference-only forced-routing one
         assert applied == set(keys) - {"first-k-dense-off-by-one"}, set(keys) - applied
+
+
+def test_a_killed_mutant_needs_no_probe_and_an_unprobed_survivor_is_an_error():
+    from conformance.mutation.runner import SEEN_BY_A_CHECK
+
+    killed = classify(_REAL, _run(CheckRun("a", "failed", "rel_err 0.3"), changed=SEEN_BY_A_CHECK), _PASSED)
+    assert killed.verdict == "killed"
+    unprobed = _run(CheckRun("a", "passed"), changed=None)
+    unprobed.needs_probe = True
+    assert classify(_REAL, unprobed, _PASSED).verdict == "error"

@@ -211,3 +211,23 @@ def test_fp8_training_runs_close_to_bfloat16():
     fp8 = Trainer(config, weights, TrainSettings(fp8=True), dtype="bfloat16").step(tokens)
     assert abs(float(fp8["main"]) - float(plain["main"])) <= 2e-2 * float(plain["main"])
     assert np.isfinite(fp8["grad_norm"]) and abs(fp8["grad_norm"] / plain["grad_norm"] - 1) < 0.2
+
+
+def test_a_restarted_trainer_runs_as_a_fresh_one():
+    """restart(weights) (a new seed reusing the compiled step): zero moments, step 0, every variable, MTP and gate
+    biases included, from the new weights."""
+    from impl.training import Trainer
+
+    config = CONFIGS["mtp2-bias-q-lora-0"]
+    batches = [np.random.default_rng(seed).integers(0, 16, (2, 6)) for seed in (6, 7)]
+    fresh = Trainer(config, build_weights(config, seed=5), dtype="float32")
+    expected = [fresh.step(tokens) for tokens in batches]
+    reused = Trainer(config, build_weights(config, seed=9), dtype="float32")
+    reused.step(batches[1])  # moments, biases and the step count move away from a fresh start
+    reused.restart(build_weights(config, seed=5))
+    found = [reused.step(tokens) for tokens in batches]
+    for want, got in zip(expected, found):
+        for key in ("main", "mtp", "grad_norm"):
+            np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-6)
+    for want, got in zip(fresh.variables + fresh.biases, reused.variables + reused.biases):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-7)

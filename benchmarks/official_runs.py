@@ -5,7 +5,7 @@
   of official/v3-tiny-fp8-act and official/v3-tiny-fp8 (`golden.fp8-path.h100`, TOLERANCES.md section 2).
 - `cpu-bf16`: the official code in its native bfloat16 on a CPU, six prompts, on the weights of
   official/v3-tiny (`golden.bfloat16-path`, TOLERANCES.md section 10).
-The runs were made by conformance/official_generate.py (their meta.json says how); each is checked here
+The runs were made by conformance/producers/official.py (their meta.json says how); each is checked here
 exactly as check-golden checks a case, and every compared tensor's error is collected.
 
 Run: python -m benchmarks.official_runs

@@ -8,7 +8,7 @@
 - hf: transformers' DeepseekV3ForCausalLM, float32 on the CPU with sdpa attention, `logits_to_keep=1`;
 - official: the official `inference/model.py` from a checkout the caller gives (its forward returns the
   last logits), float32 on the CPU, its Triton `kernel` module replaced by CPU stand-ins at import time
-  (conformance/official_generate.py; the dequantized path never calls them). Nothing of it is copied here.
+  (conformance/producers/official.py; the dequantized path never calls them). Nothing of it is copied here.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """FP8 numerics of each backend (SEMANTICS.md section 5): the cast rule, activation quantization, the GEMM.
 
 Expected values come from the e4m3fn format definition, from exact float64 arithmetic, and from an
-H100's tensor cores (golden/h100/fp8-gemm, produced by conformance/h100_fp8.py). The harness's own
+H100's tensor cores (golden/h100/fp8-gemm, produced by conformance/producers/h100_fp8.py). The harness's own
 quantizer of weights (reference.fp8.quantize_weight) only makes operands; it is not what is checked.
 """
 

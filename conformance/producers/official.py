@@ -210,7 +210,7 @@ def main() -> None:
                            zip(outputs[0].values(), other.values()) if a.is_floating_point()) if args.repeats > 1 else None
         save_file({k: v.contiguous().cpu() for k, v in expected.items()}, str(args.out / f"expected-s{seed}.safetensors"))
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    meta = {"case": args.case or args.out.name, "producer": "conformance/official_generate.py",
+    meta = {"case": args.case or args.out.name, "producer": "conformance/producers/official.py",
             "official_commit": args.commit or _commit(args.official), "torch": torch.__version__, "device": device_name,
             "compute_dtype": args.dtype, "gemm_impl": args.gemm_impl, "ue8m0_scope": "official",
             "attn_impl": "absorb (naive given as prefill.logits_last.naive)", "seeds": args.seeds,

@@ -41,7 +41,7 @@ def report_section(golden_dir, backends: list[str], out: Path):
         figure = out / f"experiment-{name}.png"
         shutil.copyfile(RESULTS / f"experiment-{name}.png", figure)
         figures[f"Training experiment: {name}"] = figure
-    intro = ("The report's training claims at a small scale (conformance/experiments.py; data: the Python standard "
+    intro = ("The report's training claims at a small scale (conformance/studies/experiments.py; data: the Python standard "
              "library's source as bytes). Claims are reported as measured, whichever way they go.")
     return Section("Training experiments", intro, rows, figures, stored="; ".join(notes), claims=claims)
 

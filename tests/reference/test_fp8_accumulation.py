@@ -59,7 +59,7 @@ def test_the_model_at_14_bits_explains_h100_fast_accumulation_at_large_k():
 
 def test_the_model_explains_each_h100_mode():
     """Default cuBLAS accumulation: 14 bits promoted every 128, within 1.5x at every K; fast accumulation: 14
-    bits truncated at every product and flushed every 2048, within 1.5x (conformance/fp8_study.py)."""
+    bits truncated at every product and flushed every 2048, within 1.5x (conformance/studies/fp8.py)."""
     from conformance.studies.fp8 import explain_h100
 
     rows = explain_h100(DATA)

@@ -42,6 +42,7 @@ from conformance.backends import speculative_generate
 from conformance.verdict import PASSED, Missing, allowed, parse_allow
 
 PASS, FAILURE, BAD_INPUT, INTERNAL = 0, 1, 2, 3
+PROJECT_PACKAGES = ("conformance", "reference", "impl", "benchmarks")
 
 
 def results_table(result: CaseResult) -> str:
@@ -413,6 +414,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # a file the user named cannot be read (permissions, a folder for a file, ...)
         where = error.filename or "input"
         print(f"dsv3-conformance: error: {where}: {error.strerror or error}", file=sys.stderr)
+        return BAD_INPUT
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] in PROJECT_PACKAGES:
+            raise
+        # a dependency of the chosen backend (or of the command) that this environment lacks
+        print(f"dsv3-conformance: error: the module {error.name!r} is not installed here, and what was asked for needs "
+              f"it (TensorFlow for the tf backends, torch and transformers for the oracle)", file=sys.stderr)
         return BAD_INPUT
     except KeyboardInterrupt:
         print("dsv3-conformance: interrupted", file=sys.stderr)

@@ -110,6 +110,16 @@ REFERENCE = Backend(
                       "fp8": "reference.fp8", "norm": "reference.norm", "model": "reference.model",
                       "mtp": "reference.mtp", "ffn": "reference.ffn"},
     description="NumPy reference (reference/), float64 by default")
+def _tf_release() -> None:
+    """The compiled programs the tf backend caches by config and weight structure."""
+    import gc
+
+    from impl.model import program
+
+    program.cache_clear()
+    gc.collect()
+
+
 TF = Backend(
     "tf", TFRunner, "impl.components", default_dtype="float32", dtypes=("float32", "bfloat16"),
     mutation_targets={"moe": "impl.moe", "rope": "impl.rope", "attention": "impl.attention", "fp8": "impl.fp8",
@@ -117,7 +127,7 @@ TF = Backend(
                       "training": "impl.training", "pipeline": "impl.pipeline", "ep": "impl.expert_parallel",
                       "kernel": "impl.matvec"},
     array_namespace="tensorflow.experimental.numpy", trainer=TFTrainer,
-    capabilities={"pipeline": "impl.pipeline", "expert-parallel": "impl.expert_parallel"},
+    capabilities={"pipeline": "impl.pipeline", "expert-parallel": "impl.expert_parallel"}, release=_tf_release,
     description="TensorFlow implementation (impl/), XLA-compiled steps (the prefill a graph outside XLA), "
                 "float32 by default")
 TF_EXPERT_PARALLEL = Backend(

@@ -158,6 +158,9 @@ class Backend:
     # capability -> module implementing it for the distributed checks ("pipeline": a pipelined training step over
     # devices, impl.pipeline's interface; "expert-parallel": an expert-parallel MoE layer, impl.expert_parallel's)
     capabilities: Mapping[str, str] = field(default_factory=dict)
+    # Drops what the backend keeps compiled across runners; called between the layers of a checkpoint stream,
+    # whose one-block models are never run again (None: it keeps nothing).
+    release: Callable[[], None] | None = None
 
     def contract_problems(self) -> list[str]:
         """What this backend's declaration gets wrong (checked when a backend is loaded by name)."""
@@ -174,6 +177,8 @@ class Backend:
             problems.append(f"default_dtype {self.default_dtype!r} is not among dtypes {self.dtypes!r}")
         if self.trainer is not None and not callable(self.trainer):
             problems.append("trainer must be callable or None")
+        if self.release is not None and not callable(self.release):
+            problems.append("release must be callable or None")
         unknown = sorted(set(self.capabilities) - set(CAPABILITIES))
         if unknown:
             problems.append(f"capabilities {unknown} unknown: expected {', '.join(CAPABILITIES)}")

@@ -384,6 +384,9 @@ def verify_layers(checkpoint: Checkpoint, config: ModelConfig, layers: list[int]
         if index < config.n_layers:
             hidden = expected[0]
         del weights, layer
+        for backend in others:  # this layer's one-block models never run again: their compiled programs go
+            if backend.release is not None:
+                backend.release()
         give_back_memory(checkpoint)
         row.seconds = time.perf_counter() - start
         row.peak_gib = peak_gib()

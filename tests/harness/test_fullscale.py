@@ -195,3 +195,17 @@ def test_published_numbers_stand_beside_the_released_config_only():
     tiny_rows = count_parameters(deepseek_v3_671b().replace(n_layers=4, n_dense_layers=1, name="small")).rows()
     assert not any("published" in row for row in tiny_rows)
     assert "4 blocks" in tiny_rows[0]["note"]
+
+
+def test_streaming_many_layers_keeps_memory_flat(tmp_path):
+    """Each layer's one-block models compile programs of their own (the resident experts differ); the backend
+    releases them between layers, so the peak does not rise with depth (it rose ~12 MiB a layer at these widths,
+    and by up to 1.5 GiB a layer at the released ones, when they were kept)."""
+    config = ci_scale_config().replace(n_layers=14, dim=1024, inter_dim=2048, moe_inter_dim=512, name="deep")
+    folder = write_synthetic(tmp_path / "deep", config, seed=3, shard_bytes=256 << 20)
+    out = tmp_path / "rows.json"
+    assert main(["verify-checkpoint", str(folder), "--layers", ",".join(map(str, range(14))), "--tokens", "16",
+                 "--backend", "tf", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["layers"]
+    peaks = [float(row["peak resident"].split()[0]) for row in rows]
+    assert max(peaks[5:]) - peaks[5] < 0.05, peaks  # GiB: flat after the first MoE layers' one-time costs

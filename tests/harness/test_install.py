@@ -4,6 +4,7 @@ them, and the suite runs as a pytest plugin (`pytest --pyargs conformance.suite`
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +12,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.xdist_group("install")  # one worker builds and installs once
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
+    """The project installed, not editable, into a folder of its own; built from a copy of the sources, so that
+    nothing is written into the checkout."""
     target = tmp_path_factory.mktemp("site")
-    build = tmp_path_factory.mktemp("build")
+    source = tmp_path_factory.mktemp("source") / "dsv3-conformance"
+    outputs = {ROOT / name for name in (".git", "build", "report", ".hypothesis", ".pytest_cache")}
+    shutil.copytree(ROOT, source, ignore=lambda folder, names: [
+        name for name in names if Path(folder) / name in outputs or name == "__pycache__" or name.endswith(".egg-info")])
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=600,
-                          cwd=build, env={**os.environ, "TMPDIR": str(build)})
+                           "--target", str(target), str(source)], capture_output=True, text=True, timeout=600,
+                          cwd=source)
     assert done.returncode == 0, done.stderr[-3000:]
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     environment = {**os.environ, "PYTHONPATH": str(target)}

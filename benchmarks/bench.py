@@ -51,10 +51,10 @@ from pathlib import Path
 
 import numpy as np
 
-from conformance.format.config import ModelConfig, deepseek_v3_671b, tiny
-from conformance.format.errors import BadInput
-from conformance.format.weights import ModelWeights
-from conformance.fullscale.params import count_parameters
+from dsv3_conformance.format.config import ModelConfig, deepseek_v3_671b, tiny
+from dsv3_conformance.format.errors import BadInput
+from dsv3_conformance.format.weights import ModelWeights
+from dsv3_conformance.fullscale.params import count_parameters
 
 from .peers import PEERS, make_peer
 from .timing import RESULTS
@@ -90,8 +90,8 @@ WORKLOADS = {
 def bench_weights(config: ModelConfig, seed: int = 0) -> ModelWeights:
     """Weights normal / sqrt(fan_in), gate biases normal(-0.2, 0.5) (float32); with fp8 weights, e4m3 values and
     block scales of that magnitude (conformance.fullscale.synthetic)."""
-    from conformance.format.weights import assemble
-    from conformance.fullscale.synthetic import make_tensor
+    from dsv3_conformance.format.weights import assemble
+    from dsv3_conformance.fullscale.synthetic import make_tensor
 
     rng = np.random.default_rng(seed)
 
@@ -176,7 +176,7 @@ def prefill_flops(config: ModelConfig, batch: int, length: int, trimmed: bool = 
 def decode_bytes(weights: ModelWeights, config: ModelConfig, batch: int) -> float:
     """Bytes of weights a decode step must read, as stored (fp8 weights with their scales): every tensor but the
     embedding (a lookup) and the routed experts, plus min(E, batch * k) routed experts per MoE layer."""
-    from conformance.format.weights import MoEWeights, tree_nbytes
+    from dsv3_conformance.format.weights import MoEWeights, tree_nbytes
 
     used = min(config.n_routed_experts, batch * config.n_activated_experts)
     total = tree_nbytes((weights.norm, weights.head))
@@ -484,10 +484,10 @@ def add_command(commands, integer) -> None:
 
 def report_section(golden_dir, backends: list[str], out: Path):
     """The last written results of each workload (benchmarks/results/bench-*.json), with a bar plot."""
-    from conformance.report.plots import plt
-    from conformance.report.section import Section
+    from dsv3_conformance.report.plots import plt
+    from dsv3_conformance.report.section import Section
 
-    from conformance.report.section import stored_note
+    from dsv3_conformance.report.section import stored_note
 
     rows, results, notes = [], [], []
     for path in sorted(RESULTS.glob("bench-*.json")):

@@ -14,7 +14,8 @@ logits, each decode step's logits), per row (one token of one sequence): the row
 setting: the largest share of a tensor's rows beyond the policy's row bound (hidden tensors, and the two-row
 logits), the worst row, and whether the policy passes every tensor.
 
-Run: python -m benchmarks.fp8_flips [--prompts N]   (CI runs a shortened version in tests/harness/test_fp8_scope.py)
+Run: python -m dsv3_conformance.benchmarks.fp8_flips [--prompts N]
+(CI runs a shortened version in tests/harness/test_fp8_scope.py)
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import argparse
 import numpy as np
 from tqdm import tqdm
 
-from conformance.backends import resolve_backend
-from conformance.format.numerics import Numerics
-from conformance.golden.cases import GoldenCase
-from conformance.metrics import Comparison, row_errors
-from conformance.paths import GOLDEN_DIR
-from conformance.tolerances import tolerance
+from dsv3_conformance.backends import resolve_backend
+from dsv3_conformance.format.numerics import Numerics
+from dsv3_conformance.golden.cases import GoldenCase
+from dsv3_conformance.metrics import Comparison, row_errors
+from dsv3_conformance.paths import GOLDEN_DIR
+from dsv3_conformance.tolerances import tolerance
 
 from .timing import gate, publish
 

@@ -2,15 +2,15 @@
 
 MLA caches the normalized kv latent and the rotated rope key: (kv_lora_rank + qk_rope_head_dim) values
 per token per layer. Multi-head attention with the same heads would cache keys and values of every
-head. Run: python -m benchmarks.kv_cache
+head. Run: python -m dsv3_conformance.benchmarks.kv_cache
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from conformance.format.config import deepseek_v3_671b
-from impl.attention import LatentCache
+from dsv3_conformance.format.config import deepseek_v3_671b
+from dsv3_conformance.impl.attention import LatentCache
 
 from .timing import gate, publish
 

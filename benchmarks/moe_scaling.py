@@ -2,7 +2,7 @@
 
 The tiled sorted MoE of impl/moe.py does work proportional to tokens x k; a dense "every expert on every
 token" layer does work proportional to tokens x experts. Both are timed in one run, XLA-compiled, on the
-same weights. Run: python -m benchmarks.moe_scaling
+same weights. Run: python -m dsv3_conformance.benchmarks.moe_scaling
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from conformance.checks.strategies import build_weights
-from conformance.format.config import tiny
-from conformance.format.numerics import Numerics
-from impl.model import to_tf
-from impl.moe import route, routed_experts
+from dsv3_conformance.checks.strategies import build_weights
+from dsv3_conformance.format.config import tiny
+from dsv3_conformance.format.numerics import Numerics
+from dsv3_conformance.impl.model import to_tf
+from dsv3_conformance.impl.moe import route, routed_experts
 
 from .timing import gate, median_seconds, publish
 

@@ -8,7 +8,7 @@
 The runs were made by conformance/producers/official.py (their meta.json says how); each is checked here
 exactly as check-golden checks a case, and every compared tensor's error is collected.
 
-Run: python -m benchmarks.official_runs
+Run: python -m dsv3_conformance.benchmarks.official_runs
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from conformance.golden.cases import GoldenCase, check_case
-from conformance.paths import GOLDEN_DIR
+from dsv3_conformance.golden.cases import GoldenCase, check_case
+from dsv3_conformance.paths import GOLDEN_DIR
 
 from .timing import gate, publish
 

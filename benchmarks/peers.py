@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from conformance.format.config import ModelConfig
-from conformance.format.weights import ModelWeights
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.weights import ModelWeights
 
 PEERS = ("tf", "reference", "hf", "official")
 
@@ -37,7 +37,7 @@ class TFPeer(Peer):
     name = "tf"
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, trim_last_block: bool = False):
-        from impl.model import Transformer
+        from dsv3_conformance.impl.model import Transformer
 
         self.model = Transformer(config, weights, logits="last", prefill_form="naive", trim_last_block=trim_last_block)
 
@@ -52,7 +52,7 @@ class ReferencePeer(Peer):
     name = "reference"
 
     def __init__(self, config: ModelConfig, weights: ModelWeights):
-        from reference.model import Transformer
+        from dsv3_conformance.reference.model import Transformer
 
         self.model = Transformer(config, weights, dtype=np.float32)
 
@@ -71,8 +71,8 @@ class HFPeer(Peer):
         from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
         from transformers.utils import logging
 
-        from conformance.format.config import to_hf_dict
-        from conformance.golden.oracle import hf_state_dict
+        from dsv3_conformance.format.config import to_hf_dict
+        from dsv3_conformance.golden.oracle import hf_state_dict
 
         logging.set_verbosity_error()
         raw = dict(to_hf_dict(config), num_nextn_predict_layers=0)
@@ -101,10 +101,10 @@ class OfficialPeer(Peer):
     def __init__(self, config: ModelConfig, weights: ModelWeights, checkout: Path):
         import torch
 
-        from conformance.format.checkpoint import hf_to_official
-        from conformance.format.config import to_official_dict
-        from conformance.format.weights import named_tensors
-        from conformance.producers.official import build, load_official
+        from dsv3_conformance.format.checkpoint import hf_to_official
+        from dsv3_conformance.format.config import to_official_dict
+        from dsv3_conformance.format.weights import named_tensors
+        from dsv3_conformance.producers.official import build, load_official
 
         torch.set_default_dtype(torch.float32)
         official = load_official(Path(checkout), "cpu")
@@ -131,7 +131,7 @@ def _torch(array: np.ndarray):
     """The array as a torch tensor sharing its memory (e4m3 arrays through their bytes)."""
     import torch
 
-    from conformance.format.fp8 import E4M3
+    from dsv3_conformance.format.fp8 import E4M3
 
     if array.dtype == E4M3:
         return torch.from_numpy(array.view(np.uint8)).view(torch.float8_e4m3fn)

@@ -3,7 +3,7 @@
 A decode step attends over the cache's filled positions rounded up to a window (impl.model.attention_window),
 not over the whole capacity: a runner sized for a long generation pays, early on, for the positions it holds,
 as the official code does by slicing its cache to the current end. The same prompt is decoded with caches of
-1024 and 4096 positions, interleaved over rounds in one run. Run: python -m benchmarks.window
+1024 and 4096 positions, interleaved over rounds in one run. Run: python -m dsv3_conformance.benchmarks.window
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from impl.model import Transformer
+from dsv3_conformance.impl.model import Transformer
 
 from .bench import WORKLOADS, bench_weights
 from .timing import gate, publish

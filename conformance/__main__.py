@@ -1,7 +1,7 @@
-"""`python -m conformance`: the `dsv3-conformance` command."""
+"""`python -m dsv3_conformance`: the `dsv3-conformance` command."""
 
 import sys
 
-from conformance.cli import main
+from dsv3_conformance.cli import main
 
 sys.exit(main())

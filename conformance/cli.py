@@ -22,24 +22,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 from tabulate import tabulate
 
-from conformance.console import quiet
-from conformance.backends import DEFAULT_BACKENDS, Unsupported, resolve_backend, resolve_backends
-from conformance.format.checkpoint import load_weights, open_checkpoint
-from conformance.format.config import ALLOW_FIELDS_HELP, ModelConfig, allow_fields, load_config
-from conformance.format.errors import BadInput
-from conformance.format.inputs import InputError
-from conformance.format.numerics import Numerics
-from conformance.golden.cases import CaseResult, GoldenCase, check_case
-from conformance.golden.manifest import verify
-from conformance.studies.experiments import add_command as experiment_command
-from conformance.fullscale.command import add_command as fullscale_commands
-from conformance.pipeline.command import add_command as schedule_command
-from conformance.pipeline.execution import add_command as pipeline_step_command
-from conformance.paths import GOLDEN_DIR
-from conformance.profiles import PROFILES
-from conformance.backends import NonFiniteOutput, greedy
-from conformance.backends import speculative_generate
-from conformance.verdict import PASSED, Missing, allowed, parse_allow
+from dsv3_conformance.console import quiet
+from dsv3_conformance.backends import DEFAULT_BACKENDS, Unsupported, resolve_backend, resolve_backends
+from dsv3_conformance.format.checkpoint import load_weights, open_checkpoint
+from dsv3_conformance.format.config import ALLOW_FIELDS_HELP, ModelConfig, allow_fields, load_config
+from dsv3_conformance.format.errors import BadInput
+from dsv3_conformance.format.inputs import InputError
+from dsv3_conformance.format.numerics import Numerics
+from dsv3_conformance.golden.cases import CaseResult, GoldenCase, check_case
+from dsv3_conformance.golden.manifest import verify
+from dsv3_conformance.studies.experiments import add_command as experiment_command
+from dsv3_conformance.fullscale.command import add_command as fullscale_commands
+from dsv3_conformance.pipeline.command import add_command as schedule_command
+from dsv3_conformance.pipeline.execution import add_command as pipeline_step_command
+from dsv3_conformance.paths import GOLDEN_DIR
+from dsv3_conformance.profiles import PROFILES
+from dsv3_conformance.backends import NonFiniteOutput, greedy
+from dsv3_conformance.backends import speculative_generate
+from dsv3_conformance.verdict import PASSED, Missing, allowed, parse_allow
 
 PASS, FAILURE, BAD_INPUT, INTERNAL = 0, 1, 2, 3
 PROJECT_PACKAGES = ("conformance", "reference", "impl", "benchmarks")
@@ -139,7 +139,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _golden_generate(args: argparse.Namespace) -> int:
-    from conformance.golden.generate import generate_all
+    from dsv3_conformance.golden.generate import generate_all
 
     for path in generate_all(Path(args.golden_dir), args.case or None):
         print(f"wrote {path}")
@@ -147,7 +147,7 @@ def _golden_generate(args: argparse.Namespace) -> int:
 
 
 def _golden_make(args: argparse.Namespace) -> int:
-    from conformance.golden.make import make_case
+    from dsv3_conformance.golden.make import make_case
 
     if args.prompt:
         prompt = _parse_prompts(args.prompt)
@@ -157,6 +157,7 @@ def _golden_make(args: argparse.Namespace) -> int:
         prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, (batch, length))
     layers = _parse_layers(args.layers, load_config(args.checkpoint, allow_fields(args.allow_fields)))
     meta = make_case(Path(args.out), Path(args.checkpoint), args.producer, prompt, args.steps, layers,
+                     positions=_parse_positions(args.positions, prompt.shape[1]),
                      official=Path(args.official) if args.official else None, device=args.device, dtype=args.dtype,
                      copy_weights=args.copy_weights, allow_fields=allow_fields(args.allow_fields),
                      command=" ".join(["dsv3-conformance", *sys.argv[1:]]))
@@ -186,6 +187,20 @@ def _parse_layers(text: str | None, config: ModelConfig) -> list[int]:
         raise InputError(f"--layers takes comma-separated layer numbers or all, found {text!r}") from None
 
 
+def _parse_positions(text: str | None, length: int) -> tuple[int, ...]:
+    """--positions: comma-separated prompt positions, negative ones counted from the end (-1 is the last)."""
+    if not text:
+        return ()
+    try:
+        chosen = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise InputError(f"--positions takes comma-separated integer positions, found {text!r}") from None
+    bad = [position for position in chosen if not -length <= position < length]
+    if bad:
+        raise InputError(f"--positions {bad}: the prompt has {length} positions")
+    return tuple(sorted({position % length for position in chosen}))
+
+
 def _golden_verify(args: argparse.Namespace) -> int:
     problems = verify(Path(args.golden_dir))
     for problem in problems:
@@ -201,8 +216,8 @@ def mutation_table(results) -> str:
 
 
 def _mutants(args: argparse.Namespace) -> int:
-    from conformance.mutation.catalogue import CATALOGUE
-    from conformance.mutation.runner import run_catalogue, select, summarize
+    from dsv3_conformance.mutation.catalogue import CATALOGUE
+    from dsv3_conformance.mutation.runner import run_catalogue, select, summarize
 
     if args.list:
         print(tabulate([(m.key, m.origin, m.bug) for m in CATALOGUE], headers=["mutant", "origin", "bug"]))
@@ -225,8 +240,8 @@ def _mutants(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from conformance.report.build import build_report
-    from conformance.report.section import section_names
+    from dsv3_conformance.report.build import build_report
+    from dsv3_conformance.report.section import section_names
 
     specs = [spec.strip() for spec in args.backend.split(",")]
     resolve_backends(specs)
@@ -238,7 +253,7 @@ def _report(args: argparse.Namespace) -> int:
     if unknown:
         raise BadInput(f"--sections: unknown section(s) {unknown}: expected 'all', 'none' or a comma-separated "
                        f"list of {', '.join(known)}")
-    from conformance.checks import CHECKS
+    from dsv3_conformance.checks import CHECKS
 
     allow = parse_allow(args.allow_missing, set(CHECKS) | {key.split(":")[0] for key in CHECKS})
     report = build_report(Path(args.golden_dir), specs, Path(args.out), suite=args.suite or args.full,
@@ -327,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--steps", type=_at_least(0), default=8, help="greedy decode steps")
     make.add_argument("--layers", help="blocks whose outputs are recorded: comma-separated, or all (default: none, "
                                        "the logits only)")
+    make.add_argument("--positions", help="prompt positions whose logits are recorded besides the last: "
+                                          "comma-separated, negative from the end (default: none)")
     make.add_argument("--copy-weights", action="store_true", help="copy the weights into the case (default: the "
                                                                   "case names the checkpoint and its fingerprint)")
     make.add_argument("--allow-fields", metavar="FIELDS", help=ALLOW_FIELDS_HELP)

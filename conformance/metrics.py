@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from conformance.tolerances import Tolerance
+    from dsv3_conformance.tolerances import Tolerance
 
 
 def rel_err(out: np.ndarray, expected: np.ndarray) -> float:

@@ -17,8 +17,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from conformance.metrics import Comparison
-from conformance.tolerances import tolerance
+from dsv3_conformance.metrics import Comparison
+from dsv3_conformance.tolerances import tolerance
 
 Listener = Callable[[Comparison, str], None]
 LISTENERS: list[Listener] = []
@@ -119,7 +119,7 @@ class Incomplete(Exception):
 def parse_allow(text: str | None, known: Iterable[str] = ()) -> tuple[str, ...]:
     """The parts of `--allow-missing a,b,c`: each a part of PARTS or one of `known` (check families and keys,
     mutants); anything else is bad input (a misspelled part would silently allow nothing)."""
-    from conformance.format.errors import BadInput
+    from dsv3_conformance.format.errors import BadInput
 
     names = tuple(name.strip() for name in (text or "").split(",") if name.strip())
     unknown = sorted(set(names) - set(PARTS) - set(known))

@@ -12,9 +12,9 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from conformance.format.config import ModelConfig
-from conformance.format.numerics import AttentionForm, Numerics
-from conformance.format.weights import AttentionWeights
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.numerics import AttentionForm, Numerics
+from dsv3_conformance.format.weights import AttentionWeights
 
 from . import matvec
 from .layers import MATVEC_ROWS, dense_weight, linear, rms_norm

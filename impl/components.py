@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from conformance.format.config import ModelConfig
-from conformance.format.fp8 import FP8Error
-from conformance.format.numerics import ScaleFormat
-from conformance.format.weights import GateWeights
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.fp8 import FP8Error
+from dsv3_conformance.format.numerics import ScaleFormat
+from dsv3_conformance.format.weights import GateWeights
 
 from . import fp8, moe
 

@@ -31,9 +31,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow.experimental import dtensor  # noqa: E402
 
-from conformance.format.config import ModelConfig  # noqa: E402
-from conformance.format.numerics import Numerics  # noqa: E402
-from conformance.format.weights import FFNWeights, LinearWeight  # noqa: E402
+from dsv3_conformance.format.config import ModelConfig  # noqa: E402
+from dsv3_conformance.format.numerics import Numerics  # noqa: E402
+from dsv3_conformance.format.weights import FFNWeights, LinearWeight  # noqa: E402
 
 from .fp8 import BLOCK, activation_scales, dequantize_weight, e4m3_grid, e4m3_values  # noqa: E402
 from .layers import silu  # noqa: E402

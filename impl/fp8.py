@@ -11,8 +11,8 @@ import math
 
 import tensorflow as tf
 
-from conformance.format.fp8 import BLOCK, E4M3_MAX, FP8Error
-from conformance.format.numerics import ScaleFormat
+from dsv3_conformance.format.fp8 import BLOCK, E4M3_MAX, FP8Error
+from dsv3_conformance.format.numerics import ScaleFormat
 
 E4M3 = tf.as_dtype("float8_e4m3fn")
 # The official activation quantizer never divides by less than this amax (zero rows get a finite scale).

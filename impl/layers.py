@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from conformance.format.numerics import LinearModule, Numerics
-from conformance.format.weights import FFNWeights, LinearWeight
+from dsv3_conformance.format.numerics import LinearModule, Numerics
+from dsv3_conformance.format.weights import FFNWeights, LinearWeight
 
 from . import matvec
 from .fp8 import dequantize_weight, fp8_gemm, fp8_training_matmul, quantize_activation

@@ -24,18 +24,12 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from conformance.format.config import ModelConfig
-from conformance.format.inputs import InputError, check_tokens
-from conformance.format.mtp import MTPOptions
-from conformance.format.numerics import AttentionForm, Numerics
-from conformance.format.weights import (
-    ExpertNotResident,
-    FFNWeights,
-    GateWeights,
-    LinearWeight,
-    ModelWeights,
-    MoEWeights,
-)
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.inputs import InputError, check_tokens
+from dsv3_conformance.format.mtp import MTPOptions
+from dsv3_conformance.format.numerics import AttentionForm, Numerics
+from dsv3_conformance.format.weights import (ExpertNotResident, FFNWeights, GateWeights, LinearWeight, ModelWeights,
+                                             MoEWeights)
 
 from . import attention, matvec
 from .attention import LatentCache

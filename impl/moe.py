@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from conformance.format.config import ModelConfig
-from conformance.format.numerics import Numerics
-from conformance.format.weights import FFNWeights, GateWeights, LinearWeight
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.numerics import Numerics
+from dsv3_conformance.format.weights import FFNWeights, GateWeights, LinearWeight
 
 from . import matvec
 from .fp8 import dequantize_weight, fp8_gemm, fp8_training_matmul, quantize_activation

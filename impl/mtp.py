@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from conformance.format.config import ModelConfig
-from conformance.format.mtp import MTPOptions
-from conformance.format.weights import MTPWeights
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.mtp import MTPOptions
+from dsv3_conformance.format.weights import MTPWeights
 
 from .layers import dense_weight, head_logits, project, rms_norm
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from conformance.format.pipeline import Chunk, Op, Schedule, micro_batches_per_flow, stages
+from dsv3_conformance.format.pipeline import Chunk, Op, Schedule, micro_batches_per_flow, stages
 
 
 def _place(method: str, ranks: int, flow: int, stage: int) -> tuple[int, int]:

@@ -11,7 +11,7 @@ import math
 
 import tensorflow as tf
 
-from conformance.format.config import ModelConfig, YarnScaling
+from dsv3_conformance.format.config import ModelConfig, YarnScaling
 
 
 def base_frequencies(dim: int, theta: float) -> tf.Tensor:

@@ -26,11 +26,11 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from conformance.format.config import ModelConfig
-from conformance.format.mtp import MTPOptions
-from conformance.format.numerics import AttentionForm, Numerics
-from conformance.format.training import TrainSettings
-from conformance.format.weights import FFNWeights, GateWeights, LinearWeight, ModelWeights, MoEWeights
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.mtp import MTPOptions
+from dsv3_conformance.format.numerics import AttentionForm, Numerics
+from dsv3_conformance.format.training import TrainSettings
+from dsv3_conformance.format.weights import FFNWeights, GateWeights, LinearWeight, ModelWeights, MoEWeights
 
 from . import attention
 from .fp8 import dequantize_weight

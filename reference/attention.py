@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from conformance.format.config import ModelConfig
-from conformance.format.numerics import AttentionForm, Numerics
-from conformance.format.weights import AttentionWeights
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.numerics import AttentionForm, Numerics
+from dsv3_conformance.format.weights import AttentionWeights
 
 from .linear import dense, linear
 from .norm import rms_norm

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from conformance.format.numerics import LinearModule, Numerics
-from conformance.format.weights import FFNWeights
+from dsv3_conformance.format.numerics import LinearModule, Numerics
+from dsv3_conformance.format.weights import FFNWeights
 
 from .linear import linear
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from conformance.format.fp8 import BLOCK, E4M3, E4M3_MAX, FP8Error, scale_shape
-from conformance.format.numerics import ScaleFormat
+from dsv3_conformance.format.fp8 import BLOCK, E4M3, E4M3_MAX, FP8Error, scale_shape
+from dsv3_conformance.format.numerics import ScaleFormat
 
 # Smallest activation amax used for a scale (official act_quant); avoids a zero scale for zero rows.
 ACT_AMAX_FLOOR = 1e-4

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from conformance.format.fp8 import BLOCK
+from dsv3_conformance.format.fp8 import BLOCK
 
 
 def round_mantissa(x: np.ndarray, bits: int, mode: str = "truncate") -> np.ndarray:

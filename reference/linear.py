@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from conformance.format.numerics import LinearModule, Numerics
-from conformance.format.weights import LinearWeight
+from dsv3_conformance.format.numerics import LinearModule, Numerics
+from dsv3_conformance.format.weights import LinearWeight
 
 from .fp8 import dequantize_weight, fp8_gemm, quantize_activation
 

@@ -12,11 +12,11 @@ from typing import Sequence
 
 import numpy as np
 
-from conformance.format.config import ModelConfig
-from conformance.format.inputs import InputError, check_tokens
-from conformance.format.mtp import MTPOptions
-from conformance.format.numerics import AttentionForm, Numerics
-from conformance.format.weights import FFNWeights, LayerWeights, ModelWeights, map_arrays
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.inputs import InputError, check_tokens
+from dsv3_conformance.format.mtp import MTPOptions
+from dsv3_conformance.format.numerics import AttentionForm, Numerics
+from dsv3_conformance.format.weights import FFNWeights, LayerWeights, ModelWeights, map_arrays
 
 from .attention import LatentCache, mla
 from .ffn import swiglu_ffn

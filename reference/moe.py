@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from conformance.format.config import ModelConfig
-from conformance.format.numerics import Numerics
-from conformance.format.weights import ExpertNotResident, FFNWeights, GateWeights, MoEWeights
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.numerics import Numerics
+from dsv3_conformance.format.weights import ExpertNotResident, FFNWeights, GateWeights, MoEWeights
 
 from .ffn import swiglu_ffn
 

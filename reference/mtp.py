@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from conformance.format.config import ModelConfig
-from conformance.format.mtp import MTPOptions
-from conformance.format.weights import MTPWeights
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.mtp import MTPOptions
+from dsv3_conformance.format.weights import MTPWeights
 
 from .linear import dense
 from .norm import rms_norm

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from conformance.format.config import ModelConfig, YarnScaling
+from dsv3_conformance.format.config import ModelConfig, YarnScaling
 
 
 def base_frequencies(dim: int, theta: float) -> np.ndarray:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from conformance.format.config import ModelConfig
-from conformance.format.weights import TensorSpec, expected_tensors
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.weights import TensorSpec, expected_tensors
 
 from .fp8 import quantize_weight
 

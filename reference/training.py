@@ -17,11 +17,11 @@ from typing import Callable
 
 import numpy as np
 
-from conformance.format.config import ModelConfig
-from conformance.format.mtp import MTPOptions
-from conformance.format.numerics import AttentionForm, Numerics
-from conformance.format.training import TrainSettings
-from conformance.format.weights import MoEWeights
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.mtp import MTPOptions
+from dsv3_conformance.format.numerics import AttentionForm, Numerics
+from dsv3_conformance.format.training import TrainSettings
+from dsv3_conformance.format.weights import MoEWeights
 
 from .attention import LatentCache
 from .model import block, mtp_forward

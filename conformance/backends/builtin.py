@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from conformance.backends.interface import (Backend, MTPStep, Routing, Runner, StepOutput, Trainer, TrainStep,
-                                            Unsupported)
-from conformance.format.config import ModelConfig
-from conformance.format.mtp import MTPOptions
-from conformance.format.numerics import AttentionForm, Numerics
-from conformance.format.weights import ModelWeights
+from dsv3_conformance.backends.interface import (Backend, MTPStep, Routing, Runner, StepOutput, Trainer, TrainStep,
+                                                 Unsupported)
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.mtp import MTPOptions
+from dsv3_conformance.format.numerics import AttentionForm, Numerics
+from dsv3_conformance.format.weights import ModelWeights
 
 
 class ReferenceRunner(Runner):
     def __init__(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics, dtype: str,
                  attention_form: AttentionForm):
-        from reference.model import Transformer
+        from dsv3_conformance.reference.model import Transformer
 
         self.config = config
         self.model = Transformer(config, weights, numerics, np.dtype(dtype), attention_form)
@@ -44,11 +44,11 @@ class TFRunner(Runner):
     def __init__(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics, dtype: str,
                  attention_form: AttentionForm, expert_devices: int = 0):
         """`expert_devices` > 0: every MoE block expert-parallel over that many logical CPU devices."""
-        from impl.model import Transformer
+        from dsv3_conformance.impl.model import Transformer
 
         mesh = None
         if expert_devices:
-            from impl.devices import expert_mesh
+            from dsv3_conformance.impl.devices import expert_mesh
 
             mesh = expert_mesh(expert_devices)
         self.config = config
@@ -81,7 +81,7 @@ class TFTrainer(Trainer):
     """The TensorFlow training step (impl/training.py)."""
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, settings, dtype: str):
-        from impl.training import Trainer as Steps
+        from dsv3_conformance.impl.training import Trainer as Steps
 
         self.trainer = Steps(config, weights, settings, dtype=dtype)
 
@@ -91,7 +91,7 @@ class TFTrainer(Trainer):
                          self.trainer.gradient_tree(out["gradients"]), np.asarray(out["loads"]), out["learning_rate"])
 
     def weights(self) -> ModelWeights:
-        from impl.training import export
+        from dsv3_conformance.impl.training import export
 
         return export(self.trainer)
 
@@ -104,34 +104,42 @@ def _tf_expert_parallel_runner(config, weights, numerics, dtype, attention_form)
     return TFRunner(config, weights, numerics, dtype, attention_form, expert_devices=EXPERT_PARALLEL_DEVICES)
 
 
+def _modules(package: str, **roles: str) -> dict[str, str]:
+    """role -> the module of `package` that plays it."""
+    return {role: f"{package}.{module}" for role, module in roles.items()}
+
+
+_REFERENCE_PACKAGE, _TF_PACKAGE = "dsv3_conformance.reference", "dsv3_conformance.impl"
 REFERENCE = Backend(
-    "reference", ReferenceRunner, "reference.components", default_dtype="float64", dtypes=("float64", "float32"),
-    mutation_targets={"moe": "reference.moe", "rope": "reference.rope", "attention": "reference.attention",
-                      "fp8": "reference.fp8", "norm": "reference.norm", "model": "reference.model",
-                      "mtp": "reference.mtp", "ffn": "reference.ffn"},
+    "reference", ReferenceRunner, f"{_REFERENCE_PACKAGE}.components", default_dtype="float64",
+    dtypes=("float64", "float32"),
+    mutation_targets=_modules(_REFERENCE_PACKAGE, moe="moe", rope="rope", attention="attention", fp8="fp8",
+                              norm="norm", model="model", mtp="mtp", ffn="ffn"),
     description="NumPy reference (reference/), float64 by default")
+
+
 def _tf_release() -> None:
     """The compiled programs the tf backend caches by config and weight structure."""
     import gc
 
-    from impl.model import program
+    from dsv3_conformance.impl.model import program
 
     program.cache_clear()
     gc.collect()
 
 
 TF = Backend(
-    "tf", TFRunner, "impl.components", default_dtype="float32", dtypes=("float32", "bfloat16"),
-    mutation_targets={"moe": "impl.moe", "rope": "impl.rope", "attention": "impl.attention", "fp8": "impl.fp8",
-                      "norm": "impl.layers", "model": "impl.model", "mtp": "impl.mtp", "ffn": "impl.layers",
-                      "training": "impl.training", "pipeline": "impl.pipeline", "ep": "impl.expert_parallel",
-                      "kernel": "impl.matvec"},
+    "tf", TFRunner, f"{_TF_PACKAGE}.components", default_dtype="float32", dtypes=("float32", "bfloat16"),
+    mutation_targets=_modules(_TF_PACKAGE, moe="moe", rope="rope", attention="attention", fp8="fp8", norm="layers",
+                              model="model", mtp="mtp", ffn="layers", training="training", pipeline="pipeline",
+                              ep="expert_parallel", kernel="matvec"),
     array_namespace="tensorflow.experimental.numpy", trainer=TFTrainer,
-    capabilities={"pipeline": "impl.pipeline", "expert-parallel": "impl.expert_parallel"}, release=_tf_release,
+    capabilities=_modules(_TF_PACKAGE, **{"pipeline": "pipeline", "expert-parallel": "expert_parallel"}),
+    release=_tf_release,
     description="TensorFlow implementation (impl/), XLA-compiled steps (the prefill a graph outside XLA), "
                 "float32 by default")
 TF_EXPERT_PARALLEL = Backend(
-    "tf-ep", _tf_expert_parallel_runner, "impl.components", default_dtype="float32", dtypes=("float32",),
+    "tf-ep", _tf_expert_parallel_runner, f"{_TF_PACKAGE}.components", default_dtype="float32", dtypes=("float32",),
     description=f"the tf backend with every MoE block expert-parallel over {EXPERT_PARALLEL_DEVICES} devices "
                 "(impl/expert_parallel.py, DTensor); its steps run eagerly around the mesh")
 BUILTIN = {backend.name: backend for backend in (REFERENCE, TF, TF_EXPERT_PARALLEL)}

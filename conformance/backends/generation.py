@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from conformance.backends.interface import Runner
-from conformance.format.inputs import InputError
-from conformance.format.mtp import MTPOptions
+from dsv3_conformance.backends.interface import Runner
+from dsv3_conformance.format.inputs import InputError
+from dsv3_conformance.format.mtp import MTPOptions
 
 
 class NonFiniteOutput(RuntimeError):

@@ -17,11 +17,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from conformance.format.config import ModelConfig
-from conformance.format.errors import BadInput
-from conformance.format.mtp import MTPOptions
-from conformance.format.numerics import AttentionForm, Numerics
-from conformance.format.weights import ModelWeights
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.errors import BadInput
+from dsv3_conformance.format.mtp import MTPOptions
+from dsv3_conformance.format.numerics import AttentionForm, Numerics
+from dsv3_conformance.format.weights import ModelWeights
 
 COMPONENT_NAMES = ("route", "to_e4m3", "quantize_activation", "fp8_gemm")
 DTYPES = ("float32", "float64", "bfloat16")
@@ -204,7 +204,7 @@ class Backend:
         lacking = [name for name in ("prefill", "decode") if not callable(getattr(runner, name, None))]
         if lacking:
             raise BackendError(f"backend {self.name}: its runner {type(runner).__name__} has no {' or '.join(lacking)}"
-                               " (a Runner, conformance.backends.Runner, implements prefill and decode)")
+                               " (a Runner, dsv3_conformance.backends.Runner, implements prefill and decode)")
         return runner
 
     def component(self, name: str) -> Callable:

@@ -1,4 +1,4 @@
-"""Finding a backend by name: a built-in name, then the Python entry points of group `dsv3_conformance.backends`,
+"""Finding a backend by name: a built-in name, then the Python entry points of group `conformance.backends`,
 then `package.module:object` naming a `Backend` anywhere on the path. So a user checks their own implementation
 with `--backend mypkg.backend:BACKEND` in pytest, `check-golden` and `report` alike, without editing the harness
 (the way ONNX's backend test suite runs any backend)."""
@@ -9,8 +9,8 @@ import importlib
 from importlib import metadata
 from typing import Sequence
 
-from conformance.backends.builtin import BUILTIN
-from conformance.backends.interface import Backend, BackendError
+from dsv3_conformance.backends.builtin import BUILTIN
+from dsv3_conformance.backends.interface import Backend, BackendError
 
 ENTRY_POINT_GROUP = "dsv3_conformance.backends"
 
@@ -50,7 +50,7 @@ def resolve_backend(spec: str | Backend) -> Backend:
         raise BackendError(f"unknown backend {spec!r}: expected one of {', '.join([*BUILTIN, *installed])}, an entry "
                            f"point of group {ENTRY_POINT_GROUP!r}, or package.module:object")
     if not isinstance(backend, Backend):
-        raise BackendError(f"backend {spec!r} is a {type(backend).__name__}, not a conformance.backends.Backend")
+        raise BackendError(f"backend {spec!r} is a {type(backend).__name__}, not a dsv3_conformance.backends.Backend")
     problems = backend.contract_problems()
     if problems:
         raise BackendError(f"backend {spec!r} does not declare what the harness needs: {'; '.join(problems)}")

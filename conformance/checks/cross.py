@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from conformance.backends import REFERENCE, Runner, Unsupported
-from conformance.format.config import tiny
-from conformance.format.numerics import UE8M0_SCOPES, Numerics
-from conformance.verdict import expect_close
-from conformance.checks.registry import examples, register
-from conformance.checks.strategies import build_weights, model_examples, models, prompt_and_continuation
+from dsv3_conformance.backends import REFERENCE, Runner, Unsupported
+from dsv3_conformance.format.config import tiny
+from dsv3_conformance.format.numerics import UE8M0_SCOPES, Numerics
+from dsv3_conformance.verdict import expect_close
+from dsv3_conformance.checks.registry import examples, register
+from dsv3_conformance.checks.strategies import build_weights, model_examples, models, prompt_and_continuation
 
 COMPONENT = "cross-backend"
 

@@ -5,10 +5,10 @@ the logical devices it needs and carries the mutants planted here (isolated.py).
 
 from __future__ import annotations
 
-from conformance.backends import REFERENCE, Unsupported
-from conformance.verdict import CheckFailed
-from conformance.checks.isolated import run_isolated
-from conformance.checks.registry import register
+from dsv3_conformance.backends import REFERENCE, Unsupported
+from dsv3_conformance.verdict import CheckFailed
+from dsv3_conformance.checks.isolated import run_isolated
+from dsv3_conformance.checks.registry import register
 
 COMPONENT = "distributed"
 
@@ -31,7 +31,7 @@ def pipelined_step_equals_the_sequential_step(backend) -> None:
     """DualPipe, DualPipeV, 1F1B and ZB1P steps vs the sequential run: losses, outputs, stage gradients, and every
     weight gradient against its micro-batch and stage."""
     _needs_pipeline(backend)
-    failed = [row for row in run_isolated("conformance.pipeline.execution", backend) if row["status"] != "pass"]
+    failed = [row for row in run_isolated("dsv3_conformance.pipeline.execution", backend) if row["status"] != "pass"]
     if failed:
         row = failed[0]
         raise CheckFailed(f"{len(failed)} comparison(s) failed; {row['method']} on {row['ranks']} ranks, "
@@ -41,7 +41,7 @@ def pipelined_step_equals_the_sequential_step(backend) -> None:
 def expert_parallel_layer_equals_one_device(backend) -> None:
     """The expert-parallel MoE layer on 1, 2, 4 and 8 devices vs one device, forward and gradients (ep.float64)."""
     _needs_ep(backend)
-    result = run_isolated("conformance.ep.properties", backend, "--examples", "2")
+    result = run_isolated("dsv3_conformance.ep.properties", backend, "--examples", "2")
     failures = {size: record["failure"] for size, record in result["properties"].items() if record["failure"]}
     if failures:
         size, detail = next(iter(failures.items()))

@@ -13,16 +13,16 @@ import ml_dtypes
 import numpy as np
 from hypothesis import strategies as st
 
-from reference.fp8 import dequantize_weight, quantize_weight
+from dsv3_conformance.reference.fp8 import dequantize_weight, quantize_weight
 
-from conformance.format.fp8 import FP8Error
-from conformance.format.numerics import Numerics
-from conformance.format.safetensors_io import read_all
-from conformance.golden.cases import GoldenCase
-from conformance.metrics import rel_err
-from conformance.paths import GOLDEN_DIR
-from conformance.verdict import CheckFailed, expect, expect_close, expect_equal
-from conformance.checks.registry import check, examples, register
+from dsv3_conformance.format.fp8 import FP8Error
+from dsv3_conformance.format.numerics import Numerics
+from dsv3_conformance.format.safetensors_io import read_all
+from dsv3_conformance.golden.cases import GoldenCase
+from dsv3_conformance.metrics import rel_err
+from dsv3_conformance.paths import GOLDEN_DIR
+from dsv3_conformance.verdict import CheckFailed, expect, expect_close, expect_equal
+from dsv3_conformance.checks.registry import check, examples, register
 
 COMPONENT = "FP8 numerics"
 FP8_CASE = GOLDEN_DIR / "official" / "v3-tiny-fp8"

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from conformance.golden.cases import GoldenCase, check_case
-from conformance.golden.manifest import case_dirs
-from conformance.paths import GOLDEN_DIR
-from conformance.verdict import CheckFailed, Incomplete, record
-from conformance.checks.registry import register
+from dsv3_conformance.golden.cases import GoldenCase, check_case
+from dsv3_conformance.golden.manifest import case_dirs
+from dsv3_conformance.paths import GOLDEN_DIR
+from dsv3_conformance.verdict import CheckFailed, Incomplete, record
+from dsv3_conformance.checks.registry import register
 
 COMPONENT = "golden cases"
 

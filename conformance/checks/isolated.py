@@ -16,12 +16,12 @@ import os
 import subprocess
 import sys
 
-from conformance.backends import Backend, resolve_backend
+from dsv3_conformance.backends import Backend, resolve_backend
 
 
 def run_isolated(module: str, backend: Backend, *arguments: str, timeout: float = 900) -> dict:
     """`python -m module --backend NAME [--mutant KEY ...] arguments`, which prints one JSON object: that object."""
-    from conformance.mutation.planting import PLANTED
+    from dsv3_conformance.mutation.planting import PLANTED
 
     command = [sys.executable, "-m", module, "--backend", backend.name, *(f"--mutant={key}" for key in PLANTED),
                *arguments]
@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def planted_from(arguments: argparse.Namespace) -> tuple[Backend, contextlib.ExitStack]:
     """The backend named by the arguments, and a context holding every mutant they name planted in it."""
-    from conformance.mutation.catalogue import MUTANTS
-    from conformance.mutation.planting import import_backend, planted
+    from dsv3_conformance.mutation.catalogue import MUTANTS
+    from dsv3_conformance.mutation.planting import import_backend, planted
 
     backend = resolve_backend(arguments.backend)
     stack = contextlib.ExitStack()

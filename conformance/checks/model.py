@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from conformance.format.numerics import Numerics
-from conformance.verdict import expect_close, self_consistency_key
-from conformance.checks.registry import check, examples
-from conformance.checks.strategies import model_examples, models, token_batches
+from dsv3_conformance.format.numerics import Numerics
+from dsv3_conformance.verdict import expect_close, self_consistency_key
+from dsv3_conformance.checks.registry import check, examples
+from dsv3_conformance.checks.strategies import model_examples, models, token_batches
 
 COMPONENT = "attention and cache"
 

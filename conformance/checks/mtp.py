@@ -8,16 +8,16 @@ import dataclasses
 import numpy as np
 from hypothesis import strategies as st
 
-from conformance.backends import REFERENCE
-from conformance.format.mtp import MTPOptions
-from conformance.format.weights import LinearWeight
-from conformance.backends import greedy
-from conformance.backends import speculative_generate
-from conformance.tolerances import tolerance
-from conformance.verdict import expect, expect_close, expect_equal, self_consistency_key
-from conformance.checks.cross import require_dtype
-from conformance.checks.registry import check, examples
-from conformance.checks.strategies import build_weights, configs, model_examples, models
+from dsv3_conformance.backends import REFERENCE
+from dsv3_conformance.format.mtp import MTPOptions
+from dsv3_conformance.format.weights import LinearWeight
+from dsv3_conformance.backends import greedy
+from dsv3_conformance.backends import speculative_generate
+from dsv3_conformance.tolerances import tolerance
+from dsv3_conformance.verdict import expect, expect_close, expect_equal, self_consistency_key
+from dsv3_conformance.checks.cross import require_dtype
+from dsv3_conformance.checks.registry import check, examples
+from dsv3_conformance.checks.strategies import build_weights, configs, model_examples, models
 
 COMPONENT = "multi-token prediction"
 

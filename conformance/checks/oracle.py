@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from conformance.checks.cross import expect_same_run
-from conformance.checks.registry import check, examples
-from conformance.checks.strategies import model_examples, models, prompt_and_continuation
+from dsv3_conformance.checks.cross import expect_same_run
+from dsv3_conformance.checks.registry import check, examples
+from dsv3_conformance.checks.strategies import model_examples, models, prompt_and_continuation
 
 
 @check("oracle:transformers", "PyTorch oracle", needs_oracle=True)
 @examples(model=models(oracle_compatible=True), data=st.data(), max_examples=model_examples())
 def matches_the_transformers_oracle(backend, model, data):
     """The backend vs transformers DeepseekV3ForCausalLM (float32, CPU), on equal routing."""
-    from conformance.golden.oracle import OracleRunner
+    from dsv3_conformance.golden.oracle import OracleRunner
 
     config, weights = model
     prompt, following = data.draw(prompt_and_continuation(config, max_batch=2))

@@ -19,9 +19,10 @@ from typing import Callable
 import hypothesis
 from hypothesis import given, settings
 
-from conformance import profiles  # noqa: F401  (the shared hypothesis profile is loaded before any check is defined)
-from conformance.backends import Backend, Unsupported
-from conformance.verdict import Incomplete, Missing, NotApplicable
+# The shared hypothesis profile is loaded before any check is defined.
+from dsv3_conformance import profiles  # noqa: F401
+from dsv3_conformance.backends import Backend, Unsupported
+from dsv3_conformance.verdict import Incomplete, Missing, NotApplicable
 
 SCALES = ("fast", "small", "full")
 

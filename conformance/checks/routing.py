@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from conformance.format.weights import GateWeights
-from conformance.tolerances import tolerance
-from conformance.verdict import expect, expect_close
-from conformance.checks.registry import check, examples
-from conformance.checks.strategies import configs
+from dsv3_conformance.format.weights import GateWeights
+from dsv3_conformance.tolerances import tolerance
+from dsv3_conformance.verdict import expect, expect_close
+from dsv3_conformance.checks.registry import check, examples
+from dsv3_conformance.checks.strategies import configs
 
 COMPONENT = "MoE routing"
 

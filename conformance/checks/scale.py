@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from conformance.backends import REFERENCE
-from conformance.format.config import YarnScaling, deepseek_v3_671b, tiny
-from conformance.format.numerics import Numerics
-from conformance.checks.cross import against_reference_in, expect_same_run, require_dtype
-from conformance.checks.registry import register
-from conformance.checks.strategies import build_weights
+from dsv3_conformance.backends import REFERENCE
+from dsv3_conformance.format.config import YarnScaling, deepseek_v3_671b, tiny
+from dsv3_conformance.format.numerics import Numerics
+from dsv3_conformance.checks.cross import against_reference_in, expect_same_run, require_dtype
+from dsv3_conformance.checks.registry import register
+from dsv3_conformance.checks.strategies import build_weights
 
 COMPONENT = "scale tiers"
 SMALL = tiny(dim=512, inter_dim=1024, moe_inter_dim=128, n_layers=4, n_dense_layers=1, n_heads=8,
@@ -46,7 +46,7 @@ def _small(dtype: str, policy: str):
 
 def small_model_matches_the_oracle(backend):
     """The same small model against transformers."""
-    from conformance.golden.oracle import OracleRunner
+    from dsv3_conformance.golden.oracle import OracleRunner
 
     weights = build_weights(SMALL, seed=2, bias_mean=-2.0)
     prompt, following = prompt_for(SMALL, batch=2, length=96)

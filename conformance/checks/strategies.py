@@ -6,9 +6,9 @@ import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from conformance.format.config import ModelConfig, YarnScaling
-from conformance.format.weights import ModelWeights, assemble
-from reference.synthetic import random_tensors
+from dsv3_conformance.format.config import ModelConfig, YarnScaling
+from dsv3_conformance.format.weights import ModelWeights, assemble
+from dsv3_conformance.reference.synthetic import random_tensors
 
 
 def model_examples() -> int:

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from reference import training as ref
+from dsv3_conformance.reference import training as ref
 
-from conformance.backends import REFERENCE, Unsupported
-from conformance.format.config import tiny
-from conformance.format.training import TrainSettings
-from conformance.verdict import expect, expect_close
-from conformance.checks.registry import register
-from conformance.checks.strategies import build_weights
+from dsv3_conformance.backends import REFERENCE, Unsupported
+from dsv3_conformance.format.config import tiny
+from dsv3_conformance.format.training import TrainSettings
+from dsv3_conformance.verdict import expect, expect_close
+from dsv3_conformance.checks.registry import register
+from dsv3_conformance.checks.strategies import build_weights
 
 COMPONENT = "training"
 STEPS = 3

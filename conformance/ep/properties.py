@@ -6,7 +6,7 @@ tokens, the gating weights and every expert weight equal those of `impl.moe.rout
 in float64 within the policy entry `ep.float64` (bit for bit is not promised: DTensor's einsums and the
 single-device tiles sum the 'dim' products in different orders).
 
-Run as `python -m conformance.ep.properties [--mutant KEY ...]` (TensorFlow must start with 8 logical CPU
+Run as `python -m dsv3_conformance.ep.properties [--mutant KEY ...]` (TensorFlow must start with 8 logical CPU
 devices, so in a process of its own: conformance.checks.isolated); prints one JSON object: per mesh size, the
 examples run, the worst errors and any failure. `--mutant` plants a mutant of the catalogue first (ep-half-capacity
 and ep-ungated break this layer).
@@ -23,12 +23,12 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conformance.checks.strategies import build_weights
-from conformance.format.config import tiny
-from conformance.format.numerics import Numerics
-from conformance.metrics import rel_err
-from conformance.tolerances import tolerance
-from conformance.verdict import CheckFailed
+from dsv3_conformance.checks.strategies import build_weights
+from dsv3_conformance.format.config import tiny
+from dsv3_conformance.format.numerics import Numerics
+from dsv3_conformance.metrics import rel_err
+from dsv3_conformance.tolerances import tolerance
+from dsv3_conformance.verdict import CheckFailed
 
 MESH_SIZES = (1, 2, 4, 8)
 KINDS = ("uniform", "one-expert", "some-experts-empty", "skewed")
@@ -76,10 +76,10 @@ def compare(example: dict, mesh) -> tuple[float, float]:
     """(forward rel_err, worst gradient rel_err) of the EP layer on `mesh` vs one device; raises CheckFailed."""
     import tensorflow as tf
 
-    from impl import expert_parallel
-    from impl.model import to_tf
-    from impl.moe import routed_experts
-    from impl.trees import leaves, rebuild, structure_of
+    from dsv3_conformance.impl import expert_parallel
+    from dsv3_conformance.impl.model import to_tf
+    from dsv3_conformance.impl.moe import routed_experts
+    from dsv3_conformance.impl.trees import leaves, rebuild, structure_of
 
     config = tiny(dim=16, moe_inter_dim=8, n_routed_experts=example["experts"], n_expert_groups=1,
                   n_limited_groups=1, n_activated_experts=example["k"], n_layers=1, n_dense_layers=0, name="ep")
@@ -130,10 +130,10 @@ def compare(example: dict, mesh) -> tuple[float, float]:
 
 
 def run(examples: int | None = None) -> dict:
-    from impl.devices import logical_cpus
-    from impl.expert_parallel import ExpertMesh
+    from dsv3_conformance.impl.devices import logical_cpus
+    from dsv3_conformance.impl.expert_parallel import ExpertMesh
 
-    from conformance import profiles
+    from dsv3_conformance import profiles
 
     profiles.load()
     devices = logical_cpus(max(MESH_SIZES))
@@ -166,9 +166,9 @@ def node_limit_is_asserted() -> dict:
     (Run last: a failed assertion poisons the eager executor's later operations.)"""
     import tensorflow as tf
 
-    from impl import expert_parallel
-    from impl.devices import logical_cpus
-    from impl.model import to_tf
+    from dsv3_conformance.impl import expert_parallel
+    from dsv3_conformance.impl.devices import logical_cpus
+    from dsv3_conformance.impl.model import to_tf
 
     config = tiny(dim=16, moe_inter_dim=8, n_routed_experts=16, n_expert_groups=4, n_limited_groups=1,
                   n_activated_experts=4, n_layers=1, n_dense_layers=0, name="ep-node-limit")
@@ -212,7 +212,7 @@ def _with_runtime_log(call) -> tuple:
 
 
 if __name__ == "__main__":
-    from conformance.checks.isolated import add_arguments, planted_from
+    from dsv3_conformance.checks.isolated import add_arguments, planted_from
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

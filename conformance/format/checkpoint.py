@@ -16,12 +16,13 @@ from typing import Collection, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from conformance.format.config import ModelConfig, to_hf_dict
-from conformance.format.errors import BadInput
-from conformance.format.fp8 import BLOCK, E4M3
-from conformance.format.jsonfile import read_json
-from conformance.format.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
-from conformance.format.weights import LayerWeights, ModelWeights, MTPWeights, TensorSpec, assemble, assemble_layer, assemble_mtp
+from dsv3_conformance.format.config import ModelConfig, to_hf_dict
+from dsv3_conformance.format.errors import BadInput
+from dsv3_conformance.format.fp8 import BLOCK, E4M3
+from dsv3_conformance.format.jsonfile import read_json
+from dsv3_conformance.format.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
+from dsv3_conformance.format.weights import (LayerWeights, ModelWeights, MTPWeights, TensorSpec, assemble,
+                                             assemble_layer, assemble_mtp)
 
 HF_SINGLE = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from conformance.format.errors import BadInput
-from conformance.format.fp8 import BLOCK
-from conformance.format.jsonfile import read_json
+from dsv3_conformance.format.errors import BadInput
+from dsv3_conformance.format.fp8 import BLOCK
+from dsv3_conformance.format.jsonfile import read_json
 
 ScoreFunc = Literal["sigmoid", "softmax"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from conformance.format.config import ModelConfig
-from conformance.format.errors import BadInput
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.errors import BadInput
 
 
 class InputError(BadInput):

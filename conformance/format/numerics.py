@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from conformance.format.errors import BadInput
+from dsv3_conformance.format.errors import BadInput
 
 AttentionForm = Literal["naive", "absorbed"]
 ATTENTION_FORMS = ("naive", "absorbed")

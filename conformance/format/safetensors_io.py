@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from conformance.format.errors import BadInput
+from dsv3_conformance.format.errors import BadInput
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from conformance.format.errors import BadInput
+from dsv3_conformance.format.errors import BadInput
 
 Balancing = Literal["none", "sequence-loss", "bias", "bias+sequence-loss"]
 BALANCING = ("none", "sequence-loss", "bias", "bias+sequence-loss")

@@ -11,8 +11,8 @@ from typing import Callable, Collection, Literal, Sequence
 
 import numpy as np
 
-from conformance.format.config import ModelConfig
-from conformance.format.fp8 import scale_shape
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.fp8 import scale_shape
 
 Role = Literal["float", "fp8", "scale"]
 

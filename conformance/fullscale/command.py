@@ -9,10 +9,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from conformance.format.checkpoint import open_checkpoint
-from conformance.format.config import ALLOW_FIELDS_HELP, allow_fields, load_config, preset
-from conformance.format.errors import BadInput
-from conformance.verdict import FAILED, PASSED, outcome, parse_allow, summary_line
+from dsv3_conformance.format.checkpoint import open_checkpoint
+from dsv3_conformance.format.config import ALLOW_FIELDS_HELP, allow_fields, load_config, preset
+from dsv3_conformance.format.errors import BadInput
+from dsv3_conformance.verdict import FAILED, PASSED, outcome, parse_allow, summary_line
 
 
 def _layers(text: str, config) -> list[int]:
@@ -31,8 +31,8 @@ def _layers(text: str, config) -> list[int]:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from conformance.fullscale.integrity import check_integrity
-    from conformance.fullscale.numeric import verify_layers
+    from dsv3_conformance.fullscale.integrity import check_integrity
+    from dsv3_conformance.fullscale.numeric import verify_layers
 
     allow = parse_allow(args.allow_missing)
     folder = Path(args.checkpoint)
@@ -79,7 +79,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _params(args: argparse.Namespace) -> int:
-    from conformance.fullscale.params import count_parameters
+    from dsv3_conformance.fullscale.params import count_parameters
 
     config = load_config(args.config) if args.config else preset(args.preset)
     print(tabulate(count_parameters(config).rows(), headers="keys", disable_numparse=True))
@@ -87,7 +87,7 @@ def _params(args: argparse.Namespace) -> int:
 
 
 def _synthetic(args: argparse.Namespace) -> int:
-    from conformance.fullscale.synthetic import ci_scale_config, full_scale_config, write_synthetic
+    from dsv3_conformance.fullscale.synthetic import ci_scale_config, full_scale_config, write_synthetic
 
     config = full_scale_config(args.moe_layers) if args.scale == "full" else ci_scale_config()
     folder = write_synthetic(args.out, config, seed=args.seed, shard_bytes=args.shard_mib << 20)

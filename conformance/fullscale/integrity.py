@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from conformance.format.checkpoint import HF_INDEX, HF_SINGLE, SCAN_BYTES, nonfinite
-from conformance.format.config import ModelConfig
-from conformance.format.fp8 import BLOCK
-from conformance.format.safetensors_io import SafetensorsError, SafetensorsFile
-from conformance.format.weights import TensorSpec, expected_tensors
+from dsv3_conformance.format.checkpoint import HF_INDEX, HF_SINGLE, SCAN_BYTES, nonfinite
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.fp8 import BLOCK
+from dsv3_conformance.format.safetensors_io import SafetensorsError, SafetensorsFile
+from dsv3_conformance.format.weights import TensorSpec, expected_tensors
 
 FLOAT_DTYPES = {"F32", "BF16", "F16", "F64"}
 ALLOWED = {"fp8": {"F8_E4M3"}, "scale": {"F32"}, "float": FLOAT_DTYPES}

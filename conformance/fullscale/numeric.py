@@ -37,17 +37,18 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from conformance.backends import REFERENCE, Backend, Unsupported, resolve_backend
-from conformance.checks.routing import misrouted
-from conformance.format.checkpoint import Checkpoint, load_layer, load_mtp, load_tensor
-from conformance.format.config import ModelConfig
-from conformance.format.fp8 import scale_shape
-from conformance.format.numerics import Numerics
-from conformance.format.weights import (AttentionWeights, ExpertNotResident, FFNWeights, LayerWeights, LinearWeight,
-                              ModelWeights, MoEWeights, MTPWeights, TensorSpec, tree_nbytes)
-from conformance.metrics import rel_err
-from conformance.tolerances import tolerance
-from conformance.verdict import FAILED, INCOMPLETE, PASSED, Missing, allowed
+from dsv3_conformance.backends import REFERENCE, Backend, Unsupported, resolve_backend
+from dsv3_conformance.checks.routing import misrouted
+from dsv3_conformance.format.checkpoint import Checkpoint, load_layer, load_mtp, load_tensor
+from dsv3_conformance.format.config import ModelConfig
+from dsv3_conformance.format.fp8 import scale_shape
+from dsv3_conformance.format.numerics import Numerics
+from dsv3_conformance.format.weights import (AttentionWeights, ExpertNotResident, FFNWeights, LayerWeights,
+                                             LinearWeight, ModelWeights, MoEWeights, MTPWeights, TensorSpec,
+                                             tree_nbytes)
+from dsv3_conformance.metrics import rel_err
+from dsv3_conformance.tolerances import tolerance
+from dsv3_conformance.verdict import FAILED, INCOMPLETE, PASSED, Missing, allowed
 
 # Experts resident beyond a token's top-k: those whose choice score is within this of the k-th (a float32
 # backend may break such a near tie the other way; float32 rounds scores near 1 by 6e-8).
@@ -107,7 +108,7 @@ class LayerRow:
 
 
 def _float64(tree):
-    from conformance.format.weights import map_arrays
+    from dsv3_conformance.format.weights import map_arrays
 
     return map_arrays(tree, lambda a: a if a.dtype.itemsize == 1 else a.astype(np.float64))
 
@@ -115,9 +116,9 @@ def _float64(tree):
 def routing_scores(layer: LayerWeights, hidden: np.ndarray, config: ModelConfig) -> np.ndarray:
     """The float64 choice scores (s + bias) [B*T, E] of the MoE block `layer` for input hidden states [B, T, dim],
     computed by the reference."""
-    from reference.attention import LatentCache, mla
-    from reference.moe import affinities
-    from reference.norm import rms_norm
+    from dsv3_conformance.reference.attention import LatentCache, mla
+    from dsv3_conformance.reference.moe import affinities
+    from dsv3_conformance.reference.norm import rms_norm
 
     x = hidden.astype(np.float64)
     cache = LatentCache.allocate(config, len(x), np.float64)
@@ -132,7 +133,7 @@ def routing_scores(layer: LayerWeights, hidden: np.ndarray, config: ModelConfig)
 def candidate_experts(choice: np.ndarray, config: ModelConfig) -> set[int]:
     """The experts tokens may route to given their choice scores [N, E]: each token's top k inside its kept groups,
     and any expert within NEAR_TIE of its k-th choice score."""
-    from reference.moe import limit_to_groups
+    from dsv3_conformance.reference.moe import limit_to_groups
 
     limited = limit_to_groups(choice, config)
     kth = -np.sort(-limited, axis=-1)[:, config.n_activated_experts - 1: config.n_activated_experts]
@@ -297,7 +298,7 @@ def _oracle(row: LayerRow, config: ModelConfig, weights: LayerWeights, hidden: n
     if isinstance(weights.ffn, MoEWeights) and any(expert is None for expert in weights.ffn.experts):
         return missing("only some experts are resident")
     try:
-        from conformance.golden.oracle import OracleRunner, OracleUnavailable
+        from dsv3_conformance.golden.oracle import OracleRunner, OracleUnavailable
     except ImportError as error:
         return missing(str(error))
     try:
@@ -316,7 +317,7 @@ def _oracle(row: LayerRow, config: ModelConfig, weights: LayerWeights, hidden: n
 def _mtp_input(module: MTPWeights, config: ModelConfig, normed: np.ndarray, next_tokens: np.ndarray) -> np.ndarray:
     """eh_proj([enorm(E[t+1]); hnorm(h)]) of an MTP module (reference, float64): the input of its block, from which
     the reference chooses the experts to load."""
-    from reference.norm import rms_norm
+    from dsv3_conformance.reference.norm import rms_norm
 
     embedding = np.asarray(module.embed[next_tokens], np.float64)
     joined = np.concatenate([rms_norm(embedding, module.enorm.astype(np.float64), config.rms_norm_eps),
@@ -327,7 +328,7 @@ def _mtp_input(module: MTPWeights, config: ModelConfig, normed: np.ndarray, next
 def _load_mtp(checkpoint: Checkpoint, config: ModelConfig, layer: int, hidden: np.ndarray,
               stream: np.ndarray) -> tuple[Layer, MTPWeights, str]:
     """The MTP module stored as `layer`, its block with only the experts its tokens may route to."""
-    from reference.norm import rms_norm
+    from dsv3_conformance.reference.norm import rms_norm
 
     norm = load_tensor(checkpoint, config, TensorSpec("model.norm.weight", (config.dim,)))
     module = load_mtp(checkpoint, config, layer - config.n_layers, resident=(), check_finite=False)

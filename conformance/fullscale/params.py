@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from conformance.format.config import ModelConfig, deepseek_v3_671b
-from conformance.format.weights import expected_tensors
+from dsv3_conformance.format.config import ModelConfig, deepseek_v3_671b
+from dsv3_conformance.format.weights import expected_tensors
 
 # Published for the released model (DeepSeek-V3 README_WEIGHTS.md and technical report, billions).
 PUBLISHED = {"main": 671.0, "mtp_unique": 11.5, "mtp_block": 11.5, "stored": 685.0, "activated": 36.7}

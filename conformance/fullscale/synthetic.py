@@ -26,11 +26,11 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from conformance.format.checkpoint import HF_INDEX
-from conformance.format.config import ModelConfig, deepseek_v3_671b, to_hf_dict
-from conformance.format.fp8 import BLOCK
-from conformance.format.safetensors_io import write_safetensors_streamed
-from conformance.format.weights import TensorSpec, expected_tensors
+from dsv3_conformance.format.checkpoint import HF_INDEX
+from dsv3_conformance.format.config import ModelConfig, deepseek_v3_671b, to_hf_dict
+from dsv3_conformance.format.fp8 import BLOCK
+from dsv3_conformance.format.safetensors_io import write_safetensors_streamed
+from dsv3_conformance.format.weights import TensorSpec, expected_tensors
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)

@@ -27,23 +27,24 @@ from typing import Any, Callable
 
 import numpy as np
 
-from conformance.backends import Backend, Runner, Unsupported, resolve_backend
-from conformance.format.checkpoint import load_weights, open_checkpoint
-from conformance.format.config import ModelConfig, load_config
-from conformance.format.errors import BadInput
-from conformance.format.jsonfile import read_json
-from conformance.format.numerics import UE8M0_SCOPES, Numerics
-from conformance.format.safetensors_io import read_all
-from conformance.format.weights import ModelWeights
-from conformance.metrics import Comparison
-from conformance.backends import NonFiniteOutput, greedy
-from conformance.backends import speculative_generate
-from conformance.tolerances import Tolerance, tolerance
-from conformance.verdict import PASSED, Missing, outcome, summary_line
+from dsv3_conformance.backends import Backend, Runner, Unsupported, resolve_backend
+from dsv3_conformance.format.checkpoint import load_weights, open_checkpoint
+from dsv3_conformance.format.config import ModelConfig, load_config
+from dsv3_conformance.format.errors import BadInput
+from dsv3_conformance.format.jsonfile import read_json
+from dsv3_conformance.format.numerics import UE8M0_SCOPES, Numerics
+from dsv3_conformance.format.safetensors_io import read_all
+from dsv3_conformance.format.weights import ModelWeights
+from dsv3_conformance.metrics import Comparison
+from dsv3_conformance.backends import NonFiniteOutput, greedy
+from dsv3_conformance.backends import speculative_generate
+from dsv3_conformance.tolerances import Tolerance, tolerance
+from dsv3_conformance.verdict import PASSED, Missing, outcome, summary_line
 
 EXPECTED = "expected.safetensors"
 _EXTRA = re.compile(r"^expected-(?P<label>[A-Za-z0-9_.-]+)\.safetensors$")
 _HIDDEN = re.compile(r"^prefill\.layer\.(\d+)\.hidden$")
+_POSITION = re.compile(r"^prefill\.position\.(\d+)\.logits$")
 _DECODE = re.compile(r"^decode\.(\d+)\.logits$")
 _MTP = re.compile(r"^mtp\.(\d+)\.(logits|hidden)$")
 _LOGITS = ("prefill.logits_last", "prefill.logits", "prefill.logits_last.naive")
@@ -135,7 +136,7 @@ class GoldenCase:
         if named is None or any(self.path.glob("model*.safetensors")):
             with open_checkpoint(self.path) as checkpoint:
                 return load_weights(checkpoint, self.config)
-        from conformance.golden.make import fingerprint
+        from dsv3_conformance.golden.make import fingerprint
 
         with open_checkpoint(named["path"]) as checkpoint:
             if fingerprint(checkpoint) != named["fingerprint"]:
@@ -198,6 +199,8 @@ def _expected_shape(name: str, config: ModelConfig, batch: int, prompt: int, dec
         return (batch, config.vocab_size)
     if name == "prefill.logits":
         return (batch, prompt, config.vocab_size)
+    if (position := _POSITION.match(name)) and int(position[1]) < prompt:
+        return (batch, config.vocab_size)
     if (hidden := _HIDDEN.match(name)) and int(hidden[1]) < config.n_layers:
         return (batch, prompt, config.dim)
     if (step := _DECODE.match(name)) and decoded is not None and int(step[1]) < decoded:
@@ -334,6 +337,8 @@ def _prefill_checks(runner: Runner, file: ExpectedFile, prompt: np.ndarray, capa
             compare(name, output.logits_last)
         elif name == "prefill.logits":
             compare(name, output.logits)
+        elif position := _POSITION.match(name):
+            compare(name, output.logits[:, int(position[1])])
 
 
 def _decode_checks(runner: Runner, file: ExpectedFile, decoded: np.ndarray, compare) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from conformance.format.config import ModelConfig, YarnScaling, tiny
-from reference.rope import yarn_active
+from dsv3_conformance.format.config import ModelConfig, YarnScaling, tiny
+from dsv3_conformance.reference.rope import yarn_active
 
 
 @dataclass(frozen=True)

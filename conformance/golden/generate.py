@@ -18,14 +18,14 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from conformance.format.checkpoint import load_weights, open_checkpoint, write_hf
-from conformance.format.config import ModelConfig, YarnScaling, tiny
-from conformance.format.safetensors_io import write_safetensors
-from reference.rope import yarn_active
-from reference.synthetic import random_tensors
+from dsv3_conformance.format.checkpoint import load_weights, open_checkpoint, write_hf
+from dsv3_conformance.format.config import ModelConfig, YarnScaling, tiny
+from dsv3_conformance.format.safetensors_io import write_safetensors
+from dsv3_conformance.reference.rope import yarn_active
+from dsv3_conformance.reference.synthetic import random_tensors
 
-from conformance.golden.manifest import MANIFEST, describe_case, load_manifest
-from conformance.golden.oracle import OracleRunner, oracle_versions
+from dsv3_conformance.golden.manifest import MANIFEST, describe_case, load_manifest
+from dsv3_conformance.golden.oracle import OracleRunner, oracle_versions
 
 ORACLE_DIR = "oracle"
 

@@ -8,8 +8,9 @@ they trust over their checkpoint once, then check every port against the case. P
   kernels (`--device cuda`), float32 or bfloat16;
 - any backend name (`reference`, `tf`, `package.module:object`), through its runner.
 
-The case holds `config.json` (the checkpoint's), `expected.safetensors` (the prompt, the last position's logits,
-the outputs of the chosen blocks, the logits of every greedy decode step and the greedy tokens) and `meta.json`
+The case holds `config.json` (the checkpoint's), `expected.safetensors` (the prompt, the last position's logits
+and those of any other chosen prompt positions, the outputs of the chosen blocks, the logits of every greedy decode
+step and the greedy tokens: small even for the 671B model) and `meta.json`
 (producer, versions, device, when, the command line, the checkpoint's path and fingerprint). The weights are
 copied only with `--copy-weights`; otherwise the case names the checkpoint, whose tensor names, dtypes and shapes
 must still match the recorded fingerprint when the case is checked. DIR's `manifest.json` gets the case's entry
@@ -28,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from conformance.format.checkpoint import Checkpoint, load_weights, open_checkpoint
-from conformance.format.config import ModelConfig, load_config
-from conformance.format.errors import BadInput
-from conformance.format.safetensors_io import write_safetensors
-from conformance.golden.manifest import MANIFEST, describe_case
+from dsv3_conformance.format.checkpoint import Checkpoint, load_weights, open_checkpoint
+from dsv3_conformance.format.config import ModelConfig, load_config
+from dsv3_conformance.format.errors import BadInput
+from dsv3_conformance.format.safetensors_io import write_safetensors
+from dsv3_conformance.golden.manifest import MANIFEST, describe_case
 
 PRODUCERS = ("hf", "official")
 
@@ -46,7 +47,7 @@ def fingerprint(checkpoint: Checkpoint) -> str:
 def _runner(producer: str, folder: Path, config: ModelConfig, official: Path | None, device: str, dtype: str):
     """(runner, provenance) of the producer."""
     if producer == "hf":
-        from conformance.golden.oracle import PretrainedRunner, oracle_versions
+        from dsv3_conformance.golden.oracle import PretrainedRunner, oracle_versions
 
         return PretrainedRunner(folder, config), {"producer": "transformers DeepseekV3ForCausalLM.from_pretrained, "
                                                               "its default attention, float32", **oracle_versions(),
@@ -54,7 +55,7 @@ def _runner(producer: str, folder: Path, config: ModelConfig, official: Path | N
     if producer == "official":
         if official is None:
             raise BadInput("--producer official needs --official CHECKOUT (a DeepSeek-V3 repository checkout)")
-        from conformance.producers.official import OfficialRunner
+        from dsv3_conformance.producers.official import OfficialRunner
 
         runner = OfficialRunner(official, folder, config, device, dtype)
         import torch
@@ -62,7 +63,7 @@ def _runner(producer: str, folder: Path, config: ModelConfig, official: Path | N
         return runner, {"producer": "the official inference/model.py (absorbed attention, dequantized path)",
                         "official_commit": runner.commit, "torch": torch.__version__, "device": runner.device,
                         "compute_dtype": dtype}
-    from conformance.backends import resolve_backend
+    from dsv3_conformance.backends import resolve_backend
 
     backend = resolve_backend(producer)
     with open_checkpoint(folder) as checkpoint:
@@ -74,7 +75,7 @@ def _runner(producer: str, folder: Path, config: ModelConfig, official: Path | N
 
 
 def make_case(out: Path, checkpoint: Path, producer: str, prompt: np.ndarray, steps: int, layers: list[int],
-              *, official: Path | None = None, device: str = "cpu", dtype: str = "float32",
+              *, positions: tuple[int, ...] = (), official: Path | None = None, device: str = "cpu", dtype: str = "float32",
               copy_weights: bool = False, allow_fields: tuple[str, ...] = (), command: str = "") -> dict:
     """Write the case `out` (its parent holds the manifest); returns its meta."""
     out, checkpoint = Path(out), Path(checkpoint).resolve()
@@ -82,6 +83,9 @@ def make_case(out: Path, checkpoint: Path, producer: str, prompt: np.ndarray, st
     bad = [layer for layer in layers if not 0 <= layer < config.n_layers]
     if bad:
         raise BadInput(f"--layers {bad}: the model has layers 0..{config.n_layers - 1}")
+    bad = [position for position in positions if not 0 <= position < prompt.shape[1]]
+    if bad:
+        raise BadInput(f"--positions {bad}: the prompt has positions 0..{prompt.shape[1] - 1}")
     if prompt.shape[1] + steps > config.max_seq_len:
         raise BadInput(f"a prompt of {prompt.shape[1]} tokens and {steps} steps exceed max_position_embeddings="
                        f"{config.max_seq_len}")
@@ -93,6 +97,7 @@ def make_case(out: Path, checkpoint: Path, producer: str, prompt: np.ndarray, st
     runner, provenance = _runner(producer, checkpoint, config, official, device, dtype)
     step = runner.prefill(prompt)
     expected = {"tokens.prompt": prompt.astype(np.int64), "prefill.logits_last": step.logits[:, -1]}
+    expected.update({f"prefill.position.{position}.logits": step.logits[:, position] for position in positions})
     expected.update({f"prefill.layer.{layer}.hidden": step.hidden[layer] for layer in layers})
     logits, decoded = step.logits[:, -1], []
     for index in range(steps):
@@ -111,6 +116,7 @@ def make_case(out: Path, checkpoint: Path, producer: str, prompt: np.ndarray, st
                        for name, value in expected.items()})
     meta = {"case": out.name, **provenance, "gemm_impl": "bf16", "batch": int(prompt.shape[0]),
             "prompt_len": int(prompt.shape[1]), "decode_steps": steps, "layers": layers,
+            "positions": list(positions),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
             "machine": f"{platform.node()} {platform.machine()}, Python {sys.version.split()[0]}"}
     if copy_weights:

@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from conformance.format.errors import BadInput
-from conformance.format.jsonfile import read_json
-from conformance.format.safetensors_io import SafetensorsFile
+from dsv3_conformance.format.errors import BadInput
+from dsv3_conformance.format.jsonfile import read_json
+from dsv3_conformance.format.safetensors_io import SafetensorsFile
 
 MANIFEST = "manifest.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from conformance.format.config import ModelConfig, to_hf_dict
-from conformance.format.fp8 import BLOCK
-from conformance.format.weights import LinearWeight, ModelWeights, MoEWeights
+from dsv3_conformance.format.config import ModelConfig, to_hf_dict
+from dsv3_conformance.format.fp8 import BLOCK
+from dsv3_conformance.format.weights import LinearWeight, ModelWeights, MoEWeights
 
-from conformance.backends import Routing, Runner, StepOutput
-from conformance.golden.divergences import oracle_divergences
+from dsv3_conformance.backends import Routing, Runner, StepOutput
+from dsv3_conformance.golden.divergences import oracle_divergences
 
 
 class OracleUnavailable(RuntimeError):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from conformance.mutation.planting import Context, Maker
+from dsv3_conformance.mutation.planting import Context, Maker
 
 HISTORICAL, SEED, HARNESS, CONTROL = ("historical (SEMANTICS.md section 2)", "seed documents", "harness catalogue",
                                       "control (changes nothing)")

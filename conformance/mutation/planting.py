@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Iterator
 
-from conformance.backends import Backend
-from conformance.verdict import NotApplicable  # the backend has no such role or attribute: the mutant does not apply to it
+from dsv3_conformance.backends import Backend
+# NotApplicable: the backend has no such role or attribute, so the mutant does not apply to it.
+from dsv3_conformance.verdict import NotApplicable
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,15 @@ from typing import Iterator
 
 import numpy as np
 
-from reference.fp8 import quantize_weight
+from dsv3_conformance.reference.fp8 import quantize_weight
 
-from conformance.backends import Backend, Unsupported
-from conformance.checks.isolated import run_isolated
-from conformance.checks.strategies import build_weights
-from conformance.format.config import YarnScaling, tiny, tiny_fp8, tiny_v2
-from conformance.format.numerics import Numerics
-from conformance.format.weights import GateWeights
-from conformance.backends import speculative_generate
+from dsv3_conformance.backends import Backend, Unsupported
+from dsv3_conformance.checks.isolated import run_isolated
+from dsv3_conformance.checks.strategies import build_weights
+from dsv3_conformance.format.config import YarnScaling, tiny, tiny_fp8, tiny_v2
+from dsv3_conformance.format.numerics import Numerics
+from dsv3_conformance.format.weights import GateWeights
+from dsv3_conformance.backends import speculative_generate
 
 Output = tuple[str, np.ndarray]
 
@@ -140,7 +140,7 @@ def _forced_outputs(backend: Backend) -> Iterator[Output]:
 
 def _kernel_outputs(backend: Backend) -> Iterator[Output]:
     """Decode steps at widths the tf backend's native kernel takes."""
-    from conformance.checks.cross import KERNEL_WIDTHS
+    from dsv3_conformance.checks.cross import KERNEL_WIDTHS
 
     try:
         runner = backend.make_runner(KERNEL_WIDTHS, build_weights(KERNEL_WIDTHS, seed=16), dtype="float32")
@@ -153,8 +153,8 @@ def _kernel_outputs(backend: Backend) -> Iterator[Output]:
 
 def _training_outputs(backend: Backend) -> Iterator[Output]:
     """A training step: losses, gradients, loads and the weights after."""
-    from conformance.checks.training import CONFIGS, SETTINGS
-    from reference.training import arrays
+    from dsv3_conformance.checks.training import CONFIGS, SETTINGS
+    from dsv3_conformance.reference.training import arrays
 
     if backend.trainer is None:
         return
@@ -173,14 +173,14 @@ def _pipeline_outputs(backend: Backend) -> Iterator[Output]:
     """What the pipelined step measures against the sequential step (in a process of its own, carrying the planted
     mutants)."""
     if "pipeline" in backend.capabilities:
-        rows = run_isolated("conformance.pipeline.execution", backend)
+        rows = run_isolated("dsv3_conformance.pipeline.execution", backend)
         yield "pipeline", np.frombuffer(json.dumps(rows).encode(), np.uint8)
 
 
 def _expert_parallel_outputs(backend: Backend) -> Iterator[Output]:
     """What the expert-parallel layer measures against one device (in a process of its own)."""
     if "expert-parallel" in backend.capabilities:
-        measured = run_isolated("conformance.ep.properties", backend, "--examples", "1")["properties"]
+        measured = run_isolated("dsv3_conformance.ep.properties", backend, "--examples", "1")["properties"]
         yield "expert-parallel", np.frombuffer(json.dumps(measured).encode(), np.uint8)
 
 

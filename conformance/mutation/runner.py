@@ -24,10 +24,10 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from conformance.backends import BUILTIN, Backend, Unsupported, resolve_backend
-from conformance.verdict import CheckFailed
-from conformance.mutation.catalogue import CATALOGUE, MUTANTS, ROLES, Mutant
-from conformance.mutation.planting import NotApplicable, import_backend, planted
+from dsv3_conformance.backends import BUILTIN, Backend, Unsupported, resolve_backend
+from dsv3_conformance.verdict import CheckFailed
+from dsv3_conformance.mutation.catalogue import CATALOGUE, MUTANTS, ROLES, Mutant
+from dsv3_conformance.mutation.planting import NotApplicable, import_backend, planted
 
 @dataclass
 class CheckRun:
@@ -45,7 +45,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def run_check(key: str, backend: Backend) -> CheckRun:
-    from conformance.checks import CHECKS
+    from dsv3_conformance.checks import CHECKS
 
     start = time.perf_counter()
     sink = io.StringIO()
@@ -82,7 +82,7 @@ SEEN_BY_A_CHECK = "seen by the check that killed it"
 def probed_sections(mutant: Mutant) -> list[str]:
     """The probe's sections a mutant is probed in: those its targets' roles reach (what it replaces is all it can
     change), so that the fingerprint of a section is made only where some mutant needs it."""
-    from conformance.mutation.probe import sections_of
+    from dsv3_conformance.mutation.probe import sections_of
 
     return sections_of(patch.target.split(":")[0] for patch in mutant.patches)
 
@@ -90,7 +90,7 @@ def probed_sections(mutant: Mutant) -> list[str]:
 def plant_and_run(mutant: Mutant, backend: Backend, unmutated: dict | None, first_kill: bool) -> MutantRun:
     """Plant `mutant` and run its checks (the first kill ends them when `first_kill`); unless one killed it, probe
     it against the `unmutated` fingerprint, or, when that is None, mark it to be probed (`needs_probe`)."""
-    from conformance.mutation.probe import first_difference
+    from dsv3_conformance.mutation.probe import first_difference
 
     run = MutantRun(mutant.key, backend.name)
     start = time.perf_counter()
@@ -183,7 +183,7 @@ def _control_task(key: str, backend_spec: str) -> CheckRun:
 
 
 def _fingerprint_task(backend_spec: str, section: str) -> dict:
-    from conformance.mutation.probe import fingerprint
+    from dsv3_conformance.mutation.probe import fingerprint
 
     return fingerprint(resolve_backend(backend_spec), [section])
 
@@ -194,7 +194,7 @@ def _mutant_task(key: str, backend_spec: str, first_kill: bool) -> MutantRun:
 
 def _probe_task(key: str, backend_spec: str, unmutated: dict) -> tuple[str | None, str]:
     """(the first output the planted mutant changes or None, an error of the probe or ""), in a fresh process."""
-    from conformance.mutation.probe import first_difference
+    from dsv3_conformance.mutation.probe import first_difference
 
     mutant, backend = MUTANTS[key], resolve_backend(backend_spec)
     try:
@@ -212,7 +212,7 @@ def plant_in_turn(backend_spec: str, keys: list[str] | None = None) -> list[str]
 
     The runner never relies on this (each of its mutants runs in a process of its own); it shows that
     planting alone, in one process, also undoes itself completely."""
-    from conformance.mutation.probe import fingerprint, first_difference
+    from dsv3_conformance.mutation.probe import fingerprint, first_difference
 
     backend = resolve_backend(backend_spec)
     import_backend(backend)
@@ -237,7 +237,7 @@ def _worker_init(profile: str, threads: int) -> None:
     os.environ["HYPOTHESIS_PROFILE"] = profile
     # The workers share the machine's cores: each runs TensorFlow on its share.
     os.environ["TF_NUM_INTRAOP_THREADS"] = os.environ["TF_NUM_INTEROP_THREADS"] = str(threads)
-    from conformance import profiles
+    from dsv3_conformance import profiles
 
     profiles.load(profile)
 
@@ -246,7 +246,7 @@ def _preload(backend_specs: list[str]) -> list[str]:
     """Modules the fork server imports once, so that every fresh worker starts with them (TensorFlow's import
     alone takes seconds): the checks, the probe, and every module of the built-in and the selected backends.
     Nothing is ever planted in the server."""
-    modules = ["numpy", "hypothesis", "conformance.checks", "conformance.mutation.probe"]
+    modules = ["numpy", "hypothesis", "dsv3_conformance.checks", "dsv3_conformance.mutation.probe"]
     backends = {backend.name: backend for backend in BUILTIN.values()}
     backends.update({resolve_backend(spec).name: resolve_backend(spec) for spec in backend_specs})
     for backend in backends.values():
@@ -392,7 +392,7 @@ def summarize(results: list[MutantResult]) -> tuple[str, str]:
     or a control was killed; INCOMPLETE when no mutant applies to some backend, which then proves nothing about
     the checks on it; PASSED otherwise. Mutants that do not apply to a backend (a role it does not declare) are
     counted, not run."""
-    from conformance.verdict import FAILED, INCOMPLETE, PASSED
+    from dsv3_conformance.verdict import FAILED, INCOMPLETE, PASSED
 
     real = [r for r in results if not r.control and r.verdict != "not applicable"]
     controls = [r for r in results if r.control]

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from conformance.pipeline.schedules import METHODS, generate
-from conformance.pipeline.static import check_schedule
+from dsv3_conformance.pipeline.schedules import METHODS, generate
+from dsv3_conformance.pipeline.static import check_schedule
 
 
 def _schedule(args: argparse.Namespace) -> int:

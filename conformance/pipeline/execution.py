@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from tabulate import tabulate
 
-from conformance.format.pipeline import Schedule, micro_batches_per_flow, stages
-from conformance.pipeline.schedules import METHODS, generate
-from conformance.pipeline.topology import chunks_of
+from dsv3_conformance.format.pipeline import Schedule, micro_batches_per_flow, stages
+from dsv3_conformance.pipeline.schedules import METHODS, generate
+from dsv3_conformance.pipeline.topology import chunks_of
 
 COSINE_BOUND = 1e-13  # the DualPipe example's own bound on gradients, float64
 
@@ -63,8 +63,8 @@ def compare_step(method: str, ranks: int, chunks: int, devices: list[str] | None
     """Build the example model (float64), run the pipelined and the sequential step, compare."""
     import tensorflow as tf
 
-    from impl.devices import logical_cpus
-    from impl.pipeline import StageWeights, pipeline_step, sequential_step
+    from dsv3_conformance.impl.devices import logical_cpus
+    from dsv3_conformance.impl.pipeline import StageWeights, pipeline_step, sequential_step
 
     devices = devices or logical_cpus(ranks)
     rng = np.random.default_rng(seed)
@@ -128,7 +128,7 @@ STANDARD_RUNS = (("dualpipe", 2, 4), ("dualpipe", 4, 10), ("dualpipev", 2, 6), (
 
 def standard_runs() -> list[dict]:
     """Every standard run in this process (which must start TensorFlow with enough logical CPU devices)."""
-    from impl.devices import logical_cpus
+    from dsv3_conformance.impl.devices import logical_cpus
 
     devices = logical_cpus(max(ranks for _, ranks, _ in STANDARD_RUNS))
     rows = []
@@ -142,7 +142,7 @@ def standard_runs() -> list[dict]:
 if __name__ == "__main__":
     import json
 
-    from conformance.checks.isolated import add_arguments, planted_from
+    from dsv3_conformance.checks.isolated import add_arguments, planted_from
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

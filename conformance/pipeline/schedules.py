@@ -28,8 +28,8 @@ separated first pair on the last rank (where the V turns).
 
 from __future__ import annotations
 
-from conformance.format.errors import BadInput
-from conformance.format.pipeline import Op, Schedule
+from dsv3_conformance.format.errors import BadInput
+from dsv3_conformance.format.pipeline import Op, Schedule
 
 METHODS = ("dualpipe", "dualpipev", "1f1b", "zb1p")
 

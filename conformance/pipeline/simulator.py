@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from conformance.format.pipeline import Chunk, Op, Schedule
-from conformance.pipeline.topology import chunks_of, producer
+from dsv3_conformance.format.pipeline import Chunk, Op, Schedule
+from dsv3_conformance.pipeline.topology import chunks_of, producer
 
 
 class Deadlock(RuntimeError):

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from conformance.format.pipeline import Chunk, Schedule, flows, micro_batches_per_flow, stages
-from conformance.pipeline.topology import chunks_of, consumer, producer
-from conformance.pipeline.simulator import Deadlock, Times, simulate
+from dsv3_conformance.format.pipeline import Chunk, Schedule, flows, micro_batches_per_flow, stages
+from dsv3_conformance.pipeline.topology import chunks_of, consumer, producer
+from dsv3_conformance.pipeline.simulator import Deadlock, Times, simulate
 
 
 def _chunks(method: str, schedule: Schedule) -> list[list[Chunk]]:

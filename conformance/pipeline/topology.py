@@ -6,7 +6,7 @@ TensorFlow executor has its own (impl/pipeline.py).
 
 from __future__ import annotations
 
-from conformance.format.pipeline import Chunk, Op, stages
+from dsv3_conformance.format.pipeline import Chunk, Op, stages
 
 
 def hop(method: str, ranks: int, flow: int, stage: int) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """Accumulation inside real fp8 GEMMs, for the accumulation model. Run on a CUDA machine with torch and triton:
 
-    python -m conformance.producers.h100_accumulation --official PATH_TO_DeepSeek-V3_CHECKOUT --out DIR
+    python -m dsv3_conformance.producers.h100_accumulation --official PATH_TO_DeepSeek-V3_CHECKOUT --out DIR
 
 Needs only torch, triton and numpy (no TensorFlow). The official `inference/kernel.py` is imported from the
 checkout the user points to, never copied. For each data kind (non-negative operands, where truncation

@@ -1,4 +1,4 @@
-"""FP8 golden data from real tensor cores. Run on a CUDA machine with torch: python -m conformance.producers.h100_fp8 --out DIR
+"""FP8 golden data from real tensor cores. Run on a CUDA machine with torch: python -m dsv3_conformance.producers.h100_fp8 --out DIR
 
 It needs only torch and numpy, so that it runs where TensorFlow is not installed. For every case:
 - activations (seeded, float32, rows of very different magnitudes, a zero row and a row below the

@@ -1,6 +1,6 @@
 """Expected outputs from the official DeepSeek-V3 inference code, run from a checkout the user gives.
 
-    python -m conformance.producers.official --official CHECKOUT --weights CASE --out DIR [--dtype bfloat16]
+    python -m dsv3_conformance.producers.official --official CHECKOUT --weights CASE --out DIR [--dtype bfloat16]
         [--gemm-impl bf16|fp8] [--device cpu|cuda] [--seeds 1,2,3] [--prompt-len 24] [--decode-steps 6]
 
 `CASE` is a golden case folder (config.json with the official ModelArgs in meta.json's `model_args`, and
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from conformance.format.checkpoint import hf_to_official
-from conformance.format.errors import BadInput
+from dsv3_conformance.format.checkpoint import hf_to_official
+from dsv3_conformance.format.errors import BadInput
 
 BLOCK = 128
 
@@ -126,7 +126,7 @@ class OfficialRunner:
     per sequence after the cached ones. Absorbed attention, the dequantized (bf16) path."""
 
     def __init__(self, checkout: Path, folder: Path, config, device: str = "cpu", dtype: str = "float32"):
-        from conformance.format.config import to_official_dict
+        from dsv3_conformance.format.config import to_official_dict
 
         self.config = config
         self.official = load_official(checkout, device)
@@ -154,7 +154,7 @@ class OfficialRunner:
         return logits, tuple(hidden[i].float().cpu().numpy() for i in sorted(hidden))
 
     def prefill(self, tokens, forced_experts=None, capacity=None):
-        from conformance.backends import StepOutput
+        from dsv3_conformance.backends import StepOutput
 
         self.official.attn_impl = "absorb"
         tokens = torch.as_tensor(tokens, dtype=torch.long)
@@ -163,7 +163,7 @@ class OfficialRunner:
         return StepOutput(logits.float().cpu().numpy()[:, None, :], hidden, ())
 
     def decode(self, tokens, forced_experts=None):
-        from conformance.backends import StepOutput
+        from dsv3_conformance.backends import StepOutput
 
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1, 1)
         logits, hidden = self._hidden(lambda: self.model(tokens, self.position))

@@ -20,17 +20,17 @@ from pathlib import Path
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
-from conformance.report import plots
-from conformance.backends import resolve_backend
-from conformance.checks import CHECKS
-from conformance.golden.divergences import DIVERGENCES
-from conformance.golden.cases import CaseResult, GoldenCase, check_case
-from conformance.golden.manifest import case_dirs, verify
-from conformance.mutation.runner import CheckRun, MutantResult, run_catalogue, summarize
-from conformance.report.loads import expert_loads
-from conformance.report.section import Section, capability_sections, section_names
-from conformance.tolerances import POLICY
-from conformance.verdict import FAILED, INCOMPLETE, PASSED, Missing, allowed, outcome
+from dsv3_conformance.report import plots
+from dsv3_conformance.backends import resolve_backend
+from dsv3_conformance.checks import CHECKS
+from dsv3_conformance.golden.divergences import DIVERGENCES
+from dsv3_conformance.golden.cases import CaseResult, GoldenCase, check_case
+from dsv3_conformance.golden.manifest import case_dirs, verify
+from dsv3_conformance.mutation.runner import CheckRun, MutantResult, run_catalogue, summarize
+from dsv3_conformance.report.loads import expert_loads
+from dsv3_conformance.report.section import Section, capability_sections, section_names
+from dsv3_conformance.tolerances import POLICY
+from dsv3_conformance.verdict import FAILED, INCOMPLETE, PASSED, Missing, allowed, outcome
 
 # Tests that are not registered checks, by module.
 COMPONENTS = {"test_data": "golden data", "test_divergences": "PyTorch oracle", "test_checkpoint_layer": "scale tiers"}
@@ -73,7 +73,7 @@ def run_suite(backends: list[str], results_dir: Path, profile: str, allow: tuple
     for stale in results_dir.glob("results-*.jsonl"):
         stale.unlink()
     suite = Path(__file__).resolve().parents[1]  # conformance/: its conftest.py and suite/
-    command = [sys.executable, "-m", "pytest", str(suite), "-n", "auto", "-q", "-p", "conformance.report.plugin",
+    command = [sys.executable, "-m", "pytest", str(suite), "-n", "auto", "-q", "-p", "dsv3_conformance.report.plugin",
                "--results-dir", str(results_dir), "--backend", ",".join(backends), "-p", "no:cacheprovider",
                "--hypothesis-profile", profile, "--allow-missing", ",".join(allow)]
     path = os.pathsep.join(filter(None, [str(suite.parent), os.environ.get("PYTHONPATH")]))

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from conformance.format.config import deepseek_v3_671b
-from conformance.format.weights import GateWeights
-from conformance.ep.placement import contiguous, with_redundancy
-from conformance.ep.traffic import Topology, formula, nodes_per_token, plan
+from dsv3_conformance.format.config import deepseek_v3_671b
+from dsv3_conformance.format.weights import GateWeights
+from dsv3_conformance.ep.placement import contiguous, with_redundancy
+from dsv3_conformance.ep.traffic import Topology, formula, nodes_per_token, plan
 
 # The 671B deployment of the report: 8 nodes of 8 GPUs, 256 routed experts (4 per GPU), one group per node.
 NODES, PER_NODE = 8, 8
@@ -20,7 +20,7 @@ TOKENS = 1024
 
 def routing_671b(tokens: int = TOKENS, seed: int = 0) -> np.ndarray:
     """Experts [T, 8] chosen by the reference router with the 671B gate shapes on random inputs and weights."""
-    from conformance.backends import REFERENCE
+    from dsv3_conformance.backends import REFERENCE
 
     config = deepseek_v3_671b()
     rng = np.random.default_rng(seed)
@@ -62,12 +62,12 @@ def placement_rows(loads: dict[str, np.ndarray]) -> list[dict]:
 
 
 def report_section(golden_dir, backends: list[str], out: Path):
-    from conformance.backends import TF
-    from conformance.checks.isolated import run_isolated
-    from conformance.report.loads import expert_loads
-    from conformance.report.section import Section
+    from dsv3_conformance.backends import TF
+    from dsv3_conformance.checks.isolated import run_isolated
+    from dsv3_conformance.report.loads import expert_loads
+    from dsv3_conformance.report.section import Section
 
-    results = run_isolated("conformance.ep.properties", TF)
+    results = run_isolated("dsv3_conformance.ep.properties", TF)
     rows = [{"what": f"EP layer on {size} device(s) vs one device", "examples": r["examples"],
              "routings": ", ".join(r["kinds"]), "worst forward": f"{r['forward']:.1e}",
              "worst gradient": f"{r['gradients']:.1e}", "status": "pass" if r["failure"] is None else

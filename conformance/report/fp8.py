@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conformance.format.safetensors_io import read_all
-from conformance.report.section import Section
-from conformance.studies.fp8 import accumulation_curve, explain_h100, granularity, plot
+from dsv3_conformance.format.safetensors_io import read_all
+from dsv3_conformance.report.section import Section
+from dsv3_conformance.studies.fp8 import accumulation_curve, explain_h100, granularity, plot
 
 
 def report_section(golden_dir, backends: list[str], out: Path):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from conformance.backends import REFERENCE
-from conformance.golden.cases import GoldenCase
+from dsv3_conformance.backends import REFERENCE
+from dsv3_conformance.golden.cases import GoldenCase
 
 LOAD_CASES = ("official/v3-tiny", "oracle/moe-groups")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from conformance.backends import Unsupported, greedy, resolve_backend, speculative_generate
-from conformance.golden.cases import GoldenCase
-from conformance.golden.manifest import case_dirs
-from conformance.report.section import Section
+from dsv3_conformance.backends import Unsupported, greedy, resolve_backend, speculative_generate
+from dsv3_conformance.golden.cases import GoldenCase
+from dsv3_conformance.golden.manifest import case_dirs
+from dsv3_conformance.report.section import Section
 
 REPORT_STEPS = 16
 

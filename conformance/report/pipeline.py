@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conformance.report.plots import gantt
-from conformance.backends import TF
-from conformance.checks.isolated import run_isolated
-from conformance.pipeline.schedules import METHODS, generate
-from conformance.pipeline.simulator import Times, bubble_formula, simulate
-from conformance.pipeline.static import check_schedule, expected_peak, peak_activations
+from dsv3_conformance.report.plots import gantt
+from dsv3_conformance.backends import TF
+from dsv3_conformance.checks.isolated import run_isolated
+from dsv3_conformance.pipeline.schedules import METHODS, generate
+from dsv3_conformance.pipeline.simulator import Times, bubble_formula, simulate
+from dsv3_conformance.pipeline.static import check_schedule, expected_peak, peak_activations
 
 # Times under which the table's bubbles are exact (simulator.py): the input-gradient part of a backward
 # takes as long as a forward (B - W = F), and an overlapped pair no longer than F + B.
@@ -39,13 +39,13 @@ def table_rows() -> list[dict]:
 
 
 def report_section(golden_dir, backends: list[str], out: Path):
-    from conformance.report.section import Section
+    from dsv3_conformance.report.section import Section
 
     ranks, chunks = GANTT_SIZE
     timelines = [simulate(method, generate(method, ranks, chunks), TABLE_TIMES) for method in METHODS]
     rows = table_rows() + [{"method": row["method"], "ranks": row["ranks"], "micro-batches": row["micro-batches"],
                             "static checks": f"executed: {row['compared']}, {row['measured']}", "status": row["status"]}
-                           for row in run_isolated("conformance.pipeline.execution", TF)]
+                           for row in run_isolated("dsv3_conformance.pipeline.execution", TF)]
     intro = ("Schedules of DualPipe and DualPipeV (the DualPipe repository's order), 1F1B and ZB1P: static checks, the "
              "simulated bubble (longest idle time of a rank) against SEMANTICS.md section 7's table at F=1, B=2, W=1, "
              "F&B=2.5, and the TensorFlow executor's step against the micro-batches run in sequence (losses and "

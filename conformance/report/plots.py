@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from conformance.golden.cases import CaseResult
+from dsv3_conformance.golden.cases import CaseResult
 
 _LAYER = re.compile(r"^prefill\.layer\.(\d+)\.hidden$")
 

@@ -1,6 +1,6 @@
 """A pytest plugin that writes one JSON line per test: outcome, backend, and every comparison it made.
 
-Enable with `-p conformance.report.plugin --results-dir DIR`; under pytest-xdist each worker writes its
+Enable with `-p dsv3_conformance.report.plugin --results-dir DIR`; under pytest-xdist each worker writes its
 own file. `conformance.report.build` reads them back.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conformance.metrics import Comparison
-from conformance.verdict import LISTENERS
+from dsv3_conformance.metrics import Comparison
+from dsv3_conformance.verdict import LISTENERS
 
 _directory: Path | None = None
 _comparisons: list[dict] = []

@@ -1,6 +1,6 @@
 """A section of the report beyond the golden cases and the suite: a capability's table, figures and verdict, and
 where the sections come from (this package's modules, and any registered through the entry point group
-`dsv3_conformance.report_sections`, as the benchmarks register theirs)."""
+`conformance.report_sections`, as the benchmarks register theirs)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Callable
 
 SECTION_GROUP = "dsv3_conformance.report_sections"
 # name -> module of this package whose report_section(golden_dir, backends, out) computes it
-BUILTIN_SECTIONS = {"mtp": "conformance.report.mtp", "fp8": "conformance.report.fp8",
-                    "pipeline": "conformance.report.pipeline", "expert-parallel": "conformance.report.expert_parallel",
-                    "training": "conformance.report.training"}
+BUILTIN_SECTIONS = {name: f"dsv3_conformance.report.{module}" for name, module in
+                    {"mtp": "mtp", "fp8": "fp8", "pipeline": "pipeline", "expert-parallel": "expert_parallel",
+                     "training": "training"}.items()}
 
 
 @dataclass

@@ -7,9 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
-from conformance.report.section import Section, stored_note
-from conformance.paths import RESULTS_DIR as RESULTS
-from conformance.studies.experiments import EXPERIMENTS
+from dsv3_conformance.report.section import Section, stored_note
+from dsv3_conformance.paths import RESULTS_DIR as RESULTS
+from dsv3_conformance.studies.experiments import EXPERIMENTS
 
 
 def shown(value) -> str:

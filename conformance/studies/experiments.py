@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from conformance.format.config import ModelConfig, tiny
-from conformance.format.errors import BadInput
-from conformance.format.training import TrainSettings
-from conformance.paths import RESULTS_DIR
+from dsv3_conformance.format.config import ModelConfig, tiny
+from dsv3_conformance.format.errors import BadInput
+from dsv3_conformance.format.training import TrainSettings
+from dsv3_conformance.paths import RESULTS_DIR
 
 
 EXPERIMENTS = ("balance", "fp8", "mtp")
@@ -80,8 +80,8 @@ def _weights(config: ModelConfig, seed: int):
     """Seeded weights with every correction bias at zero: balancing starts from the router's own affinities."""
     import dataclasses
 
-    from conformance.checks.strategies import build_weights
-    from conformance.format.weights import MoEWeights
+    from dsv3_conformance.checks.strategies import build_weights
+    from dsv3_conformance.format.weights import MoEWeights
 
     def unbiased(layer):
         if not isinstance(layer.ffn, MoEWeights) or layer.ffn.gate.bias is None:
@@ -98,8 +98,8 @@ def train(config: ModelConfig, settings: TrainSettings, steps: int, seed: int = 
           trainer=None) -> dict:
     """Train from seed; per step the losses and MaxVio (worst MoE layer); the final held-out loss. `trainer`: one
     of the same config and settings to restart from the seed's weights (its compiled step is reused)."""
-    from impl.training import Trainer
-    from reference.training import max_violation
+    from dsv3_conformance.impl.training import Trainer
+    from dsv3_conformance.reference.training import max_violation
 
     train_stream, held_out = corpus()
     if trainer is None:
@@ -181,11 +181,11 @@ def fp8(steps: int, seed: int = 0) -> dict:
 
 
 def mtp(steps: int, seed: int = 0) -> dict:
-    from impl.training import export
+    from dsv3_conformance.impl.training import export
 
-    from conformance.backends import TF
-    from conformance.backends import greedy
-    from conformance.backends import speculative_generate
+    from dsv3_conformance.backends import TF
+    from dsv3_conformance.backends import greedy
+    from dsv3_conformance.backends import speculative_generate
 
     runs = {name: train(model_config(depth), TrainSettings(total_steps=steps), steps, seed, label=f"mtp: {name}")
             for name, depth in (("without MTP", 0), ("with two MTP modules", 2))}
@@ -216,7 +216,7 @@ def mtp(steps: int, seed: int = 0) -> dict:
 
 
 def plot(name: str, result: dict, path: Path) -> Path:
-    from conformance.report.plots import plt
+    from dsv3_conformance.report.plots import plt
 
     curves = result["curves"]
     panels = ["main", "max_violation"] if name == "balance" else ["main"] + (["mtp"] if name == "mtp" else [])

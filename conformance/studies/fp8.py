@@ -19,10 +19,10 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from reference.fp8 import fp8_gemm, quantize_activation, quantize_weight, to_e4m3
-from reference.fp8_accumulation import accumulate
+from dsv3_conformance.reference.fp8 import fp8_gemm, quantize_activation, quantize_weight, to_e4m3
+from dsv3_conformance.reference.fp8_accumulation import accumulate
 
-from conformance.metrics import rel_err
+from dsv3_conformance.metrics import rel_err
 
 KS = (128, 512, 2048, 8192)
 MODES = ("scaled_mm.slow", "scaled_mm.fast", "official_triton")
@@ -121,7 +121,7 @@ def granularity(seed: int = 0, tokens: int = 64, k: int = 1024, n: int = 256) ->
 
 
 def plot(curve: list[dict], grain: list[dict], explained: list[dict], path: Path) -> Path:
-    from conformance.report.plots import plt
+    from dsv3_conformance.report.plots import plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     ks = [row["K"] for row in curve]

@@ -1,6 +1,6 @@
 """The conformance suite's pytest plugin (entry point `pytest11`, name `dsv3_conformance`): its options (which
 backends, at which scale, what may be missing) and its verdict. It acts only on the suite's own tests (this
-package), so it is inert in any other pytest run of the environment; `pytest --pyargs conformance.suite` runs the
+package), so it is inert in any other pytest run of the environment; `pytest --pyargs dsv3_conformance.suite` runs the
 suite from anywhere.
 
 A check a backend could not run, in whole or in part, is skipped as not compared (conformance/suite/test_suite.py).
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from conformance.backends import DEFAULT_BACKENDS, Backend, resolve_backends
-from conformance.format.errors import BadInput
-from conformance.paths import GOLDEN_DIR
-from conformance.verdict import FAILED, INCOMPLETE, Missing, allowed, outcome, parse_allow
+from dsv3_conformance.backends import DEFAULT_BACKENDS, Backend, resolve_backends
+from dsv3_conformance.format.errors import BadInput
+from dsv3_conformance.paths import GOLDEN_DIR
+from dsv3_conformance.verdict import FAILED, INCOMPLETE, Missing, allowed, outcome, parse_allow
 
 NOT_COMPARED = "not_compared"
 SUITE = Path(__file__).resolve().parent
@@ -105,7 +105,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "oracle: needs torch and transformers (the oracle extra)")
     allow: tuple[str, ...] = ()
     if config.getoption("--allow-missing"):
-        from conformance.checks import CHECKS
+        from dsv3_conformance.checks import CHECKS
 
         known = set(CHECKS) | {key.split(":")[0] for key in CHECKS}
         try:

@@ -7,12 +7,12 @@ import dataclasses
 import numpy as np
 import pytest
 
-from conformance.backends import REFERENCE
-from conformance.checks.cross import expect_same_run
-from conformance.checks.scale import prompt_for
-from conformance.format.checkpoint import load_weights, open_checkpoint
-from conformance.format.config import load_config
-from conformance.format.weights import ModelWeights
+from dsv3_conformance.backends import REFERENCE
+from dsv3_conformance.checks.cross import expect_same_run
+from dsv3_conformance.checks.scale import prompt_for
+from dsv3_conformance.format.checkpoint import load_weights, open_checkpoint
+from dsv3_conformance.format.config import load_config
+from dsv3_conformance.format.weights import ModelWeights
 
 
 @pytest.mark.full

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from conformance.format.checkpoint import open_checkpoint
-from conformance.format.fp8 import E4M3_MAX
-from conformance.golden.manifest import verify
-from conformance.paths import GOLDEN_DIR
+from dsv3_conformance.format.checkpoint import open_checkpoint
+from dsv3_conformance.format.fp8 import E4M3_MAX
+from dsv3_conformance.golden.manifest import verify
+from dsv3_conformance.paths import GOLDEN_DIR
 
 
 def test_golden_files_match_manifest():

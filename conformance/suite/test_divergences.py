@@ -9,17 +9,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conformance.backends import REFERENCE
-from conformance.checks.strategies import build_weights
-from conformance.golden.divergences import DIVERGENCES
-from conformance.metrics import rel_err
-from conformance.tolerances import tolerance
+from dsv3_conformance.backends import REFERENCE
+from dsv3_conformance.checks.strategies import build_weights
+from dsv3_conformance.golden.divergences import DIVERGENCES
+from dsv3_conformance.metrics import rel_err
+from dsv3_conformance.tolerances import tolerance
 
 pytest.importorskip("torch", reason="the PyTorch oracle needs the oracle extra: pip install -e '.[oracle]'")
 pytest.importorskip("transformers", reason="the PyTorch oracle needs the oracle extra: pip install -e '.[oracle]'")
 pytestmark = pytest.mark.oracle
 
-from conformance.golden.oracle import OracleRunner  # noqa: E402  (after the skip: it imports torch lazily anyway)
+from dsv3_conformance.golden.oracle import OracleRunner  # noqa: E402  (after the skip: it imports torch lazily anyway)
 
 
 @pytest.mark.parametrize("divergence", [d for d in DIVERGENCES if d.example], ids=lambda d: d.key)
@@ -36,8 +36,8 @@ def test_known_divergence_still_exists(divergence):
 
 
 def test_oracle_refuses_diverging_configs():
-    from conformance.format.config import tiny_v2
-    from conformance.golden.oracle import OracleUnavailable
+    from dsv3_conformance.format.config import tiny_v2
+    from dsv3_conformance.golden.oracle import OracleUnavailable
 
     config = tiny_v2()
     with pytest.raises(OracleUnavailable, match="hf-ignores-scoring-func, hf-assumes-correction-bias"):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conformance.fullscale.synthetic import full_scale_config, write_synthetic
-from conformance.paths import ROOT
+from dsv3_conformance.fullscale.synthetic import full_scale_config, write_synthetic
+from dsv3_conformance.paths import ROOT
 
 MOE_LAYER_BOUND_GIB, STREAM_BOUND_GIB = 6.0, 12.0
 
@@ -33,8 +33,8 @@ def full_checkpoint(tmp_path_factory) -> Path:
 
 
 def _verify(folder: Path, out: Path, *args: str) -> list[dict]:
-    done = subprocess.run([sys.executable, "-m", "conformance.cli", "verify-checkpoint", str(folder), "--tokens", "16",
-                           "--backend", "tf", "--json", str(out), *args],
+    done = subprocess.run([sys.executable, "-m", "dsv3_conformance.cli", "verify-checkpoint", str(folder),
+                           "--tokens", "16", "--backend", "tf", "--json", str(out), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=6 * 3600, check=False)
     print(done.stdout[-6000:])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -12,9 +12,9 @@ import json
 
 import pytest
 
-from conformance.backends import Unsupported
-from conformance.checks import CHECKS
-from conformance.verdict import Incomplete, NotApplicable
+from dsv3_conformance.backends import Unsupported
+from dsv3_conformance.checks import CHECKS
+from dsv3_conformance.verdict import Incomplete, NotApplicable
 
 NOT_COMPARED = "not_compared"
 

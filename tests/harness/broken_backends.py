@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from conformance.backends import REFERENCE, Backend, Runner, StepOutput, Unsupported
-from conformance.format.mtp import MTPOptions
+from dsv3_conformance.backends import REFERENCE, Backend, Runner, StepOutput, Unsupported
+from dsv3_conformance.format.mtp import MTPOptions
 
 
 class Wrapper(Runner):

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import bench
-from benchmarks.peers import make_peer
-from conformance.paths import ROOT
+from dsv3_conformance.benchmarks import bench
+from dsv3_conformance.benchmarks.peers import make_peer
+from dsv3_conformance.paths import ROOT
 
 
 def test_the_ci_workload_runs_gated_and_writes_the_contract(tmp_path):
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "-m", "conformance.cli", "bench", "--workload", "tiny", "--gate",
+    done = subprocess.run([sys.executable, "-m", "dsv3_conformance.cli", "bench", "--workload", "tiny", "--gate",
                            "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     result = json.loads(out.read_text())
     assert {"workload", "results", "floors", "ratios", "steal_per_round"} <= set(result)
@@ -95,7 +95,7 @@ def test_every_peer_computes_the_same_model(peer, trimmed):
 @pytest.mark.parametrize("peers, named", [("tf,foo", "'foo'"), ("tf,official", "--official-repo")])
 def test_a_bad_peer_list_is_bad_input(peers, named, capsys):
     """Refused before anything is built: exit status 2, the message naming what the user wrote."""
-    from conformance.cli import main
+    from dsv3_conformance.cli import main
 
     assert main(["bench", "--workload", "tiny", "--peers", peers]) == 2
     assert named in capsys.readouterr().err
@@ -112,7 +112,7 @@ def test_the_peak_sampler_sees_a_transient_allocation():
 
 def test_work_counts_of_a_hand_counted_config():
     """Float32: 4 bytes for every parameter a step reads (all but the embedding and the unused experts)."""
-    from conformance.fullscale.params import count_parameters
+    from dsv3_conformance.fullscale.params import count_parameters
 
     config = bench.WORKLOADS["tiny"]["config"]
     weights = bench.bench_weights(config)
@@ -153,7 +153,7 @@ def test_fp8_weights_are_counted_as_stored():
 
 def test_a_benchmark_with_a_missed_gate_fails_its_command(monkeypatch, tmp_path, capsys):
     """benchmarks.timing.publish: the results are written either way; a missed gate makes the exit status 1."""
-    from benchmarks import timing
+    from dsv3_conformance.benchmarks import timing
 
     monkeypatch.setattr(timing, "RESULTS", tmp_path)
     rows = [{"case": "a", "ms": 1.0}]

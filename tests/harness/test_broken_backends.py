@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from conformance.cli import main
-from conformance.paths import GOLDEN_DIR
+from dsv3_conformance.cli import main
+from dsv3_conformance.paths import GOLDEN_DIR
 
 MODULE = "broken_backends"
 # (backend, golden case it is run on, check-golden's verdict, verify-checkpoint's verdict)

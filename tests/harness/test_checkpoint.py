@@ -9,18 +9,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conformance.format.checkpoint import (
-    CheckpointError,
-    hf_to_official,
-    load_weights,
-    official_to_hf,
-    open_checkpoint,
-    write_hf,
-    write_official,
-)
-from conformance.format.config import tiny, tiny_fp8
-from conformance.format.weights import expected_tensors
-from reference.synthetic import random_tensors
+from dsv3_conformance.format.checkpoint import (CheckpointError, hf_to_official, load_weights, official_to_hf,
+                                                open_checkpoint, write_hf, write_official)
+from dsv3_conformance.format.config import tiny, tiny_fp8
+from dsv3_conformance.format.weights import expected_tensors
+from dsv3_conformance.reference.synthetic import random_tensors
 
 FLOAT = tiny(n_mtp_layers=1)
 # Widths whose model-parallel halves stay aligned to 128x128 scale blocks.
@@ -74,7 +67,7 @@ def test_official_layout_round_trip_is_bitwise_without_mtp(tmp_path, model, mp):
 def test_official_files_split_and_place_tensors_as_spec_section_9(tmp_path):
     config, tensors = FLOAT, random_tensors(FLOAT, seed=1)
     write_official(tmp_path, tensors, config, mp=2)
-    from conformance.format.safetensors_io import SafetensorsFile
+    from dsv3_conformance.format.safetensors_io import SafetensorsFile
 
     first, second = (SafetensorsFile(tmp_path / f"model{i}-mp2.safetensors") for i in range(2))
     assert first.tensors["embed.weight"].shape == (config.vocab_size // 2, config.dim)
@@ -288,7 +281,7 @@ def test_unaligned_fp8_split_is_refused(tmp_path):
 
 def test_expected_tensor_count_of_the_671b_model():
     """Counted from the structure in SEMANTICS.md sections 1 and 4: 61 layers (3 dense) + 1 MTP module, fp8 scales."""
-    from conformance.format.config import deepseek_v3_671b
+    from dsv3_conformance.format.config import deepseek_v3_671b
 
     specs = expected_tensors(deepseek_v3_671b())
     attention = 2 * 5 + 2  # q_a, q_b, kv_a, kv_b, o (weight + scale each), q_a and kv_a norms

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conformance.cli import main
-from conformance.format.safetensors_io import read_all, write_safetensors
-from conformance.golden.manifest import verify
+from dsv3_conformance.cli import main
+from dsv3_conformance.format.safetensors_io import read_all, write_safetensors
+from dsv3_conformance.golden.manifest import verify
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden"
 TINY = GOLDEN / "official" / "v3-tiny"
@@ -147,8 +147,8 @@ def test_a_passing_tf_check_prints_nothing_tensorflow_internal_on_stderr():
     import sys
 
     environment = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
-    command = [sys.executable, "-m", "conformance.cli", "check-golden", str(TINY.parent.parent / "oracle" / "q-lora-0"),
-               "--backend", "tf"]
+    command = [sys.executable, "-m", "dsv3_conformance.cli", "check-golden",
+               str(TINY.parent.parent / "oracle" / "q-lora-0"), "--backend", "tf"]
     done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600, check=False)
     assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1].startswith("PASSED")

@@ -7,20 +7,10 @@ import re
 
 import pytest
 
-from conformance.format.config import (
-    ConfigError,
-    deepseek_v3_671b,
-    from_dict,
-    from_hf_dict,
-    from_official_dict,
-    load_config,
-    preset,
-    tiny,
-    to_hf_dict,
-    to_official_dict,
-)
-from reference.moe import normalizes_topk
-from reference.rope import yarn_active
+from dsv3_conformance.format.config import (ConfigError, deepseek_v3_671b, from_dict, from_hf_dict, from_official_dict,
+                                            load_config, preset, tiny, to_hf_dict, to_official_dict)
+from dsv3_conformance.reference.moe import normalizes_topk
+from dsv3_conformance.reference.rope import yarn_active
 
 # inference/configs/config_671B.json of the official repository (SEMANTICS.md section 1, official column).
 OFFICIAL_671B = {"vocab_size": 129280, "dim": 7168, "inter_dim": 18432, "moe_inter_dim": 2048, "n_layers": 61,
@@ -159,7 +149,7 @@ def test_rope_theta_given_twice_must_agree():
 def test_omitted_fields_take_transformers_defaults():
     """HF_DEFAULTS against the installed transformers' DeepseekV3Config (an independent source)."""
     transformers = pytest.importorskip("transformers")
-    from conformance.format.config import HF_DEFAULTS
+    from dsv3_conformance.format.config import HF_DEFAULTS
 
     theirs = transformers.DeepseekV3Config()
     for field, value in HF_DEFAULTS.items():

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conformance.cli import main
-from conformance.format.safetensors_io import SafetensorsFile, read_all, write_safetensors
-from conformance.paths import GOLDEN_DIR, ROOT
+from dsv3_conformance.cli import main
+from dsv3_conformance.format.safetensors_io import SafetensorsFile, read_all, write_safetensors
+from dsv3_conformance.paths import GOLDEN_DIR, ROOT
 
 TINY = GOLDEN_DIR / "official" / "v3-tiny"
 
@@ -122,7 +122,7 @@ def test_a_huge_context_does_not_allocate_a_huge_cache(case):
     # The child reports its own peak from /proc (VmHWM, the high-water mark of its own address space). Not
     # ru_maxrss: Linux carries the parent's peak across fork and exec into it, so a child of a pytest worker that
     # grew to 10 GB reports 10 GB however little the child itself used.
-    program = ("import re, sys\nfrom pathlib import Path\nfrom conformance.cli import main\n"
+    program = ("import re, sys\nfrom pathlib import Path\nfrom dsv3_conformance.cli import main\n"
                "status = main(sys.argv[1:])\n"
                "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', Path('/proc/self/status').read_text())[1]\n"
                "print('peak_kib', hwm, file=sys.stderr)\nsys.exit(status)")
@@ -185,7 +185,8 @@ def test_an_unwritable_json_path_is_bad_input(case, capsys, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["check-golden", TINY, "--backend", "nosuch"], "unknown backend 'nosuch'"),
     (["check-golden", TINY, "--backend", "nosuch.module:BACKEND"], "cannot import module 'nosuch.module'"),
-    (["check-golden", TINY, "--backend", "conformance.backends:BUILTIN"], "is a dict, not a conformance.backends.Backend"),
+    (["check-golden", TINY, "--backend", "dsv3_conformance.backends:BUILTIN"],
+     "is a dict, not a dsv3_conformance.backends.Backend"),
     (["generate", TINY, "--prompt", "1,x"], "--prompt takes comma-separated integer token ids"),
     (["generate", TINY, "--prompt", "1,9999", "--backend", "reference"], "token id 9999 at [0, 1] is outside"),
     (["mutants", "--mutant", "no-such-mutant"], "unknown mutant(s) ['no-such-mutant']"),
@@ -198,7 +199,7 @@ def test_bad_arguments_are_bad_input(capsys, args, message):
 
 def test_a_crashing_backend_is_an_internal_error(capsys, monkeypatch, tmp_path):
     module = tmp_path / "crashing_backend.py"
-    module.write_text("from conformance.backends import Backend\n"
+    module.write_text("from dsv3_conformance.backends import Backend\n"
                       "def runner(*args):\n    raise RuntimeError('boom')\n"
                       "BACKEND = Backend('crashing', runner)\n")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conformance.studies import experiments
+from dsv3_conformance.studies import experiments
 
 
 def test_the_corpus_is_the_standard_library_as_bytes():

@@ -14,15 +14,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance.ep.placement import contiguous, with_redundancy
-from conformance.report.expert_parallel import routing_671b, traffic_rows
-from conformance.ep.traffic import Topology, formula, nodes_per_token, plan
-from conformance.paths import ROOT
+from dsv3_conformance.ep.placement import contiguous, with_redundancy
+from dsv3_conformance.report.expert_parallel import routing_671b, traffic_rows
+from dsv3_conformance.ep.traffic import Topology, formula, nodes_per_token, plan
+from dsv3_conformance.paths import ROOT
 
 
 def _run(*args, timeout=900) -> dict:
-    done = subprocess.run([sys.executable, "-m", "conformance.ep.properties", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    done = subprocess.run([sys.executable, "-m", "dsv3_conformance.ep.properties", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 
@@ -107,7 +107,7 @@ def test_the_float32_e4m3_rounding_equals_the_cast():
     bit for bit on every e4m3 value, every midpoint and its float32 neighbours, saturating values, zero and NaN."""
     import tensorflow as tf
 
-    from impl.fp8 import e4m3_grid, to_e4m3
+    from dsv3_conformance.impl.fp8 import e4m3_grid, to_e4m3
 
     values = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
     finite = np.unique(values[np.isfinite(values)])
@@ -122,8 +122,8 @@ def test_the_float32_e4m3_rounding_equals_the_cast():
 
 _GOLDEN = """
 import json, sys
-from conformance.golden.cases import GoldenCase, check_case
-from conformance.golden.manifest import case_dirs
+from dsv3_conformance.golden.cases import GoldenCase, check_case
+from dsv3_conformance.golden.manifest import case_dirs
 rows = []
 for path in case_dirs("golden"):
     result = check_case(GoldenCase.load(path), "tf-ep")

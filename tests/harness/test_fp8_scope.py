@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.fp8_flips import measure
-from conformance.cli import main
-from conformance.format.errors import BadInput
-from conformance.format.numerics import Numerics
-from conformance.metrics import Comparison
-from conformance.tolerances import Tolerance
+from dsv3_conformance.benchmarks.fp8_flips import measure
+from dsv3_conformance.cli import main
+from dsv3_conformance.format.errors import BadInput
+from dsv3_conformance.format.numerics import Numerics
+from dsv3_conformance.metrics import Comparison
+from dsv3_conformance.tolerances import Tolerance
 
 FP8_ACT = Path(__file__).resolve().parents[2] / "golden" / "official" / "v3-tiny-fp8-act"
 ATTENTION_AND_FFN = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj", "o_proj", "dense_ffn",

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conformance.cli import main
-from conformance.format.config import deepseek_v3_671b, load_config
-from conformance.fullscale.integrity import check_integrity
-from conformance.fullscale.params import PUBLISHED, count_parameters
-from conformance.fullscale.synthetic import ci_scale_config, shard_plan, write_synthetic
-from conformance.format.weights import expected_tensors
-from conformance.paths import ROOT
+from dsv3_conformance.cli import main
+from dsv3_conformance.format.config import deepseek_v3_671b, load_config
+from dsv3_conformance.fullscale.integrity import check_integrity
+from dsv3_conformance.fullscale.params import PUBLISHED, count_parameters
+from dsv3_conformance.fullscale.synthetic import ci_scale_config, shard_plan, write_synthetic
+from dsv3_conformance.format.weights import expected_tensors
+from dsv3_conformance.paths import ROOT
 
 EXPERT = "model.layers.3.mlp.experts.5.up_proj.weight"
 
@@ -49,7 +49,7 @@ def test_the_released_parameter_counts_are_reproduced():
 
 def test_parameters_of_a_hand_counted_config():
     """tiny: 2 layers (1 dense), dim 64, 8 experts of width 32, k = 2."""
-    from conformance.format.config import tiny
+    from dsv3_conformance.format.config import tiny
 
     config = tiny(n_mtp_layers=0)
     counts = count_parameters(config)
@@ -178,8 +178,8 @@ def test_the_command_exit_status_follows_the_contract(copy, capsys):
 
 def test_numeric_mode_verifies_every_layer_with_only_the_needed_experts(synthetic, tmp_path):
     out = tmp_path / "result.json"
-    done = subprocess.run([sys.executable, "-m", "conformance.cli", "verify-checkpoint", str(synthetic), "--layers",
-                           "all", "--tokens", "16", "--backend", "tf", "--json", str(out)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "dsv3_conformance.cli", "verify-checkpoint", str(synthetic),
+                           "--layers", "all", "--tokens", "16", "--backend", "tf", "--json", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())["layers"]

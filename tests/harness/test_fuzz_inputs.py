@@ -19,12 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conformance.format.config import from_hf_dict, from_official_dict, tiny, to_hf_dict
-from conformance.format.errors import BadInput
-from conformance.format.safetensors_io import DTYPES, library_refusal, read_all, write_safetensors
-from conformance.golden.cases import GoldenCase, check_case
-from conformance.golden.manifest import sha256, verify
-from conformance.paths import GOLDEN_DIR
+from dsv3_conformance.format.config import from_hf_dict, from_official_dict, tiny, to_hf_dict
+from dsv3_conformance.format.errors import BadInput
+from dsv3_conformance.format.safetensors_io import DTYPES, library_refusal, read_all, write_safetensors
+from dsv3_conformance.golden.cases import GoldenCase, check_case
+from dsv3_conformance.golden.manifest import sha256, verify
+from dsv3_conformance.paths import GOLDEN_DIR
 
 MEMORY_BOUND = 256 << 20
 FUZZ = settings(deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

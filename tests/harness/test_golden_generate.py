@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conformance.format.safetensors_io import read_all
-from conformance.golden.generate import ORACLE_CASES, generate_case
-from conformance.metrics import rel_err
+from dsv3_conformance.format.safetensors_io import read_all
+from dsv3_conformance.golden.generate import ORACLE_CASES, generate_case
+from dsv3_conformance.metrics import rel_err
 
 pytest.importorskip("transformers", reason="golden generation needs the oracle extra")
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 from hf_models import THETA, save_tiny_hf  # noqa: E402
 
-from conformance.cli import main  # noqa: E402
+from dsv3_conformance.cli import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def made(tmp_path_factory):
     golden = tmp_path_factory.mktemp("golden")
     for producer in ("hf", "reference"):
         assert main(["golden", "make", str(golden / producer), "--checkpoint", str(checkpoint), "--producer", producer,
-                     "--random", "2,8", "--steps", "4", "--layers", "all"]) == 0
+                     "--random", "2,8", "--steps", "4", "--layers", "all", "--positions", "0,3,-1"]) == 0
     return checkpoint, golden
 
 
@@ -35,7 +35,27 @@ def test_a_made_case_passes_on_both_backends(made, producer, backend, capsys):
     _, golden = made
     assert main(["check-golden", str(golden / producer), "--backend", backend]) == 0
     out = capsys.readouterr().out
-    assert "PASSED: 9 tensors" in out and "prefill.layer.2.hidden" in out and "tokens.decoded" in out
+    assert "PASSED: 12 tensors" in out and "prefill.layer.2.hidden" in out and "tokens.decoded" in out
+    assert "prefill.position.0.logits" in out and "prefill.position.3.logits" in out
+
+
+def test_chosen_positions_are_the_producer_s_logits_there(made):
+    """-1 is the last position: its recorded logits are the producer's last-position logits, bit for bit."""
+    from dsv3_conformance.format.safetensors_io import read_all
+
+    _, golden = made
+    expected = read_all(golden / "hf" / "expected.safetensors")
+    assert sorted(name for name in expected if name.startswith("prefill.position.")) == [
+        "prefill.position.0.logits", "prefill.position.3.logits", "prefill.position.7.logits"]
+    assert (expected["prefill.position.7.logits"] == expected["prefill.logits_last"]).all()
+    assert not (expected["prefill.position.0.logits"] == expected["prefill.logits_last"]).all()
+
+
+def test_a_position_outside_the_prompt_is_bad_input(made, tmp_path, capsys):
+    checkpoint, _ = made
+    assert main(["golden", "make", str(tmp_path / "case"), "--checkpoint", str(checkpoint), "--producer",
+                 "reference", "--random", "1,4", "--steps", "0", "--positions", "4"]) == 2
+    assert "--positions [4]" in capsys.readouterr().err
 
 
 def test_the_case_records_its_provenance_and_the_manifest_covers_it(made):

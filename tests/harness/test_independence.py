@@ -16,15 +16,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from project_names import NAMES, module_of, part_of
 
 ROOT = Path(__file__).resolve().parents[2]
 THIRD_PARTY = {"numpy", "ml_dtypes"}
-ALLOWED = {"impl": THIRD_PARTY | {"tensorflow", "impl"}, "reference": THIRD_PARTY | {"reference"}}
+ALLOWED = {"impl": THIRD_PARTY | {"tensorflow", "impl", "format"}, "reference": THIRD_PARTY | {"reference", "format"}}
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
     """(line, absolute module) of every import in `path`; relative imports resolved against its package."""
-    package = path.parent.relative_to(ROOT).as_posix().replace("/", ".")
+    package = module_of(path.parent / "__init__.py", ROOT)
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -42,10 +43,8 @@ def violations(package: str) -> list[str]:
     problems = []
     for path in sorted((ROOT / package).rglob("*.py")):
         for line, module in imported_modules(path):
-            top = module.split(".")[0]
-            if top in ALLOWED[package] or top in sys.stdlib_module_names or top == "__future__":
-                continue
-            if module == "conformance.format" or module.startswith("conformance.format."):
+            part = part_of(module)
+            if part in ALLOWED[package] or part in sys.stdlib_module_names or part == "__future__":
                 continue
             problems.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
     return problems
@@ -61,24 +60,25 @@ def test_the_rule_catches_reference_math_in_impl(tmp_path, monkeypatch):
     """The check itself can fail: a planted import of the reference's RoPE is reported."""
     fake_root = tmp_path / "root"
     (fake_root / "impl").mkdir(parents=True)
-    (fake_root / "impl" / "rope.py").write_text("from reference.rope import rotation_angles\nimport tensorflow\n")
+    (fake_root / "impl" / "rope.py").write_text(
+        "from dsv3_conformance.reference.rope import rotation_angles\nimport tensorflow\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", fake_root)
-    assert violations("impl") == ["impl/rope.py:1 imports reference.rope"]
+    assert violations("impl") == ["impl/rope.py:1 imports dsv3_conformance.reference.rope"]
 
 
 def test_the_format_layer_holds_no_backend():
     """conformance/format/ itself imports neither backend (else the backends would share through it)."""
     problems = [f"{path.relative_to(ROOT)}:{line} imports {module}"
                 for path in sorted((ROOT / "conformance" / "format").rglob("*.py"))
-                for line, module in imported_modules(path) if module.split(".")[0] in ("reference", "impl")]
+                for line, module in imported_modules(path) if part_of(module) in ("reference", "impl")]
     assert not problems, problems
 
 
 _RUN = """
 import importlib, json, pkgutil, sys
 import numpy as np
-from conformance.format.config import tiny
-from conformance.format.weights import assemble
+from dsv3_conformance.format.config import tiny
+from dsv3_conformance.format.weights import assemble
 
 package = importlib.import_module(PACKAGE)
 for info in pkgutil.walk_packages(package.__path__, PACKAGE + "."):
@@ -91,18 +91,19 @@ model = importlib.import_module(PACKAGE + ".model").Transformer(config, weights)
 model.prefill(np.arange(8).reshape(2, 4))
 model.decode(np.array([1, 2]))
 model.mtp(np.array([[3], [4]]))
-print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+print(json.dumps(sorted(sys.modules)))
 """
 
 
 def loaded_by(package: str, extra: str = "") -> set[str]:
-    """Top-level packages loaded by a fresh Python that imports every module of `package` and runs a model with MTP
-    through it (prefill, decode, the MTP module), after running `extra`."""
-    code = _RUN.replace("PACKAGE", repr(package)).replace("EXTRA", extra)
+    """The parts of the project (reference, impl, format, harness) and the outside packages loaded by a fresh
+    Python that imports every module of `package` and runs a model with MTP through it (prefill, decode, the MTP
+    module), after running `extra`."""
+    code = _RUN.replace("PACKAGE", repr(NAMES[package])).replace("EXTRA", extra)
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+    return {part_of(name) for name in json.loads(done.stdout.strip().splitlines()[-1])}
 
 
 @pytest.mark.parametrize("package, foreign", [("impl", {"reference"}), ("reference", {"impl", "tensorflow"})])
@@ -111,5 +112,7 @@ def test_a_running_backend_holds_no_module_of_the_other(package, foreign):
 
 
 def test_the_run_time_rule_catches_an_import_no_parser_sees():
-    """importlib.import_module("reference" + ".rope") in impl/ passes the static rule; at run time it is seen."""
-    assert "reference" in loaded_by("impl", 'importlib.import_module("reference" + ".rope")')
+    """importlib.import_module(".".join(...)) of the reference's RoPE in impl/ passes the static rule; at run time
+    it is seen."""
+    planted = 'importlib.import_module(".".join(["dsv3_conformance", "reference", "rope"]))'
+    assert "reference" in loaded_by("impl", planted)

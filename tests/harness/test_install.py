@@ -1,5 +1,5 @@
 """A non-editable install works from any folder: the shipped golden cases are package data, the commands find
-them, and the suite runs as a pytest plugin (`pytest --pyargs conformance.suite`)."""
+them, and the suite runs as a pytest plugin (`pytest --pyargs dsv3_conformance.suite`)."""
 
 from __future__ import annotations
 
@@ -43,20 +43,20 @@ def test_the_installed_commands_find_the_shipped_cases(installed):
     target = installed[0]
     shipped = target / "conformance" / "golden" / "shipped"
     assert (shipped / "manifest.json").is_file()
-    located = _run(installed, "-c", "import conformance.paths as p; print(p.GOLDEN_DIR)")
+    located = _run(installed, "-c", "import dsv3_conformance.paths as p; print(p.GOLDEN_DIR)")
     assert located.stdout.strip() == str(shipped), located.stderr[-2000:]
-    verified = _run(installed, "-m", "conformance", "golden", "verify")
+    verified = _run(installed, "-m", "dsv3_conformance", "golden", "verify")
     assert verified.returncode == 0 and "match the manifest" in verified.stdout, verified.stderr[-2000:]
-    checked = _run(installed, "-m", "conformance", "check-golden", str(shipped / "official" / "v3-tiny"))
+    checked = _run(installed, "-m", "dsv3_conformance", "check-golden", str(shipped / "official" / "v3-tiny"))
     assert checked.returncode == 0 and "PASSED" in checked.stdout, (checked.stdout + checked.stderr)[-2000:]
-    report = _run(installed, "-m", "conformance", "report", "--backend", "reference", "--sections", "none",
+    report = _run(installed, "-m", "dsv3_conformance", "report", "--backend", "reference", "--sections", "none",
                   "--out", str(installed[1] / "report"))
     assert report.returncode == 0, (report.stdout + report.stderr)[-2000:]
     assert (installed[1] / "report" / "report.html").is_file()
 
 
 def test_the_suite_runs_as_a_plugin_from_elsewhere(installed):
-    done = _run(installed, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "conformance.suite",
+    done = _run(installed, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "dsv3_conformance.suite",
                 "--backend", "reference", "-k", "golden and official/v3-tiny]")
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert "dsv3-conformance coverage" in done.stdout and "PASSED" in done.stdout

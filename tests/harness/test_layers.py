@@ -8,17 +8,13 @@ import ast
 import sys
 from pathlib import Path
 
+from project_names import NAMES, NAMESPACE, module_of, part_of
+
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("conformance", "reference", "impl", "benchmarks")
 
 
 def modules(root: Path = ROOT) -> dict[str, Path]:
-    found = {}
-    for package in PACKAGES:
-        for path in (root / package).rglob("*.py"):
-            parts = path.relative_to(root).with_suffix("").parts
-            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return found
+    return {module_of(path, root): path for folder in NAMES for path in (root / folder).rglob("*.py")}
 
 
 def imports(found: dict[str, Path]) -> dict[str, set[str]]:
@@ -43,11 +39,12 @@ def imports(found: dict[str, Path]) -> dict[str, set[str]]:
 
 def floor(module: str) -> int:
     """0 format, 1 backends, 2 harness, 3 tools."""
-    if module.startswith("conformance.format"):
+    part = part_of(module)
+    if part == "format":
         return 0
-    if module.split(".")[0] in ("reference", "impl"):
+    if part in ("reference", "impl"):
         return 1
-    if module.startswith("benchmarks") or module in ("conformance.cli", "conformance.__main__"):
+    if part == "benchmarks" or module in (f"{NAMESPACE}.cli", f"{NAMESPACE}.__main__"):
         return 3
     return 2
 
@@ -103,21 +100,21 @@ def test_the_rules_can_fail(tmp_path):
     for package in ("conformance", "conformance/format", "reference", "impl", "benchmarks"):
         (tmp_path / package).mkdir(exist_ok=True)
         (tmp_path / package / "__init__.py").write_text("")
-    (tmp_path / "conformance" / "format" / "config.py").write_text("from conformance.verdict import outcome\n")
-    (tmp_path / "conformance" / "verdict.py").write_text("def outcome():\n    from conformance import metrics\n")
-    (tmp_path / "conformance" / "metrics.py").write_text("from conformance.verdict import outcome\n")
+    (tmp_path / "conformance" / "format" / "config.py").write_text("from dsv3_conformance.verdict import outcome\n")
+    (tmp_path / "conformance" / "verdict.py").write_text("def outcome():\n    from dsv3_conformance import metrics\n")
+    (tmp_path / "conformance" / "metrics.py").write_text("from dsv3_conformance.verdict import outcome\n")
     graph = imports(modules(tmp_path))
-    assert upward(graph) == ["conformance.format.config imports conformance.verdict"]
-    assert circles(graph) == [["conformance.metrics", "conformance.verdict"]]
+    assert upward(graph) == ["dsv3_conformance.format.config imports dsv3_conformance.verdict"]
+    assert circles(graph) == [["dsv3_conformance.metrics", "dsv3_conformance.verdict"]]
 
 
 def test_a_backend_loads_no_harness_at_run_time():
-    """Importing both backends in a fresh process loads `conformance.format` and nothing else of `conformance`."""
+    """Importing both backends in a fresh process loads the format layer and nothing else of the harness."""
     import subprocess
 
-    code = ("import sys, reference.model, impl.model\n"
-            "print(sorted(m for m in sys.modules if m.startswith('conformance')"
-            " and m != 'conformance' and not m.startswith('conformance.format')))")
+    code = ("import sys, dsv3_conformance.reference.model, dsv3_conformance.impl.model\n"
+            "print(sorted(m for m in sys.modules if m.startswith('dsv3_conformance.') and m.split('.')[1]"
+            " not in ('format', 'reference', 'impl')))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from conformance.cli import main
-from conformance.golden.manifest import ManifestError, verify
-from conformance.paths import GOLDEN_DIR
+from dsv3_conformance.cli import main
+from dsv3_conformance.golden.manifest import ManifestError, verify
+from dsv3_conformance.paths import GOLDEN_DIR
 
 
 @pytest.fixture()

@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 
-from conformance.cli import main
-from conformance.format.errors import BadInput
-from conformance.format.mtp import MTPOptions
-from conformance.format.safetensors_io import read_all
-from conformance.paths import GOLDEN_DIR
-from reference.training import mtp_loss
+from dsv3_conformance.cli import main
+from dsv3_conformance.format.errors import BadInput
+from dsv3_conformance.format.mtp import MTPOptions
+from dsv3_conformance.format.safetensors_io import read_all
+from dsv3_conformance.paths import GOLDEN_DIR
+from dsv3_conformance.reference.training import mtp_loss
 
 MTP_CASE = GOLDEN_DIR / "official" / "v3-tiny-mtp"
 

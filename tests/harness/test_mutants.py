@@ -7,19 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from conformance.backends import REFERENCE
-from conformance.checks import CHECKS
-from conformance.mutation.catalogue import CATALOGUE, CONTROL, HISTORICAL, Mutant, Patch
-from conformance.mutation.planting import NotApplicable, replaced
-from conformance.mutation.runner import (
-    CheckRun,
-    MutantRun,
-    Session,
-    classify,
-    plant_and_run,
-    plant_in_turn,
-    run_check,
-)
+from dsv3_conformance.backends import REFERENCE
+from dsv3_conformance.checks import CHECKS
+from dsv3_conformance.mutation.catalogue import CATALOGUE, CONTROL, HISTORICAL, Mutant, Patch
+from dsv3_conformance.mutation.planting import NotApplicable, replaced
+from dsv3_conformance.mutation.runner import (CheckRun, MutantRun, Session, classify, plant_and_run, plant_in_turn,
+                                              run_check)
 
 
 def test_catalogue_covers_the_historical_bugs_and_has_controls():
@@ -34,7 +27,7 @@ def test_catalogue_covers_the_historical_bugs_and_has_controls():
 
 
 def test_every_named_check_exists():
-    from conformance.checks import CHECKS
+    from dsv3_conformance.checks import CHECKS
 
     missing = {(m.key, key) for m in CATALOGUE for key in m.checks if key not in CHECKS}
     assert not missing
@@ -108,7 +101,7 @@ def _groups():
     one fingerprint per probe section), as `dsv3-conformance mutants` runs it: the reference's mutants, and the tf
     backend's in three groups of about equal cost (the model's semantics; fp8 and MTP; its native kernel, training
     step and distributed parts)."""
-    from conformance.mutation.probe import sections_of
+    from dsv3_conformance.mutation.probe import sections_of
 
     def reaches(mutant) -> set[str]:
         return set(sections_of(p.target.split(":")[0] for p in mutant.patches))
@@ -143,7 +136,7 @@ def test_every_mutant_is_killed_by_an_assertion_and_every_control_survives(backe
 
 
 def test_a_killed_mutant_needs_no_probe_and_an_unprobed_survivor_is_an_error():
-    from conformance.mutation.runner import SEEN_BY_A_CHECK
+    from dsv3_conformance.mutation.runner import SEEN_BY_A_CHECK
 
     killed = classify(_REAL, _run(CheckRun("a", "failed", "rel_err 0.3"), changed=SEEN_BY_A_CHECK), _PASSED)
     assert killed.verdict == "killed"

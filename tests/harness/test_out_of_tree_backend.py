@@ -1,7 +1,7 @@
 """A backend that lives outside the harness runs through the suite, check-golden and report by name.
 
 tests/harness/out_of_tree/dsv3_hf_backend.py wraps transformers' DeepseekV3ForCausalLM. It is registered the way
-a user's package would be: an entry point of group `dsv3_conformance.backends`, here declared by a
+a user's package would be: an entry point of group `conformance.backends`, here declared by a
 distribution's metadata folder put on the path, so that nothing of the harness is edited.
 """
 
@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conformance.paths import ROOT
+from dsv3_conformance.paths import ROOT
 
 pytest.importorskip("transformers", reason="the example backend wraps transformers (the oracle extra)")
 PLUGIN = ROOT / "tests" / "harness" / "out_of_tree"
@@ -43,8 +43,8 @@ def _run(environment, *args, timeout=900):
 def test_check_golden_runs_it_by_module_path(environment, tmp_path):
     """transformers has no separate naive attention form: INCOMPLETE (exit 1) until that part is allowed."""
     out = tmp_path / "result.json"
-    command = ["-m", "conformance.cli", "check-golden", "golden/official/v3-tiny", "--backend", "dsv3_hf_backend:BACKEND",
-               "--json", str(out)]
+    command = ["-m", "dsv3_conformance.cli", "check-golden", "golden/official/v3-tiny",
+               "--backend", "dsv3_hf_backend:BACKEND", "--json", str(out)]
     done = _run(environment, *command)
     assert done.returncode == 1 and done.stdout.strip().splitlines()[-1] == (
         "INCOMPLETE: 17 tensors within tolerance; 1 not compared (naive): allow them with --allow-missing naive"), \
@@ -59,7 +59,7 @@ def test_check_golden_runs_it_by_module_path(environment, tmp_path):
 def test_the_suite_and_the_report_run_it_by_entry_point_name(environment, tmp_path):
     """The report runs the suite as `pytest conformance/ --backend hf-transformers` (conformance.report.build.run_suite)
     and records every test's outcome and message: one run shows both taking the backend by its entry-point name."""
-    done = _run(environment, "-m", "conformance.cli", "report", "golden", "--backend", "hf-transformers",
+    done = _run(environment, "-m", "dsv3_conformance.cli", "report", "golden", "--backend", "hf-transformers",
                 "--suite", "--sections", "none", "--out", str(tmp_path), "--allow-missing", ALLOWED)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())

@@ -11,21 +11,15 @@ import sys
 
 import pytest
 
-from conformance.cli import main
-from conformance.paths import GOLDEN_DIR, ROOT
-from conformance.backends import TF
-from conformance.checks.isolated import run_isolated
-from conformance.pipeline.execution import STANDARD_RUNS, cosine_difference
-from conformance.pipeline.schedules import METHODS, ScheduleError, generate
-from conformance.pipeline.simulator import Deadlock, Times, bubble_formula, simulate
-from conformance.pipeline.static import (
-    check_links,
-    check_memory,
-    check_order,
-    check_schedule,
-    check_zero_bubble,
-    peak_activations,
-)
+from dsv3_conformance.cli import main
+from dsv3_conformance.paths import GOLDEN_DIR, ROOT
+from dsv3_conformance.backends import TF
+from dsv3_conformance.checks.isolated import run_isolated
+from dsv3_conformance.pipeline.execution import STANDARD_RUNS, cosine_difference
+from dsv3_conformance.pipeline.schedules import METHODS, ScheduleError, generate
+from dsv3_conformance.pipeline.simulator import Deadlock, Times, bubble_formula, simulate
+from dsv3_conformance.pipeline.static import (check_links, check_memory, check_order, check_schedule, check_zero_bubble,
+                                              peak_activations)
 
 OFFICIAL = json.loads((GOLDEN_DIR / "official" / "dualpipe-schedules" / "schedules.json").read_text())
 SIZES = [(2, 4), (2, 6), (4, 8), (4, 10), (4, 20), (6, 12), (6, 18), (8, 16), (8, 20)]
@@ -155,7 +149,7 @@ def test_the_cosine_difference_is_the_examples():
 def test_the_executor_equals_the_sequential_step():
     """DualPipe and DualPipeV on 2 and 4 logical CPU devices (and 1F1B, ZB1P): losses and outputs bit for bit,
     gradients within a cosine difference of 1e-13."""
-    rows = run_isolated("conformance.pipeline.execution", TF)
+    rows = run_isolated("dsv3_conformance.pipeline.execution", TF)
     assert {(r["method"], r["ranks"]) for r in rows} == {(m, r) for m, r, _ in STANDARD_RUNS}
     failed = [r for r in rows if r["status"] != "pass"]
     assert not failed, failed
@@ -163,9 +157,9 @@ def test_the_executor_equals_the_sequential_step():
 
 _BROKEN = """
 import sys
-import impl.pipeline as pipeline
-from conformance.pipeline import execution
-from impl.devices import logical_cpus
+import dsv3_conformance.impl.pipeline as pipeline
+from dsv3_conformance.pipeline import execution
+from dsv3_conformance.impl.devices import logical_cpus
 devices = logical_cpus(4)
 if sys.argv[1] == "no-copy-sum":  # each stage's gradient from one of its two copies only
     pipeline._stage_grads = lambda method, ranks, state: [tuple(g.numpy() for g in held.grads[0]) for held in state]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conformance.report.build import build_report
+from dsv3_conformance.report.build import build_report
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,8 +59,8 @@ def test_report_fails_on_a_tampered_golden_file(tmp_path):
 
 
 def test_plugin_records_one_line_per_test_with_its_comparisons(tmp_path):
-    command = [sys.executable, "-m", "pytest", "conformance/suite/test_suite.py", "-q", "-p", "conformance.report.plugin",
-               "--results-dir", str(tmp_path), "--backend", "reference", "-k", "golden:official/v3-tiny-fp8 and not fp8-act",
+    command = [sys.executable, "-m", "pytest", "conformance/suite/test_suite.py", "-q",
+               "-p", "dsv3_conformance.report.plugin", "--results-dir", str(tmp_path), "--backend", "reference", "-k", "golden:official/v3-tiny-fp8 and not fp8-act",
                "-p", "no:cacheprovider"]
     assert subprocess.run(command, cwd=ROOT, capture_output=True).returncode == 0
     lines = [json.loads(line) for path in tmp_path.glob("*.jsonl") for line in path.read_text().splitlines()]
@@ -128,7 +128,7 @@ def test_a_malformed_table_is_caught():
 
 
 def test_a_failure_message_is_bounded():
-    from conformance.suite.test_suite import BOUND, _bound
+    from dsv3_conformance.suite.test_suite import BOUND, _bound
 
     error = AssertionError("x" * 10 * BOUND)
     error.add_note("Falsifying example: check(weights=" + "1.0, " * 5 * BOUND + ")")

@@ -10,13 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conformance.format.safetensors_io import (
-    SafetensorsError,
-    SafetensorsFile,
-    library_refusal,
-    read_all,
-    write_safetensors,
-)
+from dsv3_conformance.format.safetensors_io import (SafetensorsError, SafetensorsFile, library_refusal, read_all,
+                                                    write_safetensors)
 
 
 def _arrays():

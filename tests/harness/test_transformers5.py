@@ -28,7 +28,7 @@ def saved(tmp_path_factory):
 
 
 def _generate(folder, backend, *extra):
-    done = subprocess.run([sys.executable, "-m", "conformance", "generate", str(folder), "--backend", backend,
+    done = subprocess.run([sys.executable, "-m", "dsv3_conformance", "generate", str(folder), "--backend", backend,
                            "--prompt", ",".join(map(str, PROMPT)), "--steps", str(STEPS), "--json", *extra],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -24,8 +24,9 @@ def test_tensorflow_is_really_unimportable_there():
 
 
 def test_the_reference_runs_and_the_tf_backend_is_refused_by_name():
-    assert _run("-m", "conformance", "check-golden", "golden/official/v3-tiny", "--backend", "reference").returncode == 0
-    refused = _run("-m", "conformance", "check-golden", "golden/official/v3-tiny", "--backend", "tf")
+    checked = _run("-m", "dsv3_conformance", "check-golden", "golden/official/v3-tiny", "--backend", "reference")
+    assert checked.returncode == 0
+    refused = _run("-m", "dsv3_conformance", "check-golden", "golden/official/v3-tiny", "--backend", "tf")
     assert refused.returncode == 2 and "the module 'tensorflow' is not installed" in refused.stderr
 
 

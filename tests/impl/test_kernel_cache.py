@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from impl import matvec
+from dsv3_conformance.impl import matvec
 
 
 @pytest.fixture

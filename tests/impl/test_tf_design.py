@@ -9,14 +9,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from conformance.checks.strategies import build_weights
-from conformance.format.config import deepseek_v3_671b, tiny, tiny_fp8
-from conformance.format.numerics import Numerics
-from reference.fp8 import E4M3_MAX
+from dsv3_conformance.checks.strategies import build_weights
+from dsv3_conformance.format.config import deepseek_v3_671b, tiny, tiny_fp8
+from dsv3_conformance.format.numerics import Numerics
+from dsv3_conformance.reference.fp8 import E4M3_MAX
 
 
 def _model(config, dtype="float32"):
-    from impl.model import Transformer
+    from dsv3_conformance.impl.model import Transformer
 
     return Transformer(config, build_weights(config, seed=5), dtype=dtype)
 
@@ -48,7 +48,7 @@ def test_a_bound_step_takes_new_per_call_tensors_and_keeps_the_rest():
     a per-call tensor that is not among the step's inputs is refused, not silently ignored."""
     import tensorflow as tf
 
-    from impl.bound import BoundStep
+    from dsv3_conformance.impl.bound import BoundStep
 
     step = tf.function(lambda weights, x, scale: (weights[0] * x + weights[1]) * scale, autograph=False)
     weights = [tf.Variable([2.0, 3.0]), tf.Variable([1.0, -1.0])]
@@ -64,9 +64,9 @@ def test_a_bound_step_takes_new_per_call_tensors_and_keeps_the_rest():
 def test_prefill_in_the_naive_form_then_absorbed_decode_matches_the_reference():
     """`prefill_form` (what the benchmark runs: a naive prefill in causal query blocks, absorbed decode steps)
     changes no logit; 7 prompt tokens make the blocks uneven (2, 2, 2, 1)."""
-    from conformance.verdict import expect_close
-    from impl.model import Transformer
-    from reference.model import Transformer as Reference
+    from dsv3_conformance.verdict import expect_close
+    from dsv3_conformance.impl.model import Transformer
+    from dsv3_conformance.reference.model import Transformer as Reference
 
     config = tiny(vocab_size=303)
     weights = build_weights(config, seed=5)
@@ -83,9 +83,9 @@ def test_a_trimmed_prefill_keeps_the_last_logits_and_whole_caches():
     """trim_last_block (the benchmark's prefill for generation): the last block's queries, output and FFN run at
     the last position only, yet the last logits and the decode steps over the caches it filled keep the
     reference's values; the last block's output and experts cover the last position only."""
-    from conformance.verdict import expect_close
-    from impl.model import Transformer
-    from reference.model import Transformer as Reference
+    from dsv3_conformance.verdict import expect_close
+    from dsv3_conformance.impl.model import Transformer
+    from dsv3_conformance.reference.model import Transformer as Reference
 
     config = tiny(vocab_size=306, n_mtp_layers=0)
     weights = build_weights(config, seed=5)
@@ -104,7 +104,7 @@ def test_a_trimmed_prefill_keeps_the_last_logits_and_whole_caches():
 @pytest.mark.parametrize("logits, mtp_layers", [("all", 0), ("last", 1)])
 def test_trimming_is_refused_where_a_position_would_be_missing(logits, mtp_layers):
     """All positions' logits, or MTP modules reading every position's final state, need the whole last block."""
-    from impl.model import Transformer
+    from dsv3_conformance.impl.model import Transformer
 
     config = tiny(vocab_size=307, n_mtp_layers=mtp_layers)
     with pytest.raises(ValueError, match="trim_last_block"):
@@ -117,9 +117,9 @@ def test_naive_attention_in_query_blocks_sees_every_visible_key(queries, keys):
     prompt (queries = keys) and for queries that are the last of more keys (a step after a cached prefix)."""
     import tensorflow as tf
 
-    from conformance.verdict import expect_close
-    from impl import attention
-    from impl.model import to_tf
+    from dsv3_conformance.verdict import expect_close
+    from dsv3_conformance.impl import attention
+    from dsv3_conformance.impl.model import to_tf
 
     config = tiny()
     weights = to_tf(build_weights(config, seed=5).layers[0].attn, tf.float32)
@@ -139,7 +139,7 @@ def test_naive_attention_in_query_blocks_sees_every_visible_key(queries, keys):
 def test_attention_window_covers_the_filled_positions_with_little_more():
     """The window holds every filled position, stays within the capacity, reads at most half again what is filled
     (above the smallest window) and takes at most two sizes per doubling of the sequence."""
-    from impl.model import WINDOW_QUANTUM, attention_window
+    from dsv3_conformance.impl.model import WINDOW_QUANTUM, attention_window
 
     capacity = 5000
     windows = [attention_window(needed, capacity) for needed in range(1, capacity + 1)]
@@ -153,9 +153,9 @@ def test_attention_window_covers_the_filled_positions_with_little_more():
 def test_decode_across_a_window_boundary_matches_the_reference():
     """Steps attending over a window of a larger cache, the window growing between them, keep the reference's
     logits (the reference attends over exactly the filled positions)."""
-    from conformance.verdict import expect_close
-    from impl.model import Transformer, attention_window
-    from reference.model import Transformer as Reference
+    from dsv3_conformance.verdict import expect_close
+    from dsv3_conformance.impl.model import Transformer, attention_window
+    from dsv3_conformance.reference.model import Transformer as Reference
 
     config = tiny(vocab_size=304, max_seq_len=512)
     weights = build_weights(config, seed=5)
@@ -199,7 +199,7 @@ def test_671b_cache_against_mha_is_1_76_percent():
     """576 values per token per layer vs 2 x 128 x 128 for MHA: 1.76%; 61 layers in BF16: 70.3 KB vs 4.0 MB."""
     import tensorflow as tf
 
-    from impl.attention import LatentCache
+    from dsv3_conformance.impl.attention import LatentCache
 
     config = deepseek_v3_671b().replace(max_seq_len=4)
     per_layer = LatentCache.allocate(config, 1, tf.bfloat16, capacity=4).bytes_per_token()
@@ -211,7 +211,7 @@ def test_671b_cache_against_mha_is_1_76_percent():
 
 def test_fp8_weights_stay_fp8_in_memory():
     """One byte per weight: e4m3 tensors, the routed expert stacks as their bytes, equal to the checkpoint's."""
-    from impl.model import Transformer
+    from dsv3_conformance.impl.model import Transformer
 
     config = tiny_fp8()
     weights = build_weights(config, seed=1)
@@ -229,7 +229,7 @@ def test_e4m3_bytes_decode_to_every_value():
     """All 256 bit patterns: the bytes decode to what a cast of the e4m3 value gives (NaN for both NaNs)."""
     import tensorflow as tf
 
-    from impl.fp8 import E4M3, e4m3_values
+    from dsv3_conformance.impl.fp8 import E4M3, e4m3_values
 
     patterns = np.arange(256, dtype=np.uint8)
     decoded = e4m3_values(tf.constant(patterns)).numpy()
@@ -246,7 +246,7 @@ def test_e4m3_rounding_is_nearest_even_in_and_out_of_xla():
     import ml_dtypes
     import tensorflow as tf
 
-    from impl.fp8 import to_e4m3
+    from dsv3_conformance.impl.fp8 import to_e4m3
 
     values = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
     values = np.unique(values[np.isfinite(values)])
@@ -269,7 +269,7 @@ def test_cast_rule_is_needed_in_tensorflow():
     """TensorFlow's own cast gives NaN beyond 448 where torch saturates; impl.fp8.to_e4m3 saturates."""
     import tensorflow as tf
 
-    from impl.fp8 import E4M3, to_e4m3
+    from dsv3_conformance.impl.fp8 import E4M3, to_e4m3
 
     raw = tf.cast(tf.cast(tf.constant([500.0, -500.0]), E4M3), tf.float32).numpy()
     assert np.isnan(raw).all()
@@ -280,7 +280,7 @@ def test_cast_rule_is_needed_in_tensorflow():
 @pytest.mark.parametrize("tokens, k, experts", [(1, 8, 256), (4, 8, 256), (64, 8, 256), (4096, 8, 256), (80, 4, 16)])
 def test_moe_rows_grow_with_tokens_times_k(tokens, k, experts):
     """Expert rows computed = tiles x rows <= tokens*k + one partial tile per used expert, never tokens*experts."""
-    from impl.moe import tile_count, tile_rows
+    from dsv3_conformance.impl.moe import tile_count, tile_rows
 
     copies = tokens * k
     rows = tile_rows(copies, experts)
@@ -293,7 +293,7 @@ def _kernel_or_skip():
     import os
     import shutil
 
-    from impl import matvec
+    from dsv3_conformance.impl import matvec
 
     if shutil.which(os.environ.get("CXX", "g++")) is None or os.environ.get("DSV3_MATVEC_KERNEL") == "0":
         pytest.skip("no C++ compiler here (or the kernel is switched off): decode steps use XLA's products")
@@ -412,7 +412,7 @@ def test_decode_steps_take_the_matvec_kernel_and_agree_with_xla_products():
     the routed experts read in their stacks); its logits agree with the same step through XLA's products."""
     import tensorflow as tf
 
-    from impl import matvec
+    from dsv3_conformance.impl import matvec
 
     _kernel_or_skip()
     # wide enough that the dense FFN, the head, each expert's projections and wkv_b reach matvec.MIN_WEIGHT
@@ -438,7 +438,7 @@ def test_decode_steps_take_the_matvec_kernel_and_agree_with_xla_products():
     original = matvec.available
     matvec.available = lambda: False
     try:
-        from impl.model import program
+        from dsv3_conformance.impl.model import program
         program.cache_clear()
         plain = _model(config)
         plain.prefill(prompt)
@@ -474,8 +474,8 @@ def test_next_logits_are_decode_logits_and_refuse_an_expert_not_loaded():
     """Transformer.next_logits (generation: the logits only) gives decode's logits step after step; with a MoE
     block missing one routed expert that the prompt does not use and the next step does, the prefill runs and the
     step is refused, as decode refuses it."""
-    from conformance.format.weights import ExpertNotResident
-    from impl.model import Transformer
+    from dsv3_conformance.format.weights import ExpertNotResident
+    from dsv3_conformance.impl.model import Transformer
 
     config = tiny(vocab_size=305)
     weights = build_weights(config, seed=8)

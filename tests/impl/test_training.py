@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conformance.checks.strategies import build_weights
-from conformance.checks.training import CONFIGS
-from conformance.format.config import tiny
-from conformance.format.numerics import Numerics
-from conformance.format.training import TrainSettings
-from conformance.format.weights import LinearWeight
-from conformance.metrics import rel_err
-from conformance.tolerances import tolerance
-from reference import training as ref
-from reference.training import finite_difference
+from dsv3_conformance.checks.strategies import build_weights
+from dsv3_conformance.checks.training import CONFIGS
+from dsv3_conformance.format.config import tiny
+from dsv3_conformance.format.numerics import Numerics
+from dsv3_conformance.format.training import TrainSettings
+from dsv3_conformance.format.weights import LinearWeight
+from dsv3_conformance.metrics import rel_err
+from dsv3_conformance.tolerances import tolerance
+from dsv3_conformance.reference import training as ref
+from dsv3_conformance.reference.training import finite_difference
 
 RNG = np.random.default_rng(0)
 
@@ -33,7 +33,7 @@ def test_balance_loss_of_a_hand_computed_case():
     scores = np.array([[[2.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]]])
     experts = np.array([[[0], [0]]])
     assert ref.balance_loss(scores, experts, config, 0.1) == pytest.approx(0.1 * 1.5)
-    from impl.training import balance_loss
+    from dsv3_conformance.impl.training import balance_loss
 
     got = balance_loss(tf.constant(scores, tf.float32), tf.constant(experts), config, 0.1)
     assert float(got) == pytest.approx(0.15, rel=1e-6)
@@ -43,14 +43,14 @@ def test_the_bias_moves_against_the_load_and_max_violation():
     loads = np.array([6, 2, 4, 4])  # mean 4
     assert ref.max_violation(loads) == pytest.approx(0.5)
     assert ref.bias_update(np.zeros(4), loads, 0.001).tolist() == [-0.001, 0.001, 0.0, 0.0]
-    from impl.training import bias_update
+    from dsv3_conformance.impl.training import bias_update
 
     assert np.allclose(bias_update(tf.zeros(4), tf.constant(loads), 0.001).numpy(), [-0.001, 0.001, 0, 0])
 
 
 def test_the_bias_never_reaches_the_gating_weights():
     """Shifting every bias by a constant changes no choice and no weight (the weights are the unbiased s)."""
-    from reference.moe import route
+    from dsv3_conformance.reference.moe import route
 
     config = tiny(n_routed_experts=8, n_expert_groups=1, n_limited_groups=1, n_activated_experts=2)
     x = RNG.standard_normal((5, config.dim))
@@ -81,16 +81,16 @@ def _probe_grad_check(reference_fn, tf_fn, inputs: list[np.ndarray], key: str = 
 
 
 def test_rms_norm_gradient():
-    from impl.layers import rms_norm
-    from reference.norm import rms_norm as reference
+    from dsv3_conformance.impl.layers import rms_norm
+    from dsv3_conformance.reference.norm import rms_norm as reference
 
     _probe_grad_check(lambda x, w: reference(x, w, 1e-6), lambda x, w: rms_norm(x, w, 1e-6),
                       [RNG.standard_normal((3, 8)), 1 + 0.1 * RNG.standard_normal(8)])
 
 
 def test_rope_gradient():
-    from impl.rope import apply_rope
-    from reference.rope import apply_rope as reference
+    from dsv3_conformance.impl.rope import apply_rope
+    from dsv3_conformance.reference.rope import apply_rope as reference
 
     angles = RNG.uniform(0, 6, (4, 3))
     cos, sin = np.cos(angles), np.sin(angles)
@@ -99,9 +99,9 @@ def test_rope_gradient():
 
 
 def test_expert_ffn_gradient():
-    from impl.layers import swiglu_ffn
-    from reference.ffn import swiglu_ffn as reference
-    from conformance.format.weights import FFNWeights
+    from dsv3_conformance.impl.layers import swiglu_ffn
+    from dsv3_conformance.reference.ffn import swiglu_ffn as reference
+    from dsv3_conformance.format.weights import FFNWeights
 
     def ffn(build):
         return lambda x, a, b, c: build(x, FFNWeights(LinearWeight(a), LinearWeight(b), LinearWeight(c)),
@@ -113,9 +113,9 @@ def test_expert_ffn_gradient():
 def test_gate_weight_path_gradient():
     """The gating weights (unbiased affinities of the chosen experts, normalized, scaled) w.r.t. the tokens and
     the router weight, routing held fixed."""
-    from conformance.format.weights import GateWeights
-    from impl.moe import gate_weights as tf_gate_weights, affinities as tf_affinities
-    from reference.moe import affinities, gate_weights, route
+    from dsv3_conformance.format.weights import GateWeights
+    from dsv3_conformance.impl.moe import gate_weights as tf_gate_weights, affinities as tf_affinities
+    from dsv3_conformance.reference.moe import affinities, gate_weights, route
 
     config = tiny(n_routed_experts=8, n_expert_groups=2, n_limited_groups=1, n_activated_experts=2)
     x0, w0 = RNG.standard_normal((4, config.dim)), RNG.standard_normal((8, config.dim)) / 8
@@ -131,7 +131,7 @@ def test_gate_weight_path_gradient():
 
 
 def test_balance_loss_gradient():
-    from impl.training import balance_loss as tf_balance
+    from dsv3_conformance.impl.training import balance_loss as tf_balance
 
     config = tiny(n_routed_experts=6, n_expert_groups=1, n_limited_groups=1, n_activated_experts=2)
     experts = RNG.integers(0, 6, (2, 5, 2))
@@ -146,10 +146,10 @@ def test_balance_loss_gradient():
 
 def test_attention_gradient():
     """MLA (naive form): the attention sub-layer's output w.r.t. its input and every projection."""
-    from conformance.format.weights import AttentionWeights
-    from impl import attention as tfa
-    from impl.rope import apply_rope, rotation_angles, softmax_scale
-    from reference.attention import LatentCache, mla
+    from dsv3_conformance.format.weights import AttentionWeights
+    from dsv3_conformance.impl import attention as tfa
+    from dsv3_conformance.impl.rope import apply_rope, rotation_angles, softmax_scale
+    from dsv3_conformance.reference.attention import LatentCache, mla
 
     config = tiny(dim=8, n_heads=2, q_lora_rank=4, kv_lora_rank=4, qk_nope_head_dim=2, qk_rope_head_dim=2,
                   v_head_dim=2, rope_scaling=None)
@@ -184,8 +184,8 @@ def test_attention_gradient():
 # --- the training step itself is a registered check (conformance/checks/training.py) --------------------------
 
 def test_node_limited_routing_is_asserted_on_every_step(monkeypatch):
-    from impl import moe
-    from impl.training import Trainer
+    from dsv3_conformance.impl import moe
+    from dsv3_conformance.impl.training import Trainer
 
     config = CONFIGS["mtp2-bias-q-lora-0"]
     trainer = Trainer(config, build_weights(config, seed=5), dtype="float32")
@@ -200,7 +200,7 @@ def test_node_limited_routing_is_asserted_on_every_step(monkeypatch):
 def test_fp8_training_runs_close_to_bfloat16():
     """Widths of 128: every linear GEMM in fp8 (forward, input and weight gradients); the first step's loss is
     that of the bfloat16 step within the fp8 rounding."""
-    from impl.training import Trainer
+    from dsv3_conformance.impl.training import Trainer
 
     config = tiny(n_layers=1, n_dense_layers=0, vocab_size=64, dim=128, moe_inter_dim=128, n_heads=2,
                   q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
@@ -216,7 +216,7 @@ def test_fp8_training_runs_close_to_bfloat16():
 def test_a_restarted_trainer_runs_as_a_fresh_one():
     """restart(weights) (a new seed reusing the compiled step): zero moments, step 0, every variable, MTP and gate
     biases included, from the new weights."""
-    from impl.training import Trainer
+    from dsv3_conformance.impl.training import Trainer
 
     config = CONFIGS["mtp2-bias-q-lora-0"]
     batches = [np.random.default_rng(seed).integers(0, 16, (2, 6)) for seed in (6, 7)]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from conformance.format.safetensors_io import read_all
-from conformance.metrics import rel_err
-from conformance.paths import GOLDEN_DIR
-from reference.fp8_accumulation import accumulate
+from dsv3_conformance.format.safetensors_io import read_all
+from dsv3_conformance.metrics import rel_err
+from dsv3_conformance.paths import GOLDEN_DIR
+from dsv3_conformance.reference.fp8_accumulation import accumulate
 
 DATA = read_all(GOLDEN_DIR / "h100" / "accumulation" / "accumulation.safetensors")
 
@@ -60,7 +60,7 @@ def test_the_model_at_14_bits_explains_h100_fast_accumulation_at_large_k():
 def test_the_model_explains_each_h100_mode():
     """Default cuBLAS accumulation: 14 bits promoted every 128, within 1.5x at every K; fast accumulation: 14
     bits truncated at every product and flushed every 2048, within 1.5x (conformance/studies/fp8.py)."""
-    from conformance.studies.fp8 import explain_h100
+    from dsv3_conformance.studies.fp8 import explain_h100
 
     rows = explain_h100(DATA)
     for mode, model in (("scaled_mm.slow", "14 bits, truncated every 4 product(s), promoted every 128"),
@@ -70,7 +70,7 @@ def test_the_model_explains_each_h100_mode():
 
 
 def test_fine_grained_scaling_survives_outliers_that_per_tensor_scaling_does_not():
-    from conformance.studies.fp8 import granularity
+    from dsv3_conformance.studies.fp8 import granularity
 
     rows = {row["outlier magnitude"]: row for row in granularity()}
     assert rows[1.0]["per-tensor"] < 1.1 * rows[1.0]["fine-grained"]  # no outlier: the same

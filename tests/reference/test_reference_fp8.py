@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance.format.fp8 import FP8Error
-from reference.fp8 import dequantize_weight, quantize_weight
+from dsv3_conformance.format.fp8 import FP8Error
+from dsv3_conformance.reference.fp8 import dequantize_weight, quantize_weight
 
 
 @given(st.integers(1, 300), st.integers(1, 300), st.integers(0, 2**31 - 1))

@@ -2,7 +2,7 @@
 
 It shows how a user checks their own implementation: define a `conformance.backends.Backend` in your own
 package and name it, by `--backend dsv3_hf_backend:BACKEND` or through an entry point of group
-`dsv3_conformance.backends`. The runner wraps the harness's transformers adaptor; the components are
+`conformance.backends`. The runner wraps the harness's transformers adaptor; the components are
 written here in torch. What transformers does not implement (the fp8 activation path, bfloat16 in this
 adaptor, softmax or bias-free gates, a separate naive attention form) is declared `Unsupported`, so
 those checks and examples are skipped, never passed.
@@ -14,13 +14,13 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from conformance.backends import Backend, Runner, Unsupported
-from conformance.format.fp8 import BLOCK, E4M3_MAX, FP8Error
+from dsv3_conformance.backends import Backend, Runner, Unsupported
+from dsv3_conformance.format.fp8 import BLOCK, E4M3_MAX, FP8Error
 
 
 class HFRunner(Runner):
     def __init__(self, config, weights, numerics, dtype, attention_form):
-        from conformance.golden.oracle import OracleRunner, OracleUnavailable
+        from dsv3_conformance.golden.oracle import OracleRunner, OracleUnavailable
 
         try:
             self.oracle = OracleRunner(config, weights)

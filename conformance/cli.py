@@ -42,7 +42,7 @@ from dsv3_conformance.backends import speculative_generate
 from dsv3_conformance.verdict import PASSED, Missing, allowed, parse_allow
 
 PASS, FAILURE, BAD_INPUT, INTERNAL = 0, 1, 2, 3
-PROJECT_PACKAGES = ("conformance", "reference", "impl", "benchmarks")
+PROJECT_PACKAGE = "dsv3_conformance"
 
 
 def results_table(result: CaseResult) -> str:
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dsv3-conformance: error: {where}: {error.strerror or error}", file=sys.stderr)
         return BAD_INPUT
     except ModuleNotFoundError as error:
-        if (error.name or "").split(".")[0] in PROJECT_PACKAGES:
+        if (error.name or "").split(".")[0] == PROJECT_PACKAGE:
             raise
         # a dependency of the chosen backend (or of the command) that this environment lacks
         print(f"dsv3-conformance: error: the module {error.name!r} is not installed here, and what was asked for needs "

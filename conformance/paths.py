@@ -4,7 +4,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The golden cases and their manifest: `golden/` of the checkout, installed as the package data
-# `conformance/golden/shipped` (pyproject.toml maps one onto the other).
+# `dsv3_conformance/golden/shipped` (pyproject.toml maps one onto the other).
 GOLDEN_DIR = ROOT / "golden" if (ROOT / "golden" / "manifest.json").is_file() else \
     Path(__file__).resolve().parent / "golden" / "shipped"
 # The project's recorded results (what the report shows): written only when a command is asked to (--write).

@@ -11,6 +11,7 @@ implement it declares `Unsupported`: the harness then reports it as not compared
 from __future__ import annotations
 
 import importlib
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -217,5 +218,12 @@ class Backend:
 
     @property
     def packages(self) -> tuple[str, ...]:
-        """Top-level packages of the mutation targets: where a planted function is replaced wherever held."""
-        return tuple(sorted({module.split(".")[0] for module in self.mutation_targets.values()}))
+        """The packages of the mutation targets, where a planted function is replaced wherever held: the deepest
+        package holding every target (dsv3_conformance.impl for the tf backend), else each target's top level."""
+        parents = [(module.rpartition(".")[0] or module).split(".") for module in self.mutation_targets.values()]
+        common = os.path.commonprefix(parents) if parents else []
+        return (".".join(common),) if common else tuple(sorted({parent[0] for parent in parents}))
+
+    def owns(self, module: str) -> bool:
+        """Whether `module` lies in one of the backend's packages."""
+        return any(module == package or module.startswith(f"{package}.") for package in self.packages)

@@ -61,11 +61,11 @@ def resolve(backend: Backend, target: str) -> tuple[Any, str, ModuleType]:
     return owner, attribute, module
 
 
-def _holders(original: object, packages: tuple[str, ...]) -> list[tuple[object, str]]:
-    """Every (module or class, attribute) of `packages` that holds `original`."""
+def _holders(original: object, backend: Backend) -> list[tuple[object, str]]:
+    """Every (module or class, attribute) of the backend's packages that holds `original`."""
     found = []
     for name, module in list(sys.modules.items()):
-        if module is None or name.split(".")[0] not in packages:
+        if module is None or not backend.owns(name):
             continue
         for attribute, value in list(vars(module).items()):
             if value is original:
@@ -79,7 +79,7 @@ def clear_caches(backend: Backend) -> None:
     """Empty every functools cache of the backend's modules (compiled programs built before or during a
     planting must not outlive it)."""
     for name, module in list(sys.modules.items()):
-        if module is not None and name.split(".")[0] in backend.packages:
+        if module is not None and backend.owns(name):
             for value in list(vars(module).values()):
                 if callable(getattr(value, "cache_clear", None)):
                     value.cache_clear()
@@ -107,7 +107,7 @@ def replaced(backend: Backend, target: str, make: Maker) -> Iterator[None]:
     original = vars(owner)[attribute]
     new = make(original, Context(module, importlib.import_module(backend.array_namespace)))
     shared = callable(original) or isinstance(original, type)
-    holders = _holders(original, backend.packages) if shared else []
+    holders = _holders(original, backend) if shared else []
     if (owner, attribute) not in holders:
         holders.append((owner, attribute))
     clear_caches(backend)

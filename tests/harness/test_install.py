@@ -41,7 +41,7 @@ def _run(installed, *command, timeout=900):
 
 def test_the_installed_commands_find_the_shipped_cases(installed):
     target = installed[0]
-    shipped = target / "conformance" / "golden" / "shipped"
+    shipped = target / "dsv3_conformance" / "golden" / "shipped"
     assert (shipped / "manifest.json").is_file()
     located = _run(installed, "-c", "import dsv3_conformance.paths as p; print(p.GOLDEN_DIR)")
     assert located.stdout.strip() == str(shipped), located.stderr[-2000:]

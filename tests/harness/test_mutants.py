@@ -26,6 +26,21 @@ def test_catalogue_covers_the_historical_bugs_and_has_controls():
     assert len([m for m in CATALOGUE if m.origin == CONTROL]) >= 1
 
 
+def test_a_backend_plants_only_inside_its_own_package():
+    """Holders of a planted function are searched in the backend's package alone: the tf backend's is
+    dsv3_conformance.impl, not the namespace that also holds the reference and the harness."""
+    from dsv3_conformance.backends import TF, Backend
+
+    assert TF.packages == ("dsv3_conformance.impl",) and REFERENCE.packages == ("dsv3_conformance.reference",)
+    assert TF.owns("dsv3_conformance.impl.moe") and TF.owns("dsv3_conformance.impl")
+    assert not TF.owns("dsv3_conformance.reference.moe") and not TF.owns("dsv3_conformance.cli")
+    assert not TF.owns("dsv3_conformance.implementation")
+    user = Backend("user", REFERENCE.runner, mutation_targets={"moe": "mine.moe", "norm": "mine.layers.norm"})
+    assert user.packages == ("mine",)
+    apart = Backend("apart", REFERENCE.runner, mutation_targets={"moe": "one.moe", "norm": "two.norm"})
+    assert apart.packages == ("one", "two")
+
+
 def test_every_named_check_exists():
     from dsv3_conformance.checks import CHECKS
 

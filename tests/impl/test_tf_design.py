@@ -463,7 +463,8 @@ def test_without_a_compiler_the_steps_keep_xla_products_and_say_so(tmp_path):
 
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), DSV3_KERNEL_CACHE=str(tmp_path),
                DSV3_MATVEC_KERNEL="1")
-    result = subprocess.run([sys.executable, "-c", "from impl import matvec; print(matvec.available())"], env=env,
+    code = "from dsv3_conformance.impl import matvec; print(matvec.available())"
+    result = subprocess.run([sys.executable, "-c", code], env=env,
                             capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False"

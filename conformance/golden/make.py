@@ -96,6 +96,9 @@ def make_case(out: Path, checkpoint: Path, producer: str, prompt: np.ndarray, st
         shards = sorted({shard for name in opened.names() for shard in opened.where(name).split(", ")})
     runner, provenance = _runner(producer, checkpoint, config, official, device, dtype)
     step = runner.prefill(prompt)
+    if positions and step.logits.shape[1] != prompt.shape[1]:
+        raise BadInput(f"--positions: the producer {producer!r} gives the last position's logits only (the official "
+                       "forward returns no others)")
     expected = {"tokens.prompt": prompt.astype(np.int64), "prefill.logits_last": step.logits[:, -1]}
     expected.update({f"prefill.position.{position}.logits": step.logits[:, position] for position in positions})
     expected.update({f"prefill.layer.{layer}.hidden": step.hidden[layer] for layer in layers})

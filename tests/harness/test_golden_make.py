@@ -97,3 +97,7 @@ def test_the_official_code_as_a_producer(made, tmp_path):
                  "--layers", "all"]) == 0
     assert main(["check-golden", str(tmp_path / "official"), "--backend", "tf"]) == 0
     assert Path(tmp_path / "official" / "meta.json").is_file()
+    # The official forward returns the last position's logits alone: other positions cannot be recorded from it.
+    assert main(["golden", "make", str(tmp_path / "positions"), "--checkpoint", str(checkpoint), "--producer",
+                 "official", "--official", os.environ["DSV3_OFFICIAL_CHECKOUT"], "--random", "1,8", "--steps", "0",
+                 "--positions", "0"]) == 2

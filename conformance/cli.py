@@ -437,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # a dependency of the chosen backend (or of the command) that this environment lacks
         print(f"dsv3-conformance: error: the module {error.name!r} is not installed here, and what was asked for needs "
-              f"it (TensorFlow for the tf backends, torch and transformers for the oracle)", file=sys.stderr)
+              f"it (TensorFlow for the tf backends, torch and transformers for the oracle, the llamacpp extra for "
+              "llama.cpp)", file=sys.stderr)
         return BAD_INPUT
     except KeyboardInterrupt:
         print("dsv3-conformance: interrupted", file=sys.stderr)

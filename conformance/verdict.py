@@ -72,6 +72,9 @@ PASSED, FAILED, INCOMPLETE = "PASSED", "FAILED", "INCOMPLETE"
 # The parts a user may allow to be missing, besides check families ("routing", "mtp", ...) and check keys.
 PARTS = {
     "main": "the main model's outputs: block outputs, logits, decode steps, greedy tokens",
+    "hidden": "the block outputs, where a runner gives none (StepOutput.hidden None)",
+    "config": "a model configuration the backend cannot load",
+    "experts": "the chosen experts a runner reports (StepOutput.experts), forced on the reference by the cross checks",
     "naive": "the naive attention form",
     "mtp": "the multi-token-prediction modules (Runner.mtp)",
     "speculative": "verification of drafted tokens (Runner.verify)",
@@ -108,12 +111,14 @@ class NotApplicable(Exception):
 
 
 class Incomplete(Exception):
-    """Raised by a check that compared what it could without a failure while expected parts were not compared."""
+    """Raised by a check that compared what it could without a failure while expected parts were not compared;
+    `compared`: whether it compared anything at all."""
 
-    def __init__(self, missing: list[Missing]):
+    def __init__(self, missing: list[Missing], compared: bool = True):
         super().__init__("; ".join(item.describe() for item in missing[:5]) +
                          (f"; and {len(missing) - 5} more" if len(missing) > 5 else ""))
         self.missing = missing
+        self.compared = compared
 
 
 def parse_allow(text: str | None, known: Iterable[str] = ()) -> tuple[str, ...]:

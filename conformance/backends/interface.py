@@ -53,7 +53,7 @@ class StepOutput:
     """What a prefill or decode step produced."""
 
     logits: np.ndarray  # [B, S, V]
-    hidden: tuple[np.ndarray, ...]  # each block's output [B, S, dim]
+    hidden: tuple[np.ndarray, ...] | None  # each block's output [B, S, dim]; None: the runner gives none
     experts: tuple[np.ndarray, ...]  # each MoE block's chosen experts [B*S, k]
 
     @property

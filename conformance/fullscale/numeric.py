@@ -164,6 +164,8 @@ def run_block(backend: Backend, config: ModelConfig, layer: LayerWeights, hidden
     if checkpoint is not None:
         give_back_memory(checkpoint)
     output = runner.prefill(_ids(hidden), [forced] if forced is not None else None, capacity=hidden.shape[1])
+    if output.hidden is None:
+        raise Unsupported(f"backend {backend.name} gives no block outputs", "hidden")
     return np.asarray(output.hidden[0], np.float64), (output.experts[0] if output.experts else None)
 
 

@@ -328,10 +328,14 @@ def _nth(outputs: tuple, index: int) -> np.ndarray | None:
     return outputs[index] if index < len(outputs) else None
 
 
-def _prefill_checks(runner: Runner, file: ExpectedFile, prompt: np.ndarray, capacity: int, compare) -> None:
+def _prefill_checks(runner: Runner, file: ExpectedFile, prompt: np.ndarray, capacity: int, compare,
+                    result: CaseResult) -> None:
     output = runner.prefill(prompt, capacity=capacity)
     for name in file.tensors:
-        if hidden := _HIDDEN.match(name):
+        if (hidden := _HIDDEN.match(name)) and output.hidden is None:
+            result.missing.append(Missing(file.result_name(name), "hidden",
+                                          f"{file.path.name}: {type(runner).__name__} gives no block outputs"))
+        elif hidden:
             compare(name, _nth(output.hidden, int(hidden[1])))
         elif name == "prefill.logits_last":
             compare(name, output.logits_last)
@@ -366,7 +370,7 @@ def _compare_file(case: "GoldenCase", file: ExpectedFile, backend: Backend, weig
     prompt, decoded = case.tokens(file, "tokens.prompt"), case.tokens(file, "tokens.decoded")
     capacity = prompt.shape[1] + (decoded.shape[1] if decoded is not None else 0)
     runner = backend.make_runner(case.config, weights, case.numerics(file), dtype)
-    _prefill_checks(runner, file, prompt, capacity, compare)
+    _prefill_checks(runner, file, prompt, capacity, compare, result)
     if decoded is not None:
         _decode_checks(runner, file, decoded, compare)
     if "tokens.decoded" in file.tensors and case.compares_greedy_tokens(file):

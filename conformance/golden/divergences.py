@@ -1,4 +1,5 @@
-"""Known divergences: where an oracle or the official code departs from the official semantics.
+"""Known divergences: where an oracle, the official code or a judged implementation departs from the official
+semantics.
 
 A divergence is recorded, checked to still exist, and listed in the report; configs it applies to are not
 compared for equality against that oracle. No tolerance is loosened to absorb one.
@@ -11,6 +12,9 @@ from typing import Callable
 
 from dsv3_conformance.format.config import ModelConfig, YarnScaling, tiny
 from dsv3_conformance.reference.rope import yarn_active
+
+
+LLAMA_CPP = "llama.cpp (deepseek2) in llama-cpp-python 0.3.36"
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,26 @@ DIVERGENCES = [
                "rounds in every fp8 linear. A choice here, not a silent difference: Numerics.ue8m0_scope "
                "'official' (the default, what golden meta.json's ue8m0_scope defaults to) or 'all'.",
                lambda c: c.scale_fmt == "ue8m0"),
+    Divergence("llamacpp-group-score-without-bias", LLAMA_CPP,
+               "With several expert groups, a group's score is always the sum of its two best scores "
+               "(src/llama-graph.cpp, build_moe_ffn, 'select top n_group_used expert groups'); the official gate "
+               "scores a group by its best score when the gate has no correction bias (DeepSeek-V2's "
+               "group-limited routing), so such models route some tokens to other experts.",
+               lambda c: not c.gate_bias and 1 < c.n_limited_groups < c.n_expert_groups,
+               lambda: tiny(gate_bias=False)),
+    Divergence("llamacpp-lite-by-depth", LLAMA_CPP,
+               "Whether queries are compressed is inferred from the depth, not read from q_lora_rank: at 26 or 27 "
+               "layers (or 48 with a 128,256-token vocabulary) q_lora_rank is ignored and a query-compressed model "
+               "fails to load ('tensor blk.0.attn_q.weight not found'; src/models/deepseek2.cpp, load_arch_hparams, "
+               "is_lite).",
+               lambda c: c.q_lora_rank > 0 and (c.n_layers in (26, 27)
+                                                 or (c.n_layers == 48 and c.vocab_size == 128256)),
+               lambda: tiny(n_layers=27)),
+    Divergence("llamacpp-shared-experts-required", LLAMA_CPP,
+               "The shared-expert tensors are required, so a model with n_shared_experts 0 (whose shared expert adds "
+               "nothing in the official code) fails to load (src/models/deepseek2.cpp, load_arch_tensors).",
+               lambda c: c.n_shared_experts == 0,
+               lambda: tiny(n_shared_experts=0)),
 ]
 
 

@@ -96,6 +96,8 @@ def make_case(out: Path, checkpoint: Path, producer: str, prompt: np.ndarray, st
         shards = sorted({shard for name in opened.names() for shard in opened.where(name).split(", ")})
     runner, provenance = _runner(producer, checkpoint, config, official, device, dtype)
     step = runner.prefill(prompt)
+    if layers and step.hidden is None:
+        raise BadInput(f"--layers: the producer {producer!r} gives no block outputs")
     if positions and step.logits.shape[1] != prompt.shape[1]:
         raise BadInput(f"--positions: the producer {producer!r} gives the last position's logits only (the official "
                        "forward returns no others)")

@@ -83,9 +83,10 @@ class Coverage:
             return
         counts = self.families.setdefault((check.split(":")[0], backend or "-"), {
             "ran": 0, "passed": 0, "failed": 0, "not compared": 0, "not applicable": 0})
-        if NOT_COMPARED in properties:
-            counts["not compared"] += 1
+        if NOT_COMPARED in properties:  # a check that passed with only allowed parts missing lists them too
             self.missing += [(backend, Missing(*fields, check)) for fields in json.loads(properties[NOT_COMPARED])]
+        if NOT_COMPARED in properties and report.outcome == "skipped":
+            counts["not compared"] += 1
         elif report.outcome == "skipped":
             counts["not applicable"] += 1
         else:
@@ -158,6 +159,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     parts = sorted({m.part for _, m in coverage.missing if not allowed(m, coverage.allow)})
     tail = f": not compared ({', '.join(parts)}); allow with --allow-missing {','.join(parts)}" if parts else ""
     write(f"{verdict}{tail if verdict == INCOMPLETE else ''}", bold=True)
+
+
+@pytest.fixture(scope="session")
+def allowed_missing(pytestconfig) -> tuple[str, ...]:
+    """What `--allow-missing` allows to be not compared."""
+    return pytestconfig.stash[_COVERAGE].allow
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Recorded divergences of the transformers oracle (conformance/divergences.py) still exist.
+"""Recorded divergences (conformance/golden/divergences.py) of the transformers oracle and of llama.cpp still exist.
 
 Configs the oracle implements differently from the official code are not compared for equality; each
 such divergence is recorded, and checked here to still show.
@@ -11,7 +11,7 @@ import pytest
 
 from dsv3_conformance.backends import REFERENCE
 from dsv3_conformance.checks.strategies import build_weights
-from dsv3_conformance.golden.divergences import DIVERGENCES
+from dsv3_conformance.golden.divergences import DIVERGENCES, LLAMA_CPP
 from dsv3_conformance.metrics import rel_err
 from dsv3_conformance.tolerances import tolerance
 
@@ -24,15 +24,28 @@ from dsv3_conformance.golden.oracle import OracleRunner  # noqa: E402  (after th
 
 @pytest.mark.parametrize("divergence", [d for d in DIVERGENCES if d.example], ids=lambda d: d.key)
 def test_known_divergence_still_exists(divergence):
-    """A recorded divergence must still show; if it no longer does, its record is out of date."""
+    """A recorded divergence must still show; if it no longer does, its record is out of date. transformers is run
+    as the oracle; llama.cpp (the llamacpp extra) in float32 with a float32 KV cache, where a model it cannot load
+    shows the divergence too."""
     config = divergence.example()
     weights = build_weights(config, seed=11)
     prompt = np.random.default_rng(0).integers(0, config.vocab_size, (2, 12))
     official = REFERENCE.make_runner(config, weights).prefill(prompt).logits
-    oracle = OracleRunner(config, weights, accept_divergences=True).prefill(prompt).logits
-    error = rel_err(oracle, official)
+    if divergence.source == LLAMA_CPP:
+        pytest.importorskip("llama_cpp", reason="llama.cpp needs the llamacpp extra: pip install -e '.[llamacpp]'")
+        from dsv3_conformance.adapters.llamacpp.runner import LlamaCppRunner
+
+        try:  # the adapter declares these models Unsupported: load them anyway, to see that they still fail
+            other = LlamaCppRunner(config, weights, "f32", "exact", refuse_known=False).prefill(prompt).logits
+        except RuntimeError as refused:  # the adapter: llama.cpp refused the file
+            assert "llama.cpp refused" in str(refused)
+            return
+    else:
+        other = OracleRunner(config, weights, accept_divergences=True).prefill(prompt).logits
+    error = rel_err(other, official)
     assert error > tolerance("oracle.float32").value, (
-        f"divergence {divergence.key} is no longer observed (rel_err {error:.2e}): update conformance/divergences.py")
+        f"divergence {divergence.key} is no longer observed (rel_err {error:.2e}): update "
+        "conformance/golden/divergences.py")
 
 
 def test_oracle_refuses_diverging_configs():

@@ -6,11 +6,14 @@ named in the summary."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from dsv3_conformance.cli import main
-from dsv3_conformance.paths import GOLDEN_DIR
+from dsv3_conformance.paths import GOLDEN_DIR, ROOT
 
 MODULE = "broken_backends"
 # (backend, golden case it is run on, check-golden's verdict, verify-checkpoint's verdict)
@@ -82,3 +85,22 @@ def test_a_backend_that_breaks_the_contract_is_bad_input_naming_what(capsys):
     assert "default_dtype 'float16'" in error
     assert main(["check-golden", case, "--backend", f"{MODULE}:NO_DECODE"]) == 2
     assert "its runner NoDecode has no decode" in capsys.readouterr().err
+
+
+def _suite(*args):
+    environment = {**os.environ, "PYTHONPATH": str(ROOT / "tests" / "harness")}
+    return subprocess.run([sys.executable, "-m", "pytest", "conformance/suite/test_suite.py", "-q", "-p",
+                           "no:cacheprovider", "-k", "golden:official/v3-tiny-mtp", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=environment)
+
+
+def test_in_the_suite_a_check_with_only_allowed_gaps_passes_and_one_with_nothing_compared_never_does():
+    """The suite's golden check on the MTP case: the backend without MTP compared the main model and missed only
+    MTP; allowed, the check passes (counted as ran) with its gaps listed; not allowed, the session is INCOMPLETE.
+    The backend that runs nothing stays INCOMPLETE whatever is allowed."""
+    allowed = _suite("--backend", f"{MODULE}:NO_MTP", "--allow-missing", "mtp,naive")
+    assert allowed.returncode == 0, allowed.stdout[-3000:]
+    assert "1 passed" in allowed.stdout and "allowed:" in allowed.stdout and "PASSED" in allowed.stdout
+    assert _suite("--backend", f"{MODULE}:NO_MTP").returncode == 1
+    nothing = _suite("--backend", f"{MODULE}:NOTHING", "--allow-missing", "main,mtp,speculative,naive")
+    assert nothing.returncode == 1 and "INCOMPLETE" in nothing.stdout, nothing.stdout[-3000:]

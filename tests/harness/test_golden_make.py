@@ -101,3 +101,13 @@ def test_the_official_code_as_a_producer(made, tmp_path):
     assert main(["golden", "make", str(tmp_path / "positions"), "--checkpoint", str(checkpoint), "--producer",
                  "official", "--official", os.environ["DSV3_OFFICIAL_CHECKOUT"], "--random", "1,8", "--steps", "0",
                  "--positions", "0"]) == 2
+
+
+@pytest.mark.parametrize("case", ["official-cuda-float32", "official-cuda-bfloat16"])
+@pytest.mark.parametrize("backend", ["reference", "tf"])
+def test_cases_the_official_code_made_on_an_h100_pass_on_both_backends(case, backend):
+    """`golden make --producer official --device cuda` run on an H100 (benchmarks/results/gpu/official-cuda/): an
+    independent producer on another device, checked here."""
+    from dsv3_conformance.paths import RESULTS_DIR
+
+    assert main(["check-golden", str(RESULTS_DIR / "gpu" / "official-cuda" / case), "--backend", backend]) == 0

@@ -23,6 +23,7 @@ def full(tmp_path_factory):
     return build_report(ROOT / "golden", ["reference"], folder), folder
 
 
+@pytest.mark.xdist_group("report")  # one worker builds the report once for both
 def test_report_files_hold_tables_and_figures(full):
     report, tmp_path = full
     assert report.passed
@@ -90,6 +91,7 @@ class _Tables(HTMLParser):
             self.tables[-1]["rows"][-1] += 1
 
 
+@pytest.mark.xdist_group("report")  # one worker builds the report once for both
 def test_html_renders_in_headless_chromium_with_well_formed_tables(full):
     """The page as a real browser builds it: summary first, contents, provenance, every table's rows as wide as its
     header, the figures embedded (skipped where Chromium is absent)."""

@@ -35,6 +35,7 @@ from dsv3_conformance.studies.experiments import add_command as experiment_comma
 from dsv3_conformance.fullscale.command import add_command as fullscale_commands
 from dsv3_conformance.pipeline.command import add_command as schedule_command
 from dsv3_conformance.pipeline.execution import add_command as pipeline_step_command
+from dsv3_conformance.report.scoreboard import add_command as scoreboard_command
 from dsv3_conformance.paths import GOLDEN_DIR
 from dsv3_conformance.profiles import PROFILES
 from dsv3_conformance.backends import NonFiniteOutput, greedy
@@ -278,7 +279,8 @@ def _at_least(minimum: int):
 
 
 # Subcommands of the capabilities that live in their own packages: each registers itself.
-CAPABILITY_COMMANDS = (schedule_command, pipeline_step_command, fullscale_commands, experiment_command)
+CAPABILITY_COMMANDS = (schedule_command, pipeline_step_command, fullscale_commands, experiment_command,
+                       scoreboard_command)
 # Tools above the harness (the benchmarks) register their commands through this entry point group.
 COMMAND_GROUP = "dsv3_conformance.commands"
 BACKEND_HELP = "a built-in name (reference, tf), an entry-point name, or package.module:object"

@@ -36,6 +36,21 @@ def row_errors(out: np.ndarray, expected: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(out).all(axis=1), errors, np.inf)
 
 
+def kl_divergences(out: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """KL(expected || out) of the next-token distributions softmax(logits) of each row (last axis), in nats, in
+    float64, flattened to [rows]; inf where a row of `out` holds a NaN or an infinity."""
+    out = np.asarray(out, np.float64).reshape(-1, np.shape(out)[-1])
+    expected = np.asarray(expected, np.float64).reshape(-1, np.shape(expected)[-1])
+    finite = np.isfinite(out).all(axis=1)
+    out = np.where(finite[:, None], out, 0.0)
+    log_p = expected - expected.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    log_q = out - out.max(axis=1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(axis=1, keepdims=True))
+    divergences = np.maximum((np.exp(log_p) * (log_p - log_q)).sum(axis=1), 0.0)
+    return np.where(finite, divergences, np.inf)
+
+
 def max_abs(out: np.ndarray, expected: np.ndarray) -> float:
     out, expected = np.asarray(out, np.float64), np.asarray(expected, np.float64)
     if out.shape != expected.shape:
@@ -62,6 +77,9 @@ class Comparison:
     whole_rel_err: float | None = None  # a row comparison's whole-tensor rel_err, for the record
     rows_allowed: int | None = None
     row_bound: float | None = None
+    kl: tuple[float, float, float] | None = None  # a distribution comparison's KL median, p99, max (nats)
+    top1: float | None = None  # ... and the share of rows whose top-1 token agrees
+    top1_min: float | None = None
 
     @classmethod
     def of(cls, name: str, out: np.ndarray, expected: np.ndarray, tolerance: float) -> "Comparison":
@@ -85,13 +103,38 @@ class Comparison:
         return cls(name, worst, max_abs(out, expected), policy.worst_row, passed, off, int(errors.size),
                    rel_err(out, expected), allowed, policy.value)
 
+    @classmethod
+    def of_distributions(cls, name: str, out: np.ndarray, expected: np.ndarray,
+                         policy: "Tolerance") -> "Comparison":
+        """Logits judged as next-token distributions under a quantization policy (TOLERANCES.md section 12): the
+        KL divergence of every row (median, 99th percentile, max) and the share of rows whose top-1 token agrees.
+        `rel_err` holds the largest KL, `tolerance` its bound; a NaN or a shape mismatch fails."""
+        if np.shape(out) != np.shape(expected):
+            divergences, agree = np.array([np.inf]), np.array([False])
+        else:
+            divergences = kl_divergences(out, expected)
+            width = np.shape(expected)[-1]
+            agree = (np.reshape(out, (-1, width)).argmax(axis=1) == np.reshape(expected, (-1, width)).argmax(axis=1))
+        statistics = tuple(float(np.percentile(divergences, q)) if np.isfinite(divergences).all() else float("inf")
+                           for q in (50, 99, 100))
+        top1 = float(agree.mean())
+        passed = bool(all(s <= bound for s, bound in zip(statistics, policy.kl)) and top1 >= policy.top1)
+        return cls(name, statistics[2], max_abs(out, expected), policy.kl[2], passed, rows=int(divergences.size),
+                   whole_rel_err=rel_err(out, expected), kl=statistics, top1=top1, top1_min=policy.top1)
+
     def to_json(self) -> dict:
-        """The contract fields; a row comparison adds rows_off, rows, rows_allowed, row_bound, whole_rel_err."""
+        """The contract fields; a row comparison adds rows_off, rows, rows_allowed, row_bound, whole_rel_err, a
+        distribution comparison rows, whole_rel_err, kl, top1, top1_min."""
         fields = asdict(self)
-        return fields if self.rows is not None else {k: v for k, v in fields.items() if k not in _ROW_FIELDS}
+        kept = _ROW_FIELDS if self.rows_off is not None else _DISTRIBUTION_FIELDS if self.kl is not None else ()
+        return {k: v for k, v in fields.items() if k not in _OPTIONAL_FIELDS or k in kept}
 
     def table_row(self) -> dict:
         """The row of this comparison in the CLI's and the report's tables."""
+        if self.kl is not None:
+            return {"tensor": self.name, "rel_err": f"KL {self.kl[2]:.2e} (max)",
+                    "rows off": f"top-1 {self.top1:.0%} (>= {self.top1_min:.0%})", "max_abs": f"{self.max_abs:.3e}",
+                    "tolerance": f"{self.tolerance:.1e}", "status": "pass" if self.passed else "FAIL"}
         worst = "" if self.rows is None else " (worst row)"
         return {"tensor": self.name, "rel_err": f"{self.rel_err:.3e}{worst}",
                 "rows off": "" if self.rows is None else f"{self.rows_off}/{self.rows} (<= {self.rows_allowed})",
@@ -100,6 +143,10 @@ class Comparison:
 
     def describe(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
+        if self.kl is not None:
+            return (f"{self.name}: next-token KL median/p99/max {self.kl[0]:.2e}/{self.kl[1]:.2e}/{self.kl[2]:.2e} vs "
+                    f"max {self.tolerance:.1e}, top-1 agreement {self.top1:.1%} of {self.rows} rows (>= "
+                    f"{self.top1_min:.0%}) ({verdict}), rel_err {self.whole_rel_err:.3e}")
         statistic = "rel_err" if self.rows is None else "worst-row rel_err"
         rows = "" if self.rows is None else (f", {self.rows_off}/{self.rows} rows beyond {self.row_bound:.0e} (at most "
                                              f"{self.rows_allowed} allowed)")
@@ -108,3 +155,5 @@ class Comparison:
 
 
 _ROW_FIELDS = ("rows_off", "rows", "whole_rel_err", "rows_allowed", "row_bound")
+_DISTRIBUTION_FIELDS = ("rows", "whole_rel_err", "kl", "top1", "top1_min")
+_OPTIONAL_FIELDS = _ROW_FIELDS + _DISTRIBUTION_FIELDS

@@ -46,9 +46,11 @@ def expect(condition: bool, detail: str) -> None:
 
 
 def expect_close(what: str, out: np.ndarray, expected: np.ndarray, policy_key: str) -> Comparison:
-    """Fail unless rel_err(out, expected) is within the policy entry `policy_key`."""
+    """Fail unless rel_err(out, expected) is within the policy entry `policy_key` (logits under a quantization
+    policy: their next-token distributions within its KL and top-1 bounds)."""
     entry = tolerance(policy_key)
-    comparison = record(Comparison.of(what, out, expected, entry.value), policy_key)
+    comparison = record(Comparison.of_distributions(what, out, expected, entry) if entry.per_distribution
+                        else Comparison.of(what, out, expected, entry.value), policy_key)
     if not comparison.passed:
         raise CheckFailed(f"{comparison.describe()} [policy {entry.key}: {entry.basis}]", comparison)
     return comparison
@@ -157,6 +159,7 @@ def summary_line(verdict: str, compared: int, failed: int, what: str, missing: l
     """One line that says what the verdict means: "FAILED: 2 of 9 tensors out of tolerance", "INCOMPLETE: 9
     tensors within tolerance, 2 not compared (mtp)", "PASSED: 9 tensors within tolerance (allowed missing: ...)"."""
     parts = sorted({item.part for item in missing})
+    what = what[:-1] if compared == 1 and what.endswith("s") else what
     if verdict == FAILED:
         text = f"{failed} of {compared} {what} out of tolerance"
     elif compared == 0:

@@ -23,6 +23,7 @@ from dsv3_conformance.format.errors import BadInput
 from dsv3_conformance.format.mtp import MTPOptions
 from dsv3_conformance.format.numerics import AttentionForm, Numerics
 from dsv3_conformance.format.weights import ModelWeights
+from dsv3_conformance.tolerances import POLICY
 
 COMPONENT_NAMES = ("route", "to_e4m3", "quantize_activation", "fp8_gemm")
 DTYPES = ("float32", "float64", "bfloat16")
@@ -162,6 +163,9 @@ class Backend:
     # Drops what the backend keeps compiled across runners; called between the layers of a checkpoint stream,
     # whose one-block models are never run again (None: it keeps nothing).
     release: Callable[[], None] | None = None
+    # The weight type of a backend that runs quantized weights (say "q4_k"): its logits are judged as next-token
+    # distributions under the tolerance entry `quant.<type>` (TOLERANCES.md section 12), not by rel_err bounds.
+    quantization: str | None = None
 
     def contract_problems(self) -> list[str]:
         """What this backend's declaration gets wrong (checked when a backend is loaded by name)."""
@@ -180,6 +184,9 @@ class Backend:
             problems.append("trainer must be callable or None")
         if self.release is not None and not callable(self.release):
             problems.append("release must be callable or None")
+        if self.quantization is not None and f"quant.{self.quantization}" not in POLICY:
+            problems.append(f"quantization {self.quantization!r} has no policy: expected one of "
+                            f"{sorted(key[6:] for key in POLICY if key.startswith('quant.'))}")
         unknown = sorted(set(self.capabilities) - set(CAPABILITIES))
         if unknown:
             problems.append(f"capabilities {unknown} unknown: expected {', '.join(CAPABILITIES)}")

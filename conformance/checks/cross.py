@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from dsv3_conformance.backends import REFERENCE, Runner, Unsupported
+from dsv3_conformance.backends import REFERENCE, Backend, Runner, Unsupported
 from dsv3_conformance.format.config import tiny
 from dsv3_conformance.format.numerics import UE8M0_SCOPES, Numerics
 from dsv3_conformance.verdict import expect_close
@@ -22,11 +22,12 @@ from dsv3_conformance.checks.strategies import build_weights, model_examples, mo
 COMPONENT = "cross-backend"
 
 
-def expect_same_run(what: str, candidate: Runner, expected: Runner, prompt: np.ndarray, following: np.ndarray,
-                    policy_key: str):
+def expect_same_run(what: str, backend: Backend, candidate: Runner, expected: Runner, prompt: np.ndarray,
+                    following: np.ndarray, policy_key: str):
     """Prefill `prompt` then decode each column of `following` on both runners; compare all logits.
 
-    `expected` (the reference or the oracle) is forced to the candidate's expert choices at every step.
+    `expected` (the reference or the oracle) is forced to the candidate's expert choices at every step. The
+    candidate's `backend` picks the policy: `policy_key`, or the quantization policy of a quantized backend.
     """
     capacity = prompt.shape[1] + following.shape[1]
     step = candidate.prefill(prompt, capacity=capacity)
@@ -40,7 +41,7 @@ def expect_same_run(what: str, candidate: Runner, expected: Runner, prompt: np.n
         wanted.append(expected.decode(column, step.experts).logits)
     return expect_close(f"{what}: logits of {prompt.shape[1]} prompt positions and {following.shape[1]} decode "
                         f"steps (batch {len(prompt)})", np.concatenate(got, axis=1), np.concatenate(wanted, axis=1),
-                        policy_key)
+                        f"quant.{backend.quantization}" if backend.quantization else policy_key)
 
 
 def require_dtype(backend, dtype: str) -> None:
@@ -61,7 +62,7 @@ def against_reference_in(dtype: str):
 
 def _compare(backend, dtype, config, weights, data, numerics, policy_key):
     prompt, following = data.draw(prompt_and_continuation(config))
-    expect_same_run(f"{backend.name} in {dtype} vs float64 reference on equal routing",
+    expect_same_run(f"{backend.name} in {dtype} vs float64 reference on equal routing", backend,
                     backend.make_runner(config, weights, numerics, dtype),
                     REFERENCE.make_runner(config, weights, numerics, "float64"), prompt, following, policy_key)
 
@@ -110,7 +111,8 @@ def decode_at_kernel_widths_matches_reference(backend) -> None:
     weights = build_weights(KERNEL_WIDTHS, seed=12, bias_mean=-2.0)
     rng = np.random.default_rng(13)
     prompt, following = (rng.integers(0, KERNEL_WIDTHS.vocab_size, shape) for shape in ((2, 8), (2, 3)))
-    expect_same_run(f"{backend.name} at kernel widths", backend.make_runner(KERNEL_WIDTHS, weights, dtype="float32"),
+    expect_same_run(f"{backend.name} at kernel widths", backend,
+                    backend.make_runner(KERNEL_WIDTHS, weights, dtype="float32"),
                     REFERENCE.make_runner(KERNEL_WIDTHS, weights, Numerics(), "float64"), prompt, following,
                     "cross.float32")
 

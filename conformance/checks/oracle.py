@@ -22,6 +22,6 @@ def matches_the_transformers_oracle(backend, model, data):
 
     config, weights = model
     prompt, following = data.draw(prompt_and_continuation(config, max_batch=2))
-    expect_same_run(f"{backend.name} vs transformers DeepseekV3ForCausalLM (float32, CPU) on equal routing",
+    expect_same_run(f"{backend.name} vs transformers DeepseekV3ForCausalLM (float32, CPU) on equal routing", backend,
                     backend.make_runner(config, weights), OracleRunner(config, weights), prompt, following,
                     "oracle.float32")

@@ -39,7 +39,8 @@ def _small(dtype: str, policy: str):
         require_dtype(backend, dtype)
         weights = build_weights(SMALL, seed=1, bias_mean=-2.0)
         prompt, following = prompt_for(SMALL, batch=2, length=96)
-        expect_same_run(f"{backend.name} {dtype} on {SMALL.name}", backend.make_runner(SMALL, weights, dtype=dtype),
+        expect_same_run(f"{backend.name} {dtype} on {SMALL.name}", backend,
+                        backend.make_runner(SMALL, weights, dtype=dtype),
                         REFERENCE.make_runner(SMALL, weights), prompt, following, policy)
     return small_model_matches_reference
 
@@ -50,7 +51,7 @@ def small_model_matches_the_oracle(backend):
 
     weights = build_weights(SMALL, seed=2, bias_mean=-2.0)
     prompt, following = prompt_for(SMALL, batch=2, length=96)
-    expect_same_run(f"{backend.name} vs transformers on {SMALL.name}", backend.make_runner(SMALL, weights),
+    expect_same_run(f"{backend.name} vs transformers on {SMALL.name}", backend, backend.make_runner(SMALL, weights),
                     OracleRunner(SMALL, weights), prompt, following, "oracle.float32")
 
 
@@ -60,7 +61,7 @@ def _full(gemm_impl: str, policy: str):
         weights = build_weights(FULL_WIDTHS, seed=3, bias_mean=-2.0)
         prompt, following = prompt_for(FULL_WIDTHS, batch=1, length=16)
         numerics = Numerics(gemm_impl)
-        expect_same_run(f"{backend.name} on {FULL_WIDTHS.name} ({gemm_impl} path)",
+        expect_same_run(f"{backend.name} on {FULL_WIDTHS.name} ({gemm_impl} path)", backend,
                         backend.make_runner(FULL_WIDTHS, weights, numerics),
                         REFERENCE.make_runner(FULL_WIDTHS, weights, numerics), prompt, following, policy)
     return released_widths_match_reference

@@ -160,7 +160,14 @@ class GoldenCase:
         default = "h100" if "h100" in file.label else self.meta.get("device", "cpu")
         return override.get("device", default)
 
-    def tolerance_for(self, file: ExpectedFile) -> Tolerance:
+    def tolerance_for(self, file: ExpectedFile, quantization: str | None = None) -> Tolerance:
+        """The file's policy entry; a backend of quantized weights (`quantization`) is judged by its type's
+        quantization policy on every file of the dequantized path."""
+        if quantization is not None and file.gemm_impl == "bf16":
+            own = tolerance(f"quant.{quantization}")
+            if self.meta.get("compute_dtype") == "bfloat16":  # expectations that carry bfloat16's own rounding
+                return own.loosened_by(tolerance("quant.bfloat16-golden"))
+            return own
         compute = self.meta.get("compute_dtype", "float32")
         if compute not in ("float32", "bfloat16") or (compute == "bfloat16" and file.gemm_impl == "fp8"):
             raise GoldenError(f"{self.path}: no tolerance policy for goldens computed in {compute!r} on the "
@@ -171,19 +178,21 @@ class GoldenCase:
             return tolerance("golden.fp8-path.h100" if self.device(file) == "h100" else "golden.fp8-path.row")
         return tolerance("golden.float32-path")
 
-    def comparer(self, file: ExpectedFile) -> Callable[[str, np.ndarray], Comparison]:
-        """compare(name, output) against file's tensor `name` under the file's policy entry: every row for the
-        fp8 activation path and bfloat16 (rounding flips move a minority of tokens), whole tensors otherwise."""
-        entry = self.tolerance_for(file)
+    def comparer(self, file: ExpectedFile, entry: Tolerance) -> Callable[[str, np.ndarray], Comparison]:
+        """compare(name, output) against file's tensor `name` under the policy entry: every row for the fp8
+        activation path and bfloat16 (rounding flips move a minority of tokens), whole tensors otherwise (a
+        quantization policy pools every logits tensor of the file instead: check_case)."""
         if entry.per_row:
             return lambda name, output: Comparison.of_rows(file.result_name(name), output, file.tensors[name], entry)
         return lambda name, output: Comparison.of(file.result_name(name), output, file.tensors[name], entry.value)
 
-    def compares_greedy_tokens(self, file: ExpectedFile) -> bool:
+    def compares_greedy_tokens(self, file: ExpectedFile, entry: Tolerance | None = None) -> bool:
         """Greedy tokens are compared exactly, except for files computed in bfloat16 or on an H100, whose
         near ties break either way (TOLERANCES.md sections 2 and 10: tokens differed in most of the repeated
-        official runs); their decode logits are still compared, fed the file's own tokens."""
-        return self.meta.get("compute_dtype", "float32") != "bfloat16" and self.device(file) != "h100"
+        official runs), and under a quantization policy (`entry`), which bounds top-1 agreement instead; their
+        decode logits are still compared, fed the file's own tokens."""
+        return (self.meta.get("compute_dtype", "float32") != "bfloat16" and self.device(file) != "h100"
+                and not (entry is not None and entry.per_distribution))
 
 
 
@@ -373,7 +382,8 @@ def _compare_file(case: "GoldenCase", file: ExpectedFile, backend: Backend, weig
     _prefill_checks(runner, file, prompt, capacity, compare, result)
     if decoded is not None:
         _decode_checks(runner, file, decoded, compare)
-    if "tokens.decoded" in file.tensors and case.compares_greedy_tokens(file):
+    if "tokens.decoded" in file.tensors and case.compares_greedy_tokens(file, case.tolerance_for(
+            file, backend.quantization)):
         _greedy_tokens(file, runner, prompt, capacity, result)
 
 
@@ -413,26 +423,49 @@ def _compare_naive(case: "GoldenCase", file: ExpectedFile, backend: Backend, wei
 SPECULATIVE = "speculative.tokens.decoded"
 
 
-def _expected_names(case: "GoldenCase", file: ExpectedFile) -> dict[str, list[str]]:
-    """The result names each part of the check must produce for `file` (part -> names), and under "unknown"
-    the tensors this harness does not know."""
+def _is_logits(name: str) -> bool:
+    return name in _LOGITS or name.endswith(".logits")
+
+
+def _expected_names(case: "GoldenCase", file: ExpectedFile, entry: Tolerance) -> dict[str, list[str]]:
+    """The result names each part of the check must produce for `file` under the policy `entry` (part -> names),
+    under "unknown" the tensors this harness does not know, and under "by policy" those the policy leaves out
+    (greedy tokens where near ties may break either way; block outputs under a quantization policy, which bounds
+    next-token distributions only)."""
     prompt, decoded = case.tokens(file, "tokens.prompt"), case.tokens(file, "tokens.decoded")
-    parts: dict[str, list[str]] = {"main": [], "mtp": [], "speculative": [], "naive": [], "unknown": []}
+    parts: dict[str, list[str]] = {"main": [], "mtp": [], "speculative": [], "naive": [], "unknown": [],
+                                   "by policy": []}
     for name in file.tensors:
-        if name == "tokens.prompt" or (name == "tokens.decoded" and not case.compares_greedy_tokens(file)):
+        if name == "tokens.prompt":
+            continue
+        if ((name == "tokens.decoded" and not case.compares_greedy_tokens(file, entry))
+                or (entry.per_distribution and not _is_logits(name) and name != "tokens.decoded")):
+            parts["by policy"].append(name)
             continue
         known = _expected_shape(name, case.config, prompt.shape[0], prompt.shape[1],
                                 None if decoded is None else decoded.shape[1]) is not None
         part = ("unknown" if not known else "mtp" if _MTP.match(name) else
                 "naive" if name == "prefill.logits_last.naive" else "main")
         parts[part].append(name)
-    if parts["mtp"] and "tokens.decoded" in file.tensors and case.compares_greedy_tokens(file):
+    if parts["mtp"] and "tokens.decoded" in file.tensors and case.compares_greedy_tokens(file, entry):
         parts["speculative"].append(SPECULATIVE)
     return parts
 
 
 PART_CHECKS = {"main": _compare_file, "mtp": _compare_mtp, "speculative": _compare_speculative,
                "naive": _compare_naive}
+
+
+def _pooled_distributions(file: ExpectedFile, pooled: list[tuple[str, np.ndarray]], vocab: int,
+                          entry: Tolerance) -> Comparison:
+    """Every logits row of the file (each sequence's prompt positions and decode steps) as one set of next-token
+    distributions, as llama.cpp's `llama-perplexity --kl-divergence` pools a text's tokens: the share of top-1
+    agreement needs more rows than one step of a batch holds."""
+    names = [name for name, _ in pooled]
+    return Comparison.of_distributions(
+        file.result_name(f"logits: {len(names)} tensors ({names[0]} ... {names[-1]})" if len(names) > 1 else names[0]),
+        np.concatenate([np.reshape(output, (-1, vocab)) for _, output in pooled]),
+        np.concatenate([np.reshape(file.tensors[name], (-1, vocab)) for name in names]), entry)
 
 
 def check_case(case: GoldenCase, backend: Backend | str, dtype: str | None = None,
@@ -449,29 +482,43 @@ def check_case(case: GoldenCase, backend: Backend | str, dtype: str | None = Non
     weights = weights if weights is not None else case.weights()
     result = CaseResult(case.name, backend.name, [], allow=tuple(allow))
     for file in case.files:
-        entry = case.tolerance_for(file)
-        compare = case.comparer(file)
+        entry = case.tolerance_for(file, backend.quantization)
+        compare = case.comparer(file, entry)
+        expected = _expected_names(case, file, entry)
+        left_out = set(expected["by policy"])
 
-        def record(name: str, output: np.ndarray | None, compare=compare, file=file, entry=entry) -> None:
-            """Compare an output with the file's tensor `name`; None (the backend returned no such output) fails."""
-            result.results.append(compare(name, output) if output is not None else Comparison(
-                file.result_name(name), float("inf"), float("inf"), entry.value, False))
+        pooled: list[tuple[str, np.ndarray]] = []
+
+        def record(name: str, output: np.ndarray | None, compare=compare, file=file, entry=entry,
+                   left_out=left_out, pooled=pooled) -> None:
+            """Compare an output with the file's tensor `name`; None (the backend returned no such output) or a
+            wrong shape fails; a tensor the policy leaves out is not compared; under a quantization policy, logits
+            of the right shape are pooled, to be judged together."""
+            if name in left_out:
+                return
+            if output is None or (entry.per_distribution and np.shape(output) != file.tensors[name].shape):
+                result.results.append(Comparison(file.result_name(name), float("inf"), float("inf"), entry.value,
+                                                 False))
+            elif entry.per_distribution:
+                pooled.append((name, output))
+            else:
+                result.results.append(compare(name, output))
 
         first = len(result.results)
-        expected = _expected_names(case, file)
         result.missing += [Missing(file.result_name(name), "unknown", "a tensor this harness does not compare")
                            for name in expected.pop("unknown")]
-        if "tokens.decoded" in file.tensors and not case.compares_greedy_tokens(file):
-            result.by_policy.append(file.result_name("tokens.decoded"))
+        result.by_policy += [file.result_name(name) for name in expected.pop("by policy")]
         for part, names in expected.items():
             if not names:
                 continue
             try:
                 PART_CHECKS[part](case, file, backend, weights, dtype, record, result)
             except Unsupported as reason:
-                done = {c.name for c in result.results}
+                done = {c.name for c in result.results} | {file.result_name(name) for name, _ in pooled}
                 result.missing += [Missing(file.result_name(name), reason.part or part, f"{file.path.name}: {reason}")
                                    for name in names if file.result_name(name) not in done]
+        if pooled:
+            result.results.append(_pooled_distributions(file, pooled, case.config.vocab_size, entry))
         result.policy.update({c.name: "tokens.exact" if c.name.endswith("tokens.decoded") else entry.key
                               for c in result.results[first:]})
     return result

@@ -69,6 +69,7 @@ def provenance() -> dict[str, str]:
 
 def run_suite(backends: list[str], results_dir: Path, profile: str, allow: tuple[str, ...] = ()) -> tuple[int, list[dict]]:
     """Run `pytest conformance/` with the report plugin; returns its exit status and one row per test."""
+    results_dir = results_dir.resolve()  # pytest runs in the project's folder
     results_dir.mkdir(parents=True, exist_ok=True)
     for stale in results_dir.glob("results-*.jsonl"):
         stale.unlink()

@@ -34,5 +34,5 @@ def test_real_checkpoint_layer(backend, request):
         one_layer = dataclasses.replace(config, n_layers=1, n_dense_layers=int(layer < config.n_dense_layers),
                                         n_mtp_layers=0, vocab_size=vocab, name=f"{config.name} layer {layer}")
         prompt, following = prompt_for(one_layer, batch=1, length=16)
-        expect_same_run(f"{backend.name} on layer {layer} of {path}", backend.make_runner(one_layer, weights),
+        expect_same_run(f"{backend.name} on layer {layer} of {path}", backend, backend.make_runner(one_layer, weights),
                         REFERENCE.make_runner(one_layer, weights), prompt, following, "cross.float32")

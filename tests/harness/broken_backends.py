@@ -132,3 +132,23 @@ class NoDecode:
 
 NO_DECODE = _backend("no-decode", NoDecode)
 MISDECLARED = Backend("misdeclared", Wrapper, default_dtype="float16", dtypes="float32", attention_forms=("flash",))
+
+
+class Sharpened(Wrapper):
+    """Logits multiplied by 1.25 (a softmax scale applied twice, say): every next-token distribution too sharp."""
+
+    def damage(self, output):
+        return StepOutput(np.asarray(output.logits) * 1.25, output.hidden, output.experts)
+
+
+def _quantized(name: str, runner) -> Backend:
+    """Declares q8_0 weights: its logits are judged as next-token distributions under `quant.q8_0`."""
+    return Backend(name, runner, default_dtype="float64", dtypes=("float64", "float32"), quantization="q8_0",
+                   description=(runner.__doc__ or "").splitlines()[0])
+
+
+QUANTIZED_FAITHFUL = _quantized("quantized-faithful", Wrapper)
+QUANTIZED_GARBAGE = _quantized("quantized-second-sequence-garbage", SecondSequenceGarbage)
+QUANTIZED_NAN = _quantized("quantized-second-sequence-nan", SecondSequenceNaN)
+QUANTIZED_SHARPENED = _quantized("quantized-sharpened", Sharpened)
+QUANTIZED_NO_GROUP_LIMIT = _quantized("quantized-no-group-limit", NoGroupLimit)

@@ -120,12 +120,45 @@ def test_llama_cpp_s_default_f16_cache_is_what_moves_its_float32_logits(tmp_path
     assert 1e-5 < max(r["rel_err"] for name, r in results.items() if "logits" in name) < 1e-2
 
 
-@pytest.mark.parametrize("backend", ["llamacpp-f16", "llamacpp-bf16", "llamacpp-q8_0"])
-def test_reduced_precision_files_pass_the_official_bfloat16_row_policy(backend):
-    """f16, bf16 and q8_0 files are judged against the official code run in bfloat16, under that case's row policy
-    (TOLERANCES.md, golden.bfloat16-path: measured over repeated official bfloat16 runs)."""
-    assert main(["check-golden", str(GOLDEN_DIR / "official" / "v3-tiny-bf16"), "--backend", backend,
-                 "--allow-missing", "hidden,naive"]) == 0
+@pytest.mark.parametrize("backend", ["llamacpp-f16", "llamacpp-bf16", "llamacpp-q8_0", "llamacpp-q4_k_m",
+                                     "llamacpp-iq4_nl"])
+def test_quantized_files_pass_their_quantization_policy_on_the_official_cases(backend, capsys):
+    """Every logits row of the official float32 and bfloat16 cases, pooled, as next-token distributions under the
+    type's policy (TOLERANCES.md section 12); greedy tokens are left to the policy's top-1 share."""
+    for case in ("v3-tiny", "v3-tiny-bf16"):
+        assert main(["check-golden", str(GOLDEN_DIR / "official" / case), "--backend", backend,
+                     "--allow-missing", "hidden,naive"]) == 0, capsys.readouterr().out[-2000:]
+        assert "top-1" in capsys.readouterr().out
+
+
+def test_the_quantizer_s_file_holds_the_type_it_is_named_for_and_reads_back():
+    """On rows of 256 (quantization:long-prompts' model) llama.cpp's Q4_K_M mixture is mostly Q4_K; an f32 file read
+    back gives the reference the very weights it was written from (the same logits, to the last bit)."""
+    from dsv3_conformance.adapters.llamacpp.runner import LlamaCppRunner
+    from dsv3_conformance.backends import REFERENCE
+    from dsv3_conformance.checks.quantization import rows_of_256
+    from dsv3_conformance.checks.strategies import build_weights
+
+    config = rows_of_256()
+    weights = build_weights(config, 5)
+    quantized, f32 = LlamaCppRunner(config, weights, "q4_k_m"), LlamaCppRunner(config, weights, "f32")
+    types = gguf_file.tensor_types(quantized.path)
+    assert types.get("Q4_K", 0) > sum(count for name, count in types.items() if name not in ("Q4_K", "F32"))
+    read = gguf_file.read_weights(f32.path, config, weights)
+    tokens = np.arange(12)[None] * 7 % config.vocab_size
+    np.testing.assert_array_equal(REFERENCE.make_runner(config, read, dtype="float64").prefill(tokens).logits,
+                                  REFERENCE.make_runner(config, weights, dtype="float64").prefill(tokens).logits)
+
+
+def test_the_long_prompt_check_tells_the_types_apart():
+    """Q4_K_M passes its own policy on the longer prompt set and fails q8_0's: the policy sees a type's loss."""
+    from dataclasses import replace
+
+    from dsv3_conformance.adapters.llamacpp import Q4_K_M
+    from dsv3_conformance.checks.quantization import long_prompt_comparison
+
+    assert long_prompt_comparison(Q4_K_M).passed
+    assert not long_prompt_comparison(replace(Q4_K_M, quantization="q8_0")).passed
 
 
 def test_a_model_llama_cpp_cannot_load_is_declared_not_compared(tmp_path, capsys):

@@ -7,11 +7,12 @@ v_head_dim, kv_lora_rank], split from kv_b_proj); one kv head of kv_lora_rank + 
 stacked [experts, out, in]; the router, every norm and the correction bias in float32. No tokenizer: the vocabulary is
 `none`, of vocab_size dummy tokens (the harness feeds token ids). fp8 weights are dequantized with their 128x128
 block scales first. Types: f32, f16, bf16 and q8_0 (q8_0 where a row is a multiple of 32 values, the router and
-attn_k_b excepted, as llama.cpp's own quantizer keeps them).
+attn_k_b excepted, as llama.cpp's own quantizer keeps them); the others come from llama.cpp's quantizer (runner.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,9 @@ from dsv3_conformance.format.config import ModelConfig
 from dsv3_conformance.format.weights import FFNWeights, LayerWeights, LinearWeight, ModelWeights, MoEWeights
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
+# Types made by llama.cpp's own quantizer from the f32 file, by their llama_ftype (llama.h). On rows that are not a
+# multiple of a type's block (256 for k-quants) the quantizer falls back to another type (`tensor_types` tells).
+QUANTIZER_TYPES = {"q4_k_m": 15, "iq4_nl": 25}
 BLOCK = 128  # fp8 weight scales cover 128x128 blocks
 
 
@@ -155,3 +159,53 @@ def write(path: Path, config: ModelConfig, weights: ModelWeights, kind: str = "f
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each ggml type a GGUF file holds (read back with the gguf package)."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def read_weights(path: Path, config: ModelConfig, template: ModelWeights) -> ModelWeights:
+    """The weights a GGUF file written from `template` holds, dequantized by the gguf package (float32): what a
+    quantized file makes of the model, for the reference to run (the inverse of `_tensors`)."""
+    import gguf
+
+    values = {tensor.name: np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+              .reshape(tuple(int(n) for n in reversed(tensor.shape))) for tensor in gguf.GGUFReader(str(path)).tensors}
+
+    def linear(name: str) -> LinearWeight:
+        return LinearWeight(values[name])
+
+    def ffn(prefix: str, suffix: str) -> FFNWeights:
+        return FFNWeights(*(linear(f"{prefix}ffn_{part}{suffix}.weight") for part in ("gate", "up", "down")))
+
+    layers = []
+    for index, layer in enumerate(template.layers):
+        at = f"blk.{index}."
+        kv_b = np.concatenate([values[at + "attn_k_b.weight"].transpose(0, 2, 1), values[at + "attn_v_b.weight"]],
+                              axis=1).reshape(-1, config.kv_lora_rank)
+        attn = replace(layer.attn, kv_a_proj=linear(at + "attn_kv_a_mqa.weight"), kv_b_proj=LinearWeight(kv_b),
+                       kv_a_norm=values[at + "attn_kv_a_norm.weight"], o_proj=linear(at + "attn_output.weight"))
+        if layer.attn.q_proj is not None:
+            attn = replace(attn, q_proj=linear(at + "attn_q.weight"))
+        else:
+            attn = replace(attn, q_a_proj=linear(at + "attn_q_a.weight"), q_a_norm=values[at + "attn_q_a_norm.weight"],
+                           q_b_proj=linear(at + "attn_q_b.weight"))
+        if isinstance(layer.ffn, FFNWeights):
+            feed = ffn(at, "")
+        else:
+            experts = tuple(FFNWeights(*(LinearWeight(values[f"{at}ffn_{part}_exps.weight"][e])
+                                         for part in ("gate", "up", "down"))) for e in range(config.n_routed_experts))
+            gate = replace(layer.ffn.gate, weight=values[at + "ffn_gate_inp.weight"])
+            feed = replace(layer.ffn, gate=gate, experts=experts,
+                           shared=ffn(at, "_shexp") if layer.ffn.shared is not None else None)
+        layers.append(replace(layer, attn_norm=values[at + "attn_norm.weight"], attn=attn,
+                              ffn_norm=values[at + "ffn_norm.weight"], ffn=feed))
+    return ModelWeights(values["token_embd.weight"], tuple(layers), values["output_norm.weight"],
+                        values["output.weight"])

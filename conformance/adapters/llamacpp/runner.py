@@ -11,6 +11,7 @@ attention path), "exact" with a float32 KV cache.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import os
 import shutil
@@ -44,7 +45,10 @@ class LlamaCppRunner(Runner):
         self.config, self.kind, self.settings = config, kind, settings
         self._llama = llama_cpp.Llama
         self._folder = Path(tempfile.mkdtemp(prefix="dsv3-llamacpp-"))  # created 0700
-        self.path = gguf_file.write(self._folder / f"model-{kind}.gguf", config, weights, kind)
+        if kind in gguf_file.QUANTIZER_TYPES:
+            self.path = quantize(gguf_file.write(self._folder / "model-f32.gguf", config, weights, "f32"), kind)
+        else:
+            self.path = gguf_file.write(self._folder / f"model-{kind}.gguf", config, weights, kind)
         self._contexts: list = []
 
     def __del__(self):
@@ -55,12 +59,14 @@ class LlamaCppRunner(Runner):
         options = dict(model_path=str(self.path), n_ctx=max(capacity, 8), n_batch=max(capacity, 8),
                        n_ubatch=max(capacity, 8), logits_all=True, n_threads=os.cpu_count() or 1, seed=0,
                        **({"type_k": _F32, "type_v": _F32} if self.settings == "exact" else {}))
-        try:
-            return self._llama(verbose=False, **options)
-        except ValueError:  # llama-cpp-python's "Failed to load model from file": load again for llama.cpp's reason
-            log = _stderr_of(lambda: self._llama(verbose=True, **options))
-            reasons = [line.strip() for line in log.splitlines() if "error" in line.lower()]
-            raise RuntimeError(f"llama.cpp refused the GGUF file of this model: {'; '.join(reasons)[-500:]}") from None
+        made = []
+        _stderr_of(lambda: made.append(self._llama(verbose=False, **options)))  # llama.cpp warns even when not verbose
+        if made:
+            return made[0]
+        # llama-cpp-python's "Failed to load model from file": load again for llama.cpp's reason
+        log = _stderr_of(lambda: self._llama(verbose=True, **options))
+        reasons = [line.strip() for line in log.splitlines() if "error" in line.lower()]
+        raise RuntimeError(f"llama.cpp refused the GGUF file of this model: {'; '.join(reasons)[-500:]}")
 
     def prefill(self, tokens, forced_experts=None, capacity=None) -> StepOutput:
         if forced_experts is not None:
@@ -83,6 +89,24 @@ class LlamaCppRunner(Runner):
             context.eval([int(token) for token in row])
             logits.append(np.array(context.scores[context.n_tokens - row.shape[0]: context.n_tokens], np.float32))
         return StepOutput(np.stack(logits), None, ())
+
+
+def quantize(source: Path, kind: str) -> Path:
+    """The f32 GGUF file `source` quantized to `kind` by llama.cpp's own quantizer (llama_model_quantize, its
+    default mixture of types for that llama_ftype, no importance matrix), beside it."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = gguf_file.QUANTIZER_TYPES[kind]
+    params.nthread = os.cpu_count() or 1
+    target = source.with_name(f"model-{kind}.gguf")
+    status = []
+    log = _stderr_of(lambda: status.append(llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(),
+                                                                          ctypes.byref(params))))
+    if status != [0]:
+        raise RuntimeError(f"llama.cpp's quantizer failed on {kind}: {log.strip()[-500:]}")
+    source.unlink()
+    return target
 
 
 def _stderr_of(call) -> str:

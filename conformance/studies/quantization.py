@@ -1,0 +1,96 @@
+"""The measurements behind the quantization policy (TOLERANCES.md section 12): llama.cpp on each weight type and
+setting, its next-token distributions against the expected ones, on the golden prompts (official/v3-tiny: the
+last prompt position and every decode step, against the official float32 run) and on the longer prompt set of
+`quantization:long-prompts` (against the float64 reference; its seed and two more); each split into what the weight type loses and what
+llama.cpp's arithmetic adds (`decomposed`).
+
+    python -m dsv3_conformance.studies.quantization [--json OUT]
+
+Needs the llamacpp extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+from tabulate import tabulate
+
+from dsv3_conformance.adapters.llamacpp.gguf_file import read_weights, tensor_types
+from dsv3_conformance.adapters.llamacpp.runner import LlamaCppRunner
+from dsv3_conformance.golden.cases import GoldenCase
+from dsv3_conformance.metrics import kl_divergences
+from dsv3_conformance.paths import GOLDEN_DIR
+from dsv3_conformance.checks.quantization import BATCH, DECODE, PROMPT, SEED, logits_of, rows_of_256
+from dsv3_conformance.checks.strategies import build_weights
+from dsv3_conformance.backends import REFERENCE
+
+KINDS = ("f16", "bf16", "q8_0", "q4_k_m", "iq4_nl")
+SETTINGS = ("default", "exact")
+SEEDS = (SEED, 11, 12)  # the check's own model and prompts, and two more of the same shape
+
+
+def statistics(got: np.ndarray, expected: np.ndarray) -> dict:
+    divergences = kl_divergences(got, expected)
+    width = expected.shape[-1]
+    agree = got.reshape(-1, width).argmax(axis=1) == expected.reshape(-1, width).argmax(axis=1)
+    return {"rows": int(divergences.size), "kl_median": float(np.median(divergences)),
+            "kl_p99": float(np.percentile(divergences, 99)), "kl_max": float(divergences.max()),
+            "top1": float(agree.mean())}
+
+
+def decomposed(kind: str, setting: str, config, weights, prompt, following, expected) -> dict:
+    """llama.cpp on the type's file against `expected` (the total), and split in two: the float64 reference on
+    the file's own weights (dequantized by the gguf package) against `expected` (what the type loses, no
+    llama.cpp kernel involved), and llama.cpp against that (what llama.cpp's arithmetic adds: its activation
+    quantization in quantized dot products, an f16 KV cache)."""
+    runner = LlamaCppRunner(config, weights, kind, setting)
+    first = prompt.shape[1] + following.shape[1] - expected.shape[1]  # the golden holds the last prompt position on
+    got = logits_of(runner, prompt, following)[:, first:]
+    on_file = logits_of(REFERENCE.make_runner(config, read_weights(runner.path, config, weights), dtype="float64"),
+                        prompt, following)[:, first:]
+    typed, arithmetic = statistics(on_file, expected), statistics(got, on_file)
+    return {**statistics(got, expected), "type_kl_max": typed["kl_max"], "type_top1": typed["top1"],
+            "arithmetic_kl_p99": arithmetic["kl_p99"], "arithmetic_kl_max": arithmetic["kl_max"],
+            "file": ", ".join(f"{name} {count}" for name, count in tensor_types(runner.path).items())}
+
+
+def measure() -> list[dict]:
+    case = GoldenCase.load(GOLDEN_DIR / "official" / "v3-tiny")
+    tensors = case.files[0].tensors
+    steps = sorted(int(name.split(".")[1]) for name in tensors if name.startswith("decode."))
+    golden = (case.config, case.weights(), tensors["tokens.prompt"], tensors["tokens.decoded"][:, : len(steps)],
+              np.stack([tensors["prefill.logits_last"]] + [tensors[f"decode.{t}.logits"] for t in steps], axis=1))
+    sets = {"golden (v3-tiny)": golden}
+    config = rows_of_256()
+    for seed in SEEDS:
+        weights = build_weights(config, seed)
+        rng = np.random.default_rng(seed)
+        prompt = rng.integers(0, config.vocab_size, (BATCH, PROMPT))
+        following = rng.integers(0, config.vocab_size, (BATCH, DECODE))
+        sets[f"long, seed {seed}"] = (config, weights, prompt, following,
+                                      logits_of(REFERENCE.make_runner(config, weights, dtype="float64"), prompt,
+                                                following))
+    rows = []
+    for kind in KINDS:
+        for setting in SETTINGS:
+            name = f"llamacpp-{kind}" + ("" if setting == "default" else "-exact")
+            for prompts, data in sets.items():
+                rows.append({"backend": name, "prompts": prompts, **decomposed(kind, setting, *data)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the rows as JSON here")
+    args = parser.parse_args()
+    rows = measure()
+    print(tabulate(rows, headers="keys", floatfmt=".2e"))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

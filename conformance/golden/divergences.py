@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from dsv3_conformance.format.config import ModelConfig, YarnScaling, tiny
+from dsv3_conformance.format.config import ModelConfig, YarnScaling, tiny, tiny_fp8
 from dsv3_conformance.reference.rope import yarn_active
 
 
 LLAMA_CPP = "llama.cpp (deepseek2) in llama-cpp-python 0.3.36"
+MLX_LM = "mlx-lm 0.32.2 (models/deepseek_v3.py) on mlx 0.32.4"
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,57 @@ DIVERGENCES = [
     Divergence("llamacpp-shared-experts-required", LLAMA_CPP,
                "The shared-expert tensors are required, so a model with n_shared_experts 0 (whose shared expert adds "
                "nothing in the official code) fails to load (src/models/deepseek2.cpp, load_arch_tensors).",
+               lambda c: c.n_shared_experts == 0,
+               lambda: tiny(n_shared_experts=0)),
+    Divergence("mlxlm-masked-groups-zero", MLX_LM,
+               "Experts of the groups left out are given the score 0.0, not -inf (models/deepseek_v3.py, "
+               "group_expert_select, put_along_axis(..., mx.array(0.0))): where a kept group's candidate scores below "
+               "0 with its correction bias (sigmoid score + a negative bias), an expert of a masked group is chosen "
+               "instead.",
+               lambda c: 1 < c.n_limited_groups < c.n_expert_groups,
+               lambda: tiny()),
+    Divergence("mlxlm-sigmoid-always", MLX_LM,
+               "The router applies sigmoid whatever scoring_func says (group_expert_select): softmax-scored "
+               "configs are scored wrongly.",
+               lambda c: c.score_func == "softmax",
+               lambda: tiny(score_func="softmax", n_expert_groups=1, n_limited_groups=1)),
+    Divergence("mlxlm-single-expert-unnormalized", MLX_LM,
+               "The chosen weights are normalized only when top_k > 1 (group_expert_select); the official gate "
+               "normalizes sigmoid weights for any k, so with one routed expert its weight is route_scale, not "
+               "sigmoid score x route_scale.",
+               lambda c: c.score_func == "sigmoid" and c.n_activated_experts == 1,
+               lambda: tiny(n_activated_experts=1, n_expert_groups=1, n_limited_groups=1)),
+    Divergence("mlxlm-yarn-always-on", MLX_LM,
+               "YaRN is applied whenever rope_scaling names it (rope_utils.initialize_rope); the official code applies "
+               "it only when the run is longer than original_max_position_embeddings.",
+               lambda c: c.rope_scaling is not None and not yarn_active(c),
+               lambda: tiny(max_seq_len=32, n_expert_groups=1, n_limited_groups=1)),
+    Divergence("mlxlm-mscale-all-dim", MLX_LM,
+               "As in transformers: attention is scaled with mscale_all_dim and the rope by mscale/mscale_all_dim "
+               "(DeepseekV3Attention, rope_utils.YarnRoPE); the official code scales attention by mscale alone. They "
+               "agree when the two are equal, as in the release.",
+               lambda c: yarn_active(c) and c.rope_scaling.mscale != c.rope_scaling.mscale_all_dim,
+               lambda: tiny(n_expert_groups=1, n_limited_groups=1,
+                            rope_scaling=YarnScaling(factor=40.0, original_seq_len=32, mscale=0.707,
+                                                     mscale_all_dim=1.0))),
+    Divergence("mlxlm-latent-norm-eps", MLX_LM,
+               "q_a_layernorm and kv_a_layernorm use eps 1e-6 whatever rms_norm_eps says (DeepseekV3Attention).",
+               lambda c: c.rms_norm_eps != 1e-6,
+               lambda: tiny(rms_norm_eps=1e-2, n_expert_groups=1, n_limited_groups=1)),
+    Divergence("mlxlm-fp8-dequantized-to-bfloat16", MLX_LM,
+               "fp8 weights are dequantized into bfloat16 whatever the run's dtype (Model.sanitize, dequant): a float32 "
+               "run computes with bfloat16-rounded weights (logits move by 5e-3 on the fp8 goldens). In bfloat16, as "
+               "its users run it, the official code rounds its dequantized weights the same way.",
+               lambda c: c.fp8_weights,
+               lambda: tiny_fp8(n_expert_groups=1, n_limited_groups=1)),
+    Divergence("mlxlm-noaux-tc-only", MLX_LM,
+               "A gate without a correction bias (topk_method other than noaux_tc: DeepSeek-V2's routing) is refused "
+               "by an assertion (MoEGate).",
+               lambda c: not c.gate_bias,
+               lambda: tiny(gate_bias=False)),
+    Divergence("mlxlm-shared-experts-required", MLX_LM,
+               "n_shared_experts 0 builds a shared expert of width 0, whose initialization divides by zero "
+               "(DeepseekV3MoE): such a model cannot be built.",
                lambda c: c.n_shared_experts == 0,
                lambda: tiny(n_shared_experts=0)),
 ]

@@ -10,10 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 import platform
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,65 +25,24 @@ from dsv3_conformance.golden.cases import CaseResult, GoldenCase, check_case
 from dsv3_conformance.golden.manifest import case_dirs, verify
 from dsv3_conformance.mutation.runner import CheckRun, MutantResult, run_catalogue, summarize
 from dsv3_conformance.report.loads import expert_loads
+from dsv3_conformance.report.runs import provenance, run_suite
+from dsv3_conformance.report.scoreboard import table as scoreboard_table
 from dsv3_conformance.report.section import Section, capability_sections, section_names
 from dsv3_conformance.tolerances import POLICY
 from dsv3_conformance.verdict import FAILED, INCOMPLETE, PASSED, Missing, allowed, outcome
-
-# Tests that are not registered checks, by module.
-COMPONENTS = {"test_data": "golden data", "test_divergences": "PyTorch oracle", "test_checkpoint_layer": "scale tiers"}
-
 
 def versions() -> dict[str, str]:
     """Versions of everything a result depends on (absent packages are left out)."""
     from importlib import metadata
 
     found = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in ("dsv3-conformance", "numpy", "ml_dtypes", "tensorflow", "torch", "transformers", "hypothesis"):
+    for package in ("dsv3-conformance", "numpy", "ml_dtypes", "tensorflow", "torch", "transformers", "hypothesis",
+                    "llama_cpp_python", "gguf"):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
     return found
-
-
-def provenance() -> dict[str, str]:
-    """When, from what commit, on which machine and by which command the report was made."""
-    from datetime import datetime, timezone
-
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True) \
-        if (root / ".git").exists() else None
-    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip() if done and done.returncode == 0 else ""
-    commit = (done.stdout.strip() + (" (with uncommitted changes)" if dirty else "")) if done and done.returncode == 0 \
-        else "an installed package (no checkout)"
-    return {"made": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-            "machine": f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "command": " ".join(["dsv3-conformance" if sys.argv[0].endswith(("dsv3-conformance", "__main__.py",
-                                                                               "cli.py")) else sys.argv[0],
-                                 *sys.argv[1:]])}
-
-
-def run_suite(backends: list[str], results_dir: Path, profile: str, allow: tuple[str, ...] = ()) -> tuple[int, list[dict]]:
-    """Run `pytest conformance/` with the report plugin; returns its exit status and one row per test."""
-    results_dir = results_dir.resolve()  # pytest runs in the project's folder
-    results_dir.mkdir(parents=True, exist_ok=True)
-    for stale in results_dir.glob("results-*.jsonl"):
-        stale.unlink()
-    suite = Path(__file__).resolve().parents[1]  # conformance/: its conftest.py and suite/
-    command = [sys.executable, "-m", "pytest", str(suite), "-n", "auto", "-q", "-p", "dsv3_conformance.report.plugin",
-               "--results-dir", str(results_dir), "--backend", ",".join(backends), "-p", "no:cacheprovider",
-               "--hypothesis-profile", profile, "--allow-missing", ",".join(allow)]
-    path = os.pathsep.join(filter(None, [str(suite.parent), os.environ.get("PYTHONPATH")]))
-    status = subprocess.call(command, cwd=suite.parent, env={**os.environ, "PYTHONPATH": path})
-    rows = []
-    for path in sorted(results_dir.glob("results-*.jsonl")):
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for row in rows:
-        module = row["nodeid"].split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
-        row["component"] = row.get("component") or COMPONENTS.get(module, module)
-        row["check"] = row.get("check") or row["nodeid"].split("::")[-1]
-    return status, sorted(rows, key=lambda r: (r["component"], r["check"], r["backend"] or ""))
 
 
 def suite_controls(rows: list[dict]) -> dict[tuple[str, str], CheckRun]:
@@ -206,6 +162,10 @@ class Report:
                          "note": row["message"][:160]})
         return rows
 
+    def scoreboard(self) -> list[dict]:
+        """The suite's rows as the scoreboard's table: backend x check family."""
+        return scoreboard_table(self.suite, list(dict.fromkeys(row["backend"] for row in self.suite if row["backend"])))
+
     def mutation_rows(self) -> list[dict]:
         return [{"mutant": m.mutant, "backend": m.backend, "verdict": m.verdict,
                  "killed by (measured)": "; ".join(m.killed_by) or "-",
@@ -246,6 +206,7 @@ class Report:
                 "not_compared": self.missing_rows(), "golden_dir": str(self.golden_dir), "versions": versions(),
                 "manifest_problems": self.manifest_problems, "golden": [c.to_json() for c in self.cases],
                 "suite_status": self.suite_status, "components": self.component_summary(), "checks": self.suite,
+                "scoreboard": self.scoreboard(),
                 "mutants": [m.to_json() for m in self.mutants or []], "known_divergences": self.divergences(),
                 "tolerances": {key: {"value": t.value, "basis": t.basis} for key, t in POLICY.items()},
                 "sections": {section.title: section.rows for section in self.extra},
@@ -268,6 +229,9 @@ class Report:
             sections.append(("Not compared", "What was expected and not compared: INCOMPLETE unless allowed "
                                              "(--allow-missing).", self.missing_rows()))
         if self.suite:
+            sections.append(("Scoreboard", "Every check family on each backend: its checks passed, FAILED, not "
+                                           "compared or not applicable, and the comparison nearest its bound (as "
+                                           "`dsv3-conformance scoreboard` writes it).", self.scoreboard()))
             sections += [("Components", "The suite per component and backend; worst ratio of an observed error "
                                         "to its tolerance (below 1 passes).", self.component_summary()),
                          ("Checks", "Every check of the suite: its worst comparison and the policy entry it uses.",

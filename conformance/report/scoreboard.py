@@ -17,6 +17,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from dsv3_conformance.backends import resolve_backends
+from dsv3_conformance.report.runs import provenance, run_suite
 from dsv3_conformance.verdict import PARTS
 
 OUTCOMES = ("passed", "FAILED", "not compared", "n/a")
@@ -102,8 +103,6 @@ def write(rows: list[dict], backends: list[str], out: Path, provenance: dict) ->
 
 
 def _scoreboard(args) -> int:
-    from dsv3_conformance.report.build import provenance, run_suite
-
     backends = [spec.strip() for spec in args.backends.split(",") if spec.strip()]
     resolve_backends(backends)
     out = Path(args.out)

@@ -1,4 +1,5 @@
-"""Recorded divergences (conformance/golden/divergences.py) of the transformers oracle and of llama.cpp still exist.
+"""Recorded divergences (conformance/golden/divergences.py) of the transformers oracle, llama.cpp and mlx-lm still
+exist.
 
 Configs the oracle implements differently from the official code are not compared for equality; each
 such divergence is recorded, and checked here to still show.
@@ -11,7 +12,7 @@ import pytest
 
 from dsv3_conformance.backends import REFERENCE
 from dsv3_conformance.checks.strategies import build_weights
-from dsv3_conformance.golden.divergences import DIVERGENCES, LLAMA_CPP
+from dsv3_conformance.golden.divergences import DIVERGENCES, LLAMA_CPP, MLX_LM
 from dsv3_conformance.metrics import rel_err
 from dsv3_conformance.tolerances import tolerance
 
@@ -25,8 +26,8 @@ from dsv3_conformance.golden.oracle import OracleRunner  # noqa: E402  (after th
 @pytest.mark.parametrize("divergence", [d for d in DIVERGENCES if d.example], ids=lambda d: d.key)
 def test_known_divergence_still_exists(divergence):
     """A recorded divergence must still show; if it no longer does, its record is out of date. transformers is run
-    as the oracle; llama.cpp (the llamacpp extra) in float32 with a float32 KV cache, where a model it cannot load
-    shows the divergence too."""
+    as the oracle; llama.cpp (the llamacpp extra) in float32 with a float32 KV cache, and mlx-lm (the mlxlm extra) in
+    float32, where a model either cannot load shows the divergence too."""
     config = divergence.example()
     weights = build_weights(config, seed=11)
     prompt = np.random.default_rng(0).integers(0, config.vocab_size, (2, 12))
@@ -39,6 +40,14 @@ def test_known_divergence_still_exists(divergence):
             other = LlamaCppRunner(config, weights, "f32", "exact", refuse_known=False).prefill(prompt).logits
         except RuntimeError as refused:  # the adapter: llama.cpp refused the file
             assert "llama.cpp refused" in str(refused)
+            return
+    elif divergence.source == MLX_LM:
+        pytest.importorskip("mlx_lm", reason="mlx-lm needs the mlxlm extra: pip install -e '.[mlxlm]'")
+        from dsv3_conformance.adapters.mlxlm.runner import MLXRunner
+
+        try:  # the adapter declares these models Unsupported: build them anyway, to see that they still fail
+            other = MLXRunner(config, weights, refuse_known=False).prefill(prompt).logits
+        except (AssertionError, ZeroDivisionError):  # mlx-lm refuses or cannot build the model
             return
     else:
         other = OracleRunner(config, weights, accept_divergences=True).prefill(prompt).logits

@@ -57,7 +57,7 @@ def test_check_golden_runs_it_by_module_path(environment, tmp_path):
 
 
 def test_the_suite_and_the_report_run_it_by_entry_point_name(environment, tmp_path):
-    """The report runs the suite as `pytest conformance/ --backend hf-transformers` (conformance.report.build.run_suite)
+    """The report runs the suite as `pytest conformance/ --backend hf-transformers` (conformance.report.runs.run_suite)
     and records every test's outcome and message: one run shows both taking the backend by its entry-point name."""
     done = _run(environment, "-m", "dsv3_conformance.cli", "report", "golden", "--backend", "hf-transformers",
                 "--suite", "--sections", "none", "--out", str(tmp_path), "--allow-missing", ALLOWED)
@@ -70,3 +70,5 @@ def test_the_suite_and_the_report_run_it_by_entry_point_name(environment, tmp_pa
     assert len([row for row in rows if row["outcome"] == "passed"]) >= 24, rows  # oracle/eps-theta: a divergence
     assert any(row["outcome"] == "skipped" and "backend hf-transformers has no gemm_impl fp8" in row["message"]
                for row in rows), rows
+    board = {row["backend"]: row for row in report["scoreboard"]}
+    assert list(board) == ["hf-transformers"] and "passed" in board["hf-transformers"]["golden"], board

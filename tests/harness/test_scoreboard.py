@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from dsv3_conformance.report import build, scoreboard
+from dsv3_conformance.report import scoreboard
 
 
 def _row(check, backend, outcome, comparisons=(), not_compared=()):
@@ -38,7 +38,7 @@ def test_cells_count_every_outcome_and_keep_the_comparison_nearest_its_bound():
 
 
 def test_the_command_writes_the_table_lists_what_was_not_compared_and_fails_on_a_failure(tmp_path, monkeypatch):
-    monkeypatch.setattr(build, "run_suite", lambda backends, where, profile, allow: (1, ROWS))
+    monkeypatch.setattr(scoreboard, "run_suite", lambda backends, where, profile, allow: (1, ROWS))
     monkeypatch.setattr(scoreboard, "resolve_backends", lambda names: None)
     args = SimpleNamespace(backends="one,two", out=str(tmp_path), hypothesis_profile="ci")
     assert scoreboard._scoreboard(args) == 1
@@ -46,5 +46,5 @@ def test_the_command_writes_the_table_lists_what_was_not_compared_and_fails_on_a
     assert "- one: mtp (1)" in text and "- two: hidden (1)" in text
     cells = {(c["backend"], c["family"]): c for c in json.loads((tmp_path / "scoreboard.json").read_text())["cells"]}
     assert cells[("one", "golden")]["FAILED"] == 1 and cells[("one", "golden")]["worst"]["rel_err"] == 2e-5
-    monkeypatch.setattr(build, "run_suite", lambda backends, where, profile, allow: (0, ROWS[2:]))
+    monkeypatch.setattr(scoreboard, "run_suite", lambda backends, where, profile, allow: (0, ROWS[2:]))
     assert scoreboard._scoreboard(args) == 0

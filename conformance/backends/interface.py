@@ -68,7 +68,7 @@ class MTPStep:
     shared_head.norm [B, n, dim], the logits [B, n, V] and the chosen experts [B*n, k]; and the drafts
     [B, D], each depth's greedy token at the last position."""
 
-    hidden: tuple[np.ndarray, ...]
+    hidden: tuple[np.ndarray, ...] | None  # None: the runner gives none (not compared)
     logits: tuple[np.ndarray, ...]
     experts: tuple[np.ndarray, ...]
     drafts: np.ndarray
@@ -205,8 +205,12 @@ class Backend:
                 raise Unsupported(f"backend {self.name} has no {what} {value} (it has {', '.join(supported)})", part)
 
     def make_runner(self, config: ModelConfig, weights: ModelWeights, numerics: Numerics = Numerics(),
-                    dtype: str | None = None, attention_form: AttentionForm = "absorbed") -> Runner:
+                    dtype: str | None = None, attention_form: AttentionForm | None = None) -> Runner:
+        """A runner; by default in the backend's default dtype and its own attention form (absorbed where it has
+        both: the form that serves, with its latent cache)."""
         dtype = dtype or self.default_dtype
+        attention_form = attention_form or ("absorbed" if "absorbed" in self.attention_forms else
+                                            self.attention_forms[0])
         self.require(dtype, numerics.gemm_impl if config.fp8_weights else None, attention_form)
         runner = self.runner(config, weights, numerics, dtype, attention_form)
         lacking = [name for name in ("prefill", "decode") if not callable(getattr(runner, name, None))]

@@ -22,7 +22,7 @@ def naive_attention_equals_absorbed(backend, model, data):
     """Naive MLA (latents expanded per head) and absorbed MLA give the same logits."""
     config, weights = model
     tokens = data.draw(token_batches(config))
-    absorbed = backend.make_runner(config, weights).prefill(tokens)
+    absorbed = backend.make_runner(config, weights, attention_form="absorbed").prefill(tokens)
     naive = backend.make_runner(config, weights, attention_form="naive").prefill(tokens)
     expect_close("naive vs absorbed MLA, logits at every position", naive.logits, absorbed.logits,
                  self_consistency_key(backend.default_dtype))

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 from hypothesis import strategies as st
 
-from dsv3_conformance.backends import REFERENCE
+from dsv3_conformance.backends import REFERENCE, Unsupported
 from dsv3_conformance.format.mtp import MTPOptions
 from dsv3_conformance.format.weights import LinearWeight
 from dsv3_conformance.backends import greedy
@@ -59,6 +59,9 @@ def mtp_matches_the_reference(backend, model, data):
     length = data.draw(st.integers(1, config.max_seq_len - config.n_mtp_layers - 1))
     stream = _stream(data, config, length)
     main, got = _run_mtp(backend.make_runner(config, weights, dtype="float32"), stream, length)
+    if not got.experts or got.hidden is None:
+        raise Unsupported(f"{backend.name} reports no chosen experts or no block outputs of its MTP modules, which this "
+                          "comparison needs", "experts" if not got.experts else "hidden")
     reference = REFERENCE.make_runner(config, weights)
     reference.prefill(stream[:, :length], main.experts)
     wanted = reference.mtp(stream[:, length:], MTPOptions(), got.experts)

@@ -16,6 +16,7 @@ from dsv3_conformance.reference.rope import yarn_active
 
 LLAMA_CPP = "llama.cpp (deepseek2) in llama-cpp-python 0.3.36"
 MLX_LM = "mlx-lm 0.32.2 (models/deepseek_v3.py) on mlx 0.32.4"
+TORCHTITAN = "torchtitan 0.3.0 (models/deepseek_v3) on torch 2.13"
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,39 @@ DIVERGENCES = [
                "(DeepseekV3MoE): such a model cannot be built.",
                lambda c: c.n_shared_experts == 0,
                lambda: tiny(n_shared_experts=0)),
+    Divergence("torchtitan-experts-in-bfloat16", TORCHTITAN,
+               "The routed experts always compute in bfloat16 (models/common/moe.py, GroupedExperts.forward casts "
+               "the tokens and the weights with .bfloat16() around torch._grouped_mm), whatever the model's dtype: a "
+               "float32 model moves by 3e-3 on the golden cases, and a near tie then routes later tokens elsewhere. "
+               "In bfloat16 training that is its working precision (backend torchtitan-exact computes these products "
+               "in float32).",
+               lambda c: c.n_layers > c.n_dense_layers,
+               lambda: tiny(n_expert_groups=1, n_limited_groups=1)),
+    Divergence("torchtitan-norm-eps", TORCHTITAN,
+               "Every RMSNorm uses eps 1e-5 (models/common/nn_modules.py, RMSNorm.Config's default; the DeepSeek-V3 "
+               "layer builder _build_dsv3_layers and its presets set none), whatever rms_norm_eps says; the release "
+               "says 1e-6 (logits move by about 8e-6 on the golden cases).",
+               lambda c: c.rms_norm_eps != 1e-5,
+               lambda: tiny(rms_norm_eps=1e-2, n_expert_groups=1, n_limited_groups=1)),
+    Divergence("torchtitan-yarn-always-on", TORCHTITAN,
+               "YaRN frequencies and the attention's mscale apply whenever rope_factor > 1 (models/common/rope.py, "
+               "ComplexRoPE; models/deepseek_v3/model.py, Attention); the official code applies them only when the run "
+               "is longer than original_max_position_embeddings.",
+               lambda c: c.rope_scaling is not None and not yarn_active(c),
+               lambda: tiny(max_seq_len=32, n_expert_groups=1, n_limited_groups=1)),
+    Divergence("torchtitan-group-score-without-bias", TORCHTITAN,
+               "A group's score is always the sum of its two best scores (models/common/moe.py, "
+               "TokenChoiceTopKRouter._get_node_limited_routing_scores); the official gate scores a group by its best "
+               "score when the gate has no correction bias (DeepSeek-V2's group-limited routing).",
+               lambda c: not c.gate_bias and 1 < c.n_limited_groups < c.n_expert_groups,
+               lambda: tiny(gate_bias=False)),
+    Divergence("torchtitan-mtp-pre-norm-hidden", TORCHTITAN,
+               "The first MTP module takes the last decoder block's output before the final norm "
+               "(models/deepseek_v3/mtp.py, MTPDecoder.forward keeps prev_depth_hidden = h before self.norm); the "
+               "engines that run the released MTP weights (vLLM, SGLang) and Megatron feed it the normed output "
+               "(SEMANTICS.md section 4). MTP logits move by 0.14 on official/v3-tiny-mtp.",
+               lambda c: c.n_mtp_layers > 0,
+               lambda: tiny(n_mtp_layers=1, n_expert_groups=1, n_limited_groups=1)),
 ]
 
 

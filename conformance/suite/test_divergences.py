@@ -1,5 +1,5 @@
-"""Recorded divergences (conformance/golden/divergences.py) of the transformers oracle, llama.cpp and mlx-lm still
-exist.
+"""Recorded divergences (conformance/golden/divergences.py) of the transformers oracle, llama.cpp, mlx-lm and
+torchtitan still exist.
 
 Configs the oracle implements differently from the official code are not compared for equality; each
 such divergence is recorded, and checked here to still show.
@@ -12,7 +12,7 @@ import pytest
 
 from dsv3_conformance.backends import REFERENCE
 from dsv3_conformance.checks.strategies import build_weights
-from dsv3_conformance.golden.divergences import DIVERGENCES, LLAMA_CPP, MLX_LM
+from dsv3_conformance.golden.divergences import DIVERGENCES, LLAMA_CPP, MLX_LM, TORCHTITAN
 from dsv3_conformance.metrics import rel_err
 from dsv3_conformance.tolerances import tolerance
 
@@ -26,8 +26,8 @@ from dsv3_conformance.golden.oracle import OracleRunner  # noqa: E402  (after th
 @pytest.mark.parametrize("divergence", [d for d in DIVERGENCES if d.example], ids=lambda d: d.key)
 def test_known_divergence_still_exists(divergence):
     """A recorded divergence must still show; if it no longer does, its record is out of date. transformers is run
-    as the oracle; llama.cpp (the llamacpp extra) in float32 with a float32 KV cache, and mlx-lm (the mlxlm extra) in
-    float32, where a model either cannot load shows the divergence too."""
+    as the oracle; llama.cpp (the llamacpp extra) in float32 with a float32 KV cache, mlx-lm (the mlxlm extra) in
+    float32, where a model either cannot load shows the divergence too, and torchtitan (the torchtitan extra)."""
     config = divergence.example()
     weights = build_weights(config, seed=11)
     prompt = np.random.default_rng(0).integers(0, config.vocab_size, (2, 12))
@@ -41,6 +41,19 @@ def test_known_divergence_still_exists(divergence):
         except RuntimeError as refused:  # the adapter: llama.cpp refused the file
             assert "llama.cpp refused" in str(refused)
             return
+    elif divergence.source == TORCHTITAN:
+        pytest.importorskip("torchtitan", reason="torchtitan needs the torchtitan extra: pip install -e '.[torchtitan]'")
+        from dsv3_conformance.adapters.torchtitan.runner import TorchTitanRunner
+
+        # Its bfloat16 experts are a divergence of their own: the others are shown with float32 products.
+        settings = "default" if divergence.key == "torchtitan-experts-in-bfloat16" else "exact"
+        runner = TorchTitanRunner(config, weights, settings)
+        other = runner.prefill(prompt).logits
+        if config.n_mtp_layers:  # the MTP modules' logits over the prompt, given the tokens after it
+            following = np.random.default_rng(1).integers(0, config.vocab_size, (2, config.n_mtp_layers))
+            reference = REFERENCE.make_runner(config, weights)
+            reference.prefill(prompt)
+            official, other = reference.mtp(following).logits[0], runner.mtp(following).logits[0]
     elif divergence.source == MLX_LM:
         pytest.importorskip("mlx_lm", reason="mlx-lm needs the mlxlm extra: pip install -e '.[mlxlm]'")
         from dsv3_conformance.adapters.mlxlm.runner import MLXRunner

@@ -19,21 +19,12 @@ import numpy as np
 
 from dsv3_conformance.format.config import ModelConfig
 from dsv3_conformance.format.weights import FFNWeights, LayerWeights, LinearWeight, ModelWeights, MoEWeights
+from dsv3_conformance.adapters.weights import dense
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
 # Types made by llama.cpp's own quantizer from the f32 file, by their llama_ftype (llama.h). On rows that are not a
 # multiple of a type's block (256 for k-quants) the quantizer falls back to another type (`tensor_types` tells).
 QUANTIZER_TYPES = {"q4_k_m": 15, "iq4_nl": 25}
-BLOCK = 128  # fp8 weight scales cover 128x128 blocks
-
-
-def dense(linear: LinearWeight) -> np.ndarray:
-    """A linear weight [out, in] in float32: fp8 values times their block scales."""
-    weight = np.asarray(linear.weight).astype(np.float32)
-    if linear.scale_inv is None:
-        return weight
-    scales = np.repeat(np.repeat(np.asarray(linear.scale_inv, np.float32), BLOCK, 0), BLOCK, 1)
-    return weight * scales[: weight.shape[0], : weight.shape[1]]
 
 
 def _metadata(writer, config: ModelConfig) -> None:

@@ -117,8 +117,8 @@ _ENTRIES = [
     Tolerance("quant.iq4_nl", 0.75, "llama.cpp's IQ4_NL: measured KL median <= 5.9e-2, p99 <= 0.33, max 0.37, top-1 >= "
               "46.6% (section 12)", kl=(0.15, 0.6, 0.75), top1=0.35),
     Tolerance("quant.bfloat16-golden", 0.1, "against expectations computed in bfloat16 (official/v3-tiny-bf16), "
-              "whatever the weights: measured KL median <= 1.2e-4, p99 <= 1.7e-2, max 2.0e-2, top-1 >= 92.9% of 14 rows "
-              "for the float64 reference and llama.cpp's f16 and bf16 files (section 12)",
+              "whatever the weights: measured KL median <= 1.2e-4, p99 <= 1.7e-2, max 2.0e-2, top-1 >= 92.9% of 14 "
+              "rows for the float64 reference and llama.cpp's f16 and bf16 files (section 12)",
               kl=(5e-4, 5e-2, 0.1), top1=0.8),
     Tolerance("fp8.gemm.float32", 1e-5,
               "float32 blockwise fp8 GEMM: 128-term float32 sums, bound 128 u = 7.6e-6; measured 7.6e-8 (section 4)"),

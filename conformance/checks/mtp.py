@@ -60,8 +60,8 @@ def mtp_matches_the_reference(backend, model, data):
     stream = _stream(data, config, length)
     main, got = _run_mtp(backend.make_runner(config, weights, dtype="float32"), stream, length)
     if not got.experts or got.hidden is None:
-        raise Unsupported(f"{backend.name} reports no chosen experts or no block outputs of its MTP modules, which this "
-                          "comparison needs", "experts" if not got.experts else "hidden")
+        raise Unsupported(f"{backend.name} reports no chosen experts or no block outputs of its MTP modules, which "
+                          "this comparison needs", "experts" if not got.experts else "hidden")
     reference = REFERENCE.make_runner(config, weights)
     reference.prefill(stream[:, :length], main.experts)
     wanted = reference.mtp(stream[:, length:], MTPOptions(), got.experts)

@@ -118,8 +118,8 @@ DIVERGENCES = [
                lambda c: c.rms_norm_eps != 1e-6,
                lambda: tiny(rms_norm_eps=1e-2, n_expert_groups=1, n_limited_groups=1)),
     Divergence("mlxlm-fp8-dequantized-to-bfloat16", MLX_LM,
-               "fp8 weights are dequantized into bfloat16 whatever the run's dtype (Model.sanitize, dequant): a float32 "
-               "run computes with bfloat16-rounded weights (logits move by 5e-3 on the fp8 goldens). In bfloat16, as "
+               "fp8 weights are dequantized into bfloat16 whatever the run's dtype (Model.sanitize, dequant): a "
+               "float32 run computes with bfloat16-rounded weights (logits move by 5e-3 on the fp8 goldens). In bfloat16, as "
                "its users run it, the official code rounds its dequantized weights the same way.",
                lambda c: c.fp8_weights,
                lambda: tiny_fp8(n_expert_groups=1, n_limited_groups=1)),

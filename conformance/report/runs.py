@@ -31,7 +31,8 @@ def provenance() -> dict[str, str]:
                                  *sys.argv[1:]])}
 
 
-def run_suite(backends: list[str], results_dir: Path, profile: str, allow: tuple[str, ...] = ()) -> tuple[int, list[dict]]:
+def run_suite(backends: list[str], results_dir: Path, profile: str,
+              allow: tuple[str, ...] = ()) -> tuple[int, list[dict]]:
     """Run `pytest conformance/` with the report plugin; returns its exit status and one row per test."""
     results_dir = results_dir.resolve()  # pytest runs in the project's folder
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -43,11 +44,16 @@ def run_suite(backends: list[str], results_dir: Path, profile: str, allow: tuple
                "--hypothesis-profile", profile, "--allow-missing", ",".join(allow)]
     path = os.pathsep.join(filter(None, [str(suite.parent), os.environ.get("PYTHONPATH")]))
     status = subprocess.call(command, cwd=suite.parent, env={**os.environ, "PYTHONPATH": path})
+    return status, read_rows(results_dir)
+
+
+def read_rows(results_dir: Path) -> list[dict]:
+    """The rows a suite run under the report plugin wrote to `results_dir`, one per test."""
     rows = []
-    for path in sorted(results_dir.glob("results-*.jsonl")):
+    for path in sorted(Path(results_dir).glob("results-*.jsonl")):
         rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for row in rows:
         module = row["nodeid"].split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
         row["component"] = row.get("component") or COMPONENTS.get(module, module)
         row["check"] = row.get("check") or row["nodeid"].split("::")[-1]
-    return status, sorted(rows, key=lambda r: (r["component"], r["check"], r["backend"] or ""))
+    return sorted(rows, key=lambda r: (r["component"], r["check"], r["backend"] or ""))

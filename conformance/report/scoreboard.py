@@ -17,7 +17,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from dsv3_conformance.backends import resolve_backends
-from dsv3_conformance.report.runs import provenance, run_suite
+from dsv3_conformance.report.runs import provenance, read_rows, run_suite
 from dsv3_conformance.verdict import PARTS
 
 OUTCOMES = ("passed", "FAILED", "not compared", "n/a")
@@ -67,11 +67,19 @@ def cell_text(cell: dict | None) -> str:
     return counts + (f" (worst {_statistic(worst)})" if worst else "")
 
 
-def table(rows: list[dict], backends: list[str]) -> list[dict]:
-    """One row per backend, one column per check family."""
+def table(rows: list[dict], backends: list[str], compact: bool = False) -> list[dict]:
+    """One row per backend, one column per check family; `compact`: the counts alone, passed / FAILED / not
+    compared (not applicable left out)."""
     found = cells(rows)
     families = sorted({family for _, family in found})
-    return [{"backend": backend, **{family: cell_text(found.get((backend, family))) for family in families}}
+
+    def text(cell: dict | None) -> str:
+        if not compact:
+            return cell_text(cell)
+        return "" if cell is None or not any(cell[o] for o in OUTCOMES[:3]) else \
+            " / ".join(str(cell[o]) for o in OUTCOMES[:3])
+
+    return [{"backend": backend, **{family: text(found.get((backend, family))) for family in families}}
             for backend in backends]
 
 
@@ -86,11 +94,15 @@ def write(rows: list[dict], backends: list[str], out: Path, provenance: dict) ->
     text = "\n".join([
         "# Conformance scoreboard", "",
         f"Made {provenance['made']} from {provenance['commit']} on {provenance['machine']}: `{provenance['command']}`.",
-        "", "Each cell: the family's checks on that backend (passed, FAILED, not compared, not applicable) and the "
-            "comparison nearest its bound (error / tolerance; KL for quantized weights).", "",
+        "", "At a glance, each cell the family's checks on that backend: passed / FAILED / not compared.", "",
+        tabulate(table(rows, backends, compact=True), headers="keys", tablefmt="github", disable_numparse=True), "",
+        "## With the worst comparisons", "",
+        "Each cell: the family's checks on that backend (passed, FAILED, not compared, not applicable) and the "
+        "comparison nearest its bound (error / tolerance; KL for quantized weights).", "",
         tabulate(table(rows, backends), headers="keys", tablefmt="github", disable_numparse=True), "",
-        "## Not compared", "", "What each backend did not give, by part (conformance/verdict.py PARTS), with the number "
-                               "of checks that missed it; scoreboard.json lists every check and reason.", "",
+        "## Not compared", "",
+        "What each backend did not give, by part (conformance/verdict.py PARTS), with the number of checks that missed "
+        "it; scoreboard.json lists every check and reason.", "",
         *([f"- {backend}: " + ", ".join(f"{part} ({len(checks)})" for part, checks in sorted(parts.items()))
            for backend, parts in sorted(missing.items())] or ["Nothing."]), ""])
     (out / "scoreboard.md").write_text(text)
@@ -106,7 +118,10 @@ def _scoreboard(args) -> int:
     backends = [spec.strip() for spec in args.backends.split(",") if spec.strip()]
     resolve_backends(backends)
     out = Path(args.out)
-    _, rows = run_suite(backends, out / "suite", args.hypothesis_profile, allow=tuple(PARTS))
+    if args.from_results:  # the tables again from an earlier run's rows
+        rows = read_rows(out / "suite")
+    else:
+        _, rows = run_suite(backends, out / "suite", args.hypothesis_profile, allow=tuple(PARTS))
     text = write(rows, backends, out, provenance())
     print(text)
     failed = any(cell["FAILED"] for cell in cells(rows).values())
@@ -124,4 +139,6 @@ def add_command(commands, integer) -> None:
                                                             "suite's results")
     parser.add_argument("--hypothesis-profile", choices=PROFILES, default=os.environ.get("HYPOTHESIS_PROFILE", "ci"),
                         help="hypothesis profile of the checks (default: $HYPOTHESIS_PROFILE or ci)")
+    parser.add_argument("--from-results", action="store_true", help="write the tables from the suite rows an earlier "
+                                                                     "run left in OUT/suite, without running again")
     parser.set_defaults(run=_scoreboard)

@@ -1,8 +1,8 @@
 """The measurements behind the quantization policy (TOLERANCES.md section 12): llama.cpp on each weight type and
 setting, its next-token distributions against the expected ones, on the golden prompts (official/v3-tiny: the
 last prompt position and every decode step, against the official float32 run) and on the longer prompt set of
-`quantization:long-prompts` (against the float64 reference; its seed and two more); each split into what the weight type loses and what
-llama.cpp's arithmetic adds (`decomposed`).
+`quantization:long-prompts` (against the float64 reference; its seed and two more); each split into what the
+weight type loses and what llama.cpp's arithmetic adds (`decomposed`).
 
     python -m dsv3_conformance.studies.quantization [--json OUT]
 
@@ -88,8 +88,13 @@ def main() -> None:
     rows = measure()
     print(tabulate(rows, headers="keys", floatfmt=".2e"))
     if args.json:
+        from importlib import metadata
+
+        from dsv3_conformance.report.runs import provenance
+
+        versions = {name: metadata.version(name) for name in ("llama_cpp_python", "gguf", "numpy")}
         with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=2)
+            json.dump({"provenance": {**provenance(), **versions}, "rows": rows}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def test_known_divergence_still_exists(divergence):
             assert "llama.cpp refused" in str(refused)
             return
     elif divergence.source == TORCHTITAN:
-        pytest.importorskip("torchtitan", reason="torchtitan needs the torchtitan extra: pip install -e '.[torchtitan]'")
+        pytest.importorskip("torchtitan", reason="the torchtitan extra: pip install -e '.[torchtitan]'")
         from dsv3_conformance.adapters.torchtitan.runner import TorchTitanRunner
 
         # Its bfloat16 experts are a divergence of their own: the others are shown with float32 products.

@@ -106,8 +106,8 @@ class HardCodedTheta(Wrapper):
         return config.replace(rope_theta=10000.0)
 
 
-def _backend(name: str, runner) -> Backend:
-    return Backend(name, runner, default_dtype="float64", dtypes=("float64", "float32"),
+def _backend(name: str, runner, quantization: str | None = None) -> Backend:
+    return Backend(name, runner, default_dtype="float64", dtypes=("float64", "float32"), quantization=quantization,
                    description=(runner.__doc__ or "").splitlines()[0])
 
 
@@ -143,8 +143,7 @@ class Sharpened(Wrapper):
 
 def _quantized(name: str, runner) -> Backend:
     """Declares q8_0 weights: its logits are judged as next-token distributions under `quant.q8_0`."""
-    return Backend(name, runner, default_dtype="float64", dtypes=("float64", "float32"), quantization="q8_0",
-                   description=(runner.__doc__ or "").splitlines()[0])
+    return _backend(name, runner, quantization="q8_0")
 
 
 QUANTIZED_FAITHFUL = _quantized("quantized-faithful", Wrapper)

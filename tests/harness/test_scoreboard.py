@@ -35,12 +35,14 @@ def test_cells_count_every_outcome_and_keep_the_comparison_nearest_its_bound():
     assert table["one"]["routing"] == "1 n/a"
     assert table["two"]["golden"] == "1 passed (worst KL 1.0e-01 / 6e-01)"
     assert table["two"]["routing"] == ""
+    compact = {row["backend"]: row for row in scoreboard.table(ROWS, ["one", "two"], compact=True)}
+    assert compact["one"]["golden"] == "1 / 1 / 1" and compact["one"]["routing"] == ""
 
 
 def test_the_command_writes_the_table_lists_what_was_not_compared_and_fails_on_a_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(scoreboard, "run_suite", lambda backends, where, profile, allow: (1, ROWS))
     monkeypatch.setattr(scoreboard, "resolve_backends", lambda names: None)
-    args = SimpleNamespace(backends="one,two", out=str(tmp_path), hypothesis_profile="ci")
+    args = SimpleNamespace(backends="one,two", out=str(tmp_path), hypothesis_profile="ci", from_results=False)
     assert scoreboard._scoreboard(args) == 1
     text = (tmp_path / "scoreboard.md").read_text()
     assert "- one: mtp (1)" in text and "- two: hidden (1)" in text

@@ -41,7 +41,8 @@ class MLXRunner(Runner):
                               "conformance/golden/divergences.py)", "config")
         self.config, self._mx = config, mx
         self.model = deepseek_v3.Model(deepseek_v3.ModelArgs.from_dict(to_hf_dict(config)))
-        tensors = {name: mx.array(np.ascontiguousarray(array)) for name, array in checkpoint_tensors(weights, config).items()}
+        tensors = {name: mx.array(np.ascontiguousarray(array))
+                   for name, array in checkpoint_tensors(weights, config).items()}
         self.model.load_weights(list(self.model.sanitize(tensors).items()))
         # Every parameter in the run's dtype, the correction bias excepted (mlx-lm's own cast predicate).
         from mlx.utils import tree_map_with_path

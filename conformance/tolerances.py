@@ -104,18 +104,19 @@ _ENTRIES = [
               "expert-parallel MoE vs the single-device MoE, float64, forward and gradients: the same products "
               "summed in other orders (DTensor einsums vs tiles); measured <= 1e-15 (section 9)"),
     # Quantized weights, as next-token distributions: kl = (median, p99, max) in nats, top1 = least agreement. Measured
-    # (TOLERANCES.md section 12) on llama.cpp at both settings over the golden prompts and 3 x 416 long-prompt rows:
-    # the bounds are 3x the worst median, about 2x the worst p99 and max, the least top-1 share less a margin.
-    Tolerance("quant.f16", 0.2, "f16 weights: measured KL median <= 7.6e-7, p99 <= 1.9e-6, max 7.6e-2 (one routing "
+    # (TOLERANCES.md section 12) on llama.cpp at both settings over the ten float32 golden cases and 3 x 416
+    # long-prompt rows: the bounds are about 3x the worst median, 2x the worst p99 and max, the least top-1 share less
+    # a margin (a golden case holds 24 to 38 rows: one flip moves the share by 3 to 4 points).
+    Tolerance("quant.f16", 0.2, "f16 weights: measured KL median <= 7.6e-7, p99 <= 2.1e-6, max 7.6e-2 (one routing "
               "flip), top-1 >= 99.8% (section 12)", kl=(3e-6, 1e-5, 0.2), top1=0.95),
-    Tolerance("quant.bf16", 0.5, "bf16 weights: measured KL median <= 4.6e-5, p99 <= 9.0e-2, max 0.24, top-1 >= 95.9% "
-              "(section 12)", kl=(1.5e-4, 0.2, 0.5), top1=0.9),
-    Tolerance("quant.q8_0", 0.6, "q8_0 weights: measured KL median <= 6.2e-4, p99 <= 9.0e-2, max 0.31, top-1 >= 91.1% "
-              "(section 12)", kl=(2e-3, 0.2, 0.6), top1=0.85),
-    Tolerance("quant.q4_k_m", 0.7, "llama.cpp's Q4_K_M mixture: measured KL median <= 5.3e-2, p99 <= 0.25, max 0.35, "
-              "top-1 >= 49.8% (section 12)", kl=(0.15, 0.5, 0.7), top1=0.4),
-    Tolerance("quant.iq4_nl", 0.75, "llama.cpp's IQ4_NL: measured KL median <= 5.9e-2, p99 <= 0.33, max 0.37, top-1 >= "
-              "46.6% (section 12)", kl=(0.15, 0.6, 0.75), top1=0.35),
+    Tolerance("quant.bf16", 0.5, "bf16 weights: measured KL median <= 5.3e-5, p99 <= 9.0e-2, max 0.24, top-1 >= 93.0% "
+              "(section 12)", kl=(1.5e-4, 0.2, 0.5), top1=0.85),
+    Tolerance("quant.q8_0", 0.6, "q8_0 weights: measured KL median <= 6.2e-4, p99 <= 0.23, max 0.31, top-1 >= 89.5% "
+              "(section 12)", kl=(2e-3, 0.5, 0.6), top1=0.8),
+    Tolerance("quant.q4_k_m", 0.9, "llama.cpp's Q4_K_M mixture: measured KL median <= 5.3e-2, p99 <= 0.37, max 0.46, "
+              "top-1 >= 49.8% (section 12)", kl=(0.15, 0.75, 0.9), top1=0.4),
+    Tolerance("quant.iq4_nl", 1.0, "llama.cpp's IQ4_NL: measured KL median <= 5.9e-2, p99 <= 0.42, max 0.51, top-1 >= "
+              "38.9% (section 12)", kl=(0.18, 0.8, 1.0), top1=0.3),
     Tolerance("quant.bfloat16-golden", 0.1, "against expectations computed in bfloat16 (official/v3-tiny-bf16), "
               "whatever the weights: measured KL median <= 1.2e-4, p99 <= 1.7e-2, max 2.0e-2, top-1 >= 92.9% of 14 "
               "rows for the float64 reference and llama.cpp's f16 and bf16 files (section 12)",

@@ -166,6 +166,12 @@ DIVERGENCES = [
                "(SEMANTICS.md section 4). MTP logits move by 0.14 on official/v3-tiny-mtp.",
                lambda c: c.n_mtp_layers > 0,
                lambda: tiny(n_mtp_layers=1, n_expert_groups=1, n_limited_groups=1)),
+    Divergence("torchtitan-moe-mtp-needs-moe-layers", TORCHTITAN,
+               "A model whose main layers are all dense but whose MTP module has experts cannot be loaded: the "
+               "Hugging Face state-dict adapter takes the expert count from the first main layer with experts "
+               "(models/deepseek_v3/state_dict_adapter.py, from_hf: StopIteration).",
+               lambda c: c.n_mtp_layers > 0 and c.n_dense_layers >= c.n_layers,
+               lambda: tiny(n_layers=1, n_dense_layers=1, n_mtp_layers=1)),
 ]
 
 

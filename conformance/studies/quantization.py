@@ -1,7 +1,7 @@
 """The measurements behind the quantization policy (TOLERANCES.md section 12): llama.cpp on each weight type and
-setting, its next-token distributions against the expected ones, on the golden prompts (official/v3-tiny: the
-last prompt position and every decode step, against the official float32 run) and on the longer prompt set of
-`quantization:long-prompts` (against the float64 reference; its seed and two more); each split into what the
+setting, its next-token distributions against the expected ones, on the golden cases (every float32 case of the
+dequantized path, the rows the policy pools: every logits tensor of the case) and on the longer prompt set of
+`quantization:long-prompts` (against the float64 reference; its seed and two more), each split into what the
 weight type loses and what llama.cpp's arithmetic adds (`decomposed`).
 
     python -m dsv3_conformance.studies.quantization [--json OUT]
@@ -19,7 +19,10 @@ from tabulate import tabulate
 
 from dsv3_conformance.adapters.llamacpp.gguf_file import read_weights, tensor_types
 from dsv3_conformance.adapters.llamacpp.runner import LlamaCppRunner
-from dsv3_conformance.golden.cases import GoldenCase
+from dsv3_conformance.backends import resolve_backend
+from dsv3_conformance.golden.cases import GoldenCase, check_case
+from dsv3_conformance.golden.manifest import case_dirs
+from dsv3_conformance.verdict import PARTS
 from dsv3_conformance.metrics import kl_divergences
 from dsv3_conformance.paths import GOLDEN_DIR
 from dsv3_conformance.checks.quantization import BATCH, DECODE, PROMPT, SEED, logits_of, rows_of_256
@@ -56,13 +59,26 @@ def decomposed(kind: str, setting: str, config, weights, prompt, following, expe
             "file": ", ".join(f"{name} {count}" for name, count in tensor_types(runner.path).items())}
 
 
+def golden_cases() -> list[GoldenCase]:
+    """The shipped cases a quantized backend is judged on by its policy: those of the dequantized path computed
+    in float32 (bfloat16 expectations loosen the policy, fp8-path ones are not run)."""
+    cases = [GoldenCase.load(path) for path in case_dirs(GOLDEN_DIR)]
+    return [case for case in cases if case.meta.get("compute_dtype", "float32") == "float32"
+            and any(file.gemm_impl == "bf16" for file in case.files)]
+
+
+def pooled(case: GoldenCase, backend) -> dict | None:
+    """The statistics of the comparison the quantization policy judges on `case`: every logits row, pooled."""
+    result = check_case(case, backend, allow=tuple(PARTS))
+    found = [c for c in result.results if c.kl is not None]
+    if not found:
+        return None
+    c = found[0]
+    return {"rows": c.rows, "kl_median": c.kl[0], "kl_p99": c.kl[1], "kl_max": c.kl[2], "top1": c.top1}
+
+
 def measure() -> list[dict]:
-    case = GoldenCase.load(GOLDEN_DIR / "official" / "v3-tiny")
-    tensors = case.files[0].tensors
-    steps = sorted(int(name.split(".")[1]) for name in tensors if name.startswith("decode."))
-    golden = (case.config, case.weights(), tensors["tokens.prompt"], tensors["tokens.decoded"][:, : len(steps)],
-              np.stack([tensors["prefill.logits_last"]] + [tensors[f"decode.{t}.logits"] for t in steps], axis=1))
-    sets = {"golden (v3-tiny)": golden}
+    sets = {}
     config = rows_of_256()
     for seed in SEEDS:
         weights = build_weights(config, seed)
@@ -72,10 +88,15 @@ def measure() -> list[dict]:
         sets[f"long, seed {seed}"] = (config, weights, prompt, following,
                                       logits_of(REFERENCE.make_runner(config, weights, dtype="float64"), prompt,
                                                 following))
+    cases = golden_cases()
     rows = []
     for kind in KINDS:
         for setting in SETTINGS:
             name = f"llamacpp-{kind}" + ("" if setting == "default" else "-exact")
+            for case in cases:
+                statistics_ = pooled(case, resolve_backend(name))
+                if statistics_ is not None:
+                    rows.append({"backend": name, "prompts": f"golden {case.name}", **statistics_})
             for prompts, data in sets.items():
                 rows.append({"backend": name, "prompts": prompts, **decomposed(kind, setting, *data)})
     return rows

@@ -21,6 +21,9 @@ from dsv3_conformance.format.mtp import MTPOptions
 from dsv3_conformance.format.weights import ModelWeights
 from dsv3_conformance.adapters.weights import float32_tensors
 
+# Recorded divergences that stop torchtitan from loading a model at all: declared, so such a model is not compared.
+UNLOADABLE = ("torchtitan-moe-mtp-needs-moe-layers",)
+
 
 def model_config(config: ModelConfig):
     """torchtitan's DeepSeekV3Model.Config for `config`."""
@@ -65,10 +68,21 @@ def _experts_in_float32(self, x, counts):
 
 
 class TorchTitanRunner(Runner):
-    def __init__(self, config: ModelConfig, weights: ModelWeights, settings: str = "default"):
+    def __init__(self, config: ModelConfig, weights: ModelWeights, settings: str = "default",
+                 refuse_known: bool = True):
         import torch
         from torchtitan.models.deepseek_v3 import DeepSeekV3StateDictAdapter
 
+        from dsv3_conformance.golden.divergences import DIVERGENCES, TORCHTITAN
+
+        unloadable = [d.key for d in DIVERGENCES if d.key in UNLOADABLE and d.source == TORCHTITAN and d.applies(config)]
+        if unloadable and refuse_known:
+            raise Unsupported(f"torchtitan cannot load this model ({', '.join(unloadable)}: "
+                              "conformance/golden/divergences.py)", "config")
+        if settings == "default" and config.n_layers > config.n_dense_layers and (config.dim % 8 or
+                                                                                 config.moe_inter_dim % 8):
+            raise Unsupported("torchtitan's bfloat16 grouped GEMM (torch._grouped_mm) needs rows of a multiple of 16 "
+                              "bytes: hidden_size and moe_intermediate_size multiples of 8", "config")
         self.config, self._torch = config, torch
         built = model_config(config)
         self.model = built.build()

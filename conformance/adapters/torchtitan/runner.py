@@ -11,7 +11,9 @@ gives no block outputs and no chosen experts, and takes no forced routing.
 
 from __future__ import annotations
 
+import sys
 import types
+from functools import partial
 
 import numpy as np
 
@@ -73,6 +75,10 @@ class TorchTitanRunner(Runner):
         import torch
         from torchtitan.models.deepseek_v3 import DeepSeekV3StateDictAdapter
 
+        if "tensorflow" in sys.modules:
+            raise Unsupported("torchtitan imports triton, whose LLVM aborts a process that has loaded TensorFlow's: "
+                              "run torchtitan where the tf backend has not run (its own suite or scoreboard run)",
+                              "config")
         from dsv3_conformance.golden.divergences import DIVERGENCES, TORCHTITAN
 
         unloadable = [d.key for d in DIVERGENCES if d.key in UNLOADABLE and d.source == TORCHTITAN and d.applies(config)]
@@ -113,12 +119,17 @@ class TorchTitanRunner(Runner):
         self._tokens: np.ndarray | None = None
         self._mtp_seen = 0
 
-    def _logits(self, tokens: np.ndarray):
+    def _logits(self, tokens: np.ndarray, mtp: bool = False):
+        """The main model's logits, and with `mtp` every MTP depth's after them (torchtitan's MTPDecoder.forward;
+        without, its Decoder.forward, which runs the main model alone)."""
+        from torchtitan.models.common.decoder import Decoder
+
         torch = self._torch
         ids = torch.from_numpy(np.asarray(tokens, np.int64))
         positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+        forward = self.model if mtp else partial(Decoder.forward, self.model)
         with torch.no_grad():
-            out = self.model(ids, positions, self.model.get_attention_masks(positions))
+            out = forward(ids, positions, self.model.get_attention_masks(positions))
         return out if isinstance(out, list) else [out]
 
     def prefill(self, tokens, forced_experts=None, capacity=None) -> StepOutput:
@@ -145,7 +156,9 @@ class TorchTitanRunner(Runner):
             raise Unsupported("torchtitan's MTP modules use the main model's embedding and head, and this checkpoint "
                               "gives them their own", "mtp")
         following = np.asarray(following).reshape(self._tokens.shape[0], -1)
-        outputs = self._logits(np.concatenate([self._tokens, following], axis=1))[1:]
+        if self._tokens.shape[1] + following.shape[1] < self.config.n_mtp_layers:
+            raise Unsupported("torchtitan's MTP modules need a sequence of at least one position per depth", "mtp")
+        outputs = self._logits(np.concatenate([self._tokens, following], axis=1), mtp=True)[1:]
         seen, self._mtp_seen = self._mtp_seen, self._tokens.shape[1]
         logits = tuple(out[:, seen: self._tokens.shape[1]].numpy() for out in outputs)
         return MTPStep(None, logits, (), np.stack([depth[:, -1].argmax(axis=-1) for depth in logits], axis=1))

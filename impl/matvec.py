@@ -4,8 +4,8 @@ per-head blocks of wkv_b both ways, `per_head`), a SwiGLU FFN over token copies 
 stacks (`experts`: a MoE block's routed copies, its shared experts, a dense FFN), and the absorbed attention's core
 over a layer's latent cache (`latent_attention`).
 
-XLA's CPU dot runs a matrix-vector product of at most 2 MB of weights as one task on one core, and on the 2-core
-machines measured one core reads about half the bandwidth of two (docs/performance-log.md). The kernel is compiled
+XLA's CPU dot runs a matrix-vector product of at most 2 MB of weights as one task on one core, which leaves the
+memory bandwidth of the other cores unused; decode reads weights, so it splits them. The kernel is compiled
 once per machine with the system's C++ compiler (`CXX`, default g++) into a cache directory and registered as an
 XLA custom call; without a compiler, or with DSV3_MATVEC_KERNEL=0, the steps keep XLA's own products (same
 results within float32 rounding: the kernel sums in another order). Loading a library runs its code, so the cache

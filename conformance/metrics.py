@@ -51,6 +51,20 @@ def kl_divergences(out: np.ndarray, expected: np.ndarray) -> np.ndarray:
     return np.where(finite, divergences, np.inf)
 
 
+def distribution_statistics(out: np.ndarray, expected: np.ndarray) -> tuple[tuple[float, float, float], float, int]:
+    """The KL divergences of every row (kl_divergences) as (median, 99th percentile, max), the share of rows whose
+    top-1 token agrees, and the number of rows; a NaN or a shape mismatch gives inf and no agreement."""
+    if np.shape(out) != np.shape(expected):
+        divergences, agree = np.array([np.inf]), np.array([False])
+    else:
+        divergences = kl_divergences(out, expected)
+        width = np.shape(expected)[-1]
+        agree = np.reshape(out, (-1, width)).argmax(axis=1) == np.reshape(expected, (-1, width)).argmax(axis=1)
+    statistics = tuple(float(np.percentile(divergences, q)) if np.isfinite(divergences).all() else float("inf")
+                       for q in (50, 99, 100))
+    return statistics, float(agree.mean()), int(divergences.size)
+
+
 def max_abs(out: np.ndarray, expected: np.ndarray) -> float:
     out, expected = np.asarray(out, np.float64), np.asarray(expected, np.float64)
     if out.shape != expected.shape:
@@ -109,17 +123,9 @@ class Comparison:
         """Logits judged as next-token distributions under a quantization policy (TOLERANCES.md section 12): the
         KL divergence of every row (median, 99th percentile, max) and the share of rows whose top-1 token agrees.
         `rel_err` holds the largest KL, `tolerance` its bound; a NaN or a shape mismatch fails."""
-        if np.shape(out) != np.shape(expected):
-            divergences, agree = np.array([np.inf]), np.array([False])
-        else:
-            divergences = kl_divergences(out, expected)
-            width = np.shape(expected)[-1]
-            agree = (np.reshape(out, (-1, width)).argmax(axis=1) == np.reshape(expected, (-1, width)).argmax(axis=1))
-        statistics = tuple(float(np.percentile(divergences, q)) if np.isfinite(divergences).all() else float("inf")
-                           for q in (50, 99, 100))
-        top1 = float(agree.mean())
+        statistics, top1, rows = distribution_statistics(out, expected)
         passed = bool(all(s <= bound for s, bound in zip(statistics, policy.kl)) and top1 >= policy.top1)
-        return cls(name, statistics[2], max_abs(out, expected), policy.kl[2], passed, rows=int(divergences.size),
+        return cls(name, statistics[2], max_abs(out, expected), policy.kl[2], passed, rows=rows,
                    whole_rel_err=rel_err(out, expected), kl=statistics, top1=top1, top1_min=policy.top1)
 
     def to_json(self) -> dict:

@@ -23,7 +23,7 @@ from dsv3_conformance.backends import resolve_backend
 from dsv3_conformance.golden.cases import GoldenCase, check_case
 from dsv3_conformance.golden.manifest import case_dirs
 from dsv3_conformance.verdict import PARTS
-from dsv3_conformance.metrics import kl_divergences
+from dsv3_conformance.metrics import distribution_statistics
 from dsv3_conformance.paths import GOLDEN_DIR
 from dsv3_conformance.checks.quantization import BATCH, DECODE, PROMPT, SEED, logits_of, rows_of_256
 from dsv3_conformance.checks.strategies import build_weights
@@ -35,12 +35,8 @@ SEEDS = (SEED, 11, 12)  # the check's own model and prompts, and two more of the
 
 
 def statistics(got: np.ndarray, expected: np.ndarray) -> dict:
-    divergences = kl_divergences(got, expected)
-    width = expected.shape[-1]
-    agree = got.reshape(-1, width).argmax(axis=1) == expected.reshape(-1, width).argmax(axis=1)
-    return {"rows": int(divergences.size), "kl_median": float(np.median(divergences)),
-            "kl_p99": float(np.percentile(divergences, 99)), "kl_max": float(divergences.max()),
-            "top1": float(agree.mean())}
+    (median, p99, largest), top1, rows = distribution_statistics(got, expected)
+    return {"rows": rows, "kl_median": median, "kl_p99": p99, "kl_max": largest, "top1": top1}
 
 
 def decomposed(kind: str, setting: str, config, weights, prompt, following, expected) -> dict:

@@ -5,9 +5,11 @@ process; after one warm-up call each, the rounds interleave the implementations 
 turn, starting with the r-th, so that none always runs first after the floors' probes; the cores idle 0.3 s
 before each timed call, so no implementation's spinning worker threads slow the next), and the median over
 rounds is reported with its spread (min, max). In every round the machine's
-floors are measured too, and their medians reported: the fp32 matmul rate (NumPy, 2048^3) and, for MoE workloads,
-the matmul rate at the shape a prefill's experts have (mean copies per expert x one expert's projections), at the
-start of the round; the read bandwidth (a BLAS matrix-vector product over 400 MB) beside every decode measurement,
+floors are measured too, and their medians reported: at the start of the round, the prefill floor (every matrix
+product of the prefill timed in NumPy at its own shape, its weights read from memory, the times summed: a prefill
+made of products cannot run faster, and it weighs each shape by its FLOPs, where one square matmul rate holds
+small-row products such as a prefill's experts to a rate they cannot reach) and the fp32 matmul rate (NumPy,
+2048^3, shown for comparison); the read bandwidth (a BLAS matrix-vector product over 400 MB) beside every decode measurement,
 just before and just after its steps, the faster of the two kept (the stricter floor). This shared machine's
 bandwidth swings by half from one second to the next (docs/performance-log.md), so a decode is held against the
 floor of its own moment: an implementation's decode_floor_fraction is the median over rounds of (floor of the
@@ -25,7 +27,7 @@ benchmarks/gates.json and fails the command when one is missed.
 
 Workloads:
 - bench-small: 8 layers, hidden 1024, 64 experts (top-6), vocabulary 32000; prefill of 512 tokens at batch 1,
-  32 decode steps, and a decode step at batch 8; TF's prefill computes the last block at the last position only
+  32 decode steps, and at batch 8 a prefill of 16 tokens and decode steps; TF's prefill computes the last block at the last position only
   (trim_last_block of impl.model.Transformer: the prefill of generation, which needs the last logits and the
   caches); so does tiny's. The single-layer workloads measure a layer over every position, untrimmed;
 - tiny: the CI workload, 2 layers, hidden 256, 16 experts; prefill 128 tokens, 16 decode steps;
@@ -48,6 +50,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -119,27 +122,97 @@ def matmul_rate(size: int = 2048, repeats: int = 3) -> float:
     return 2 * size ** 3 / _fastest(lambda: a @ a, repeats)
 
 
-def expert_matmul_rate(config: ModelConfig, tokens: int, repeats: int = 3) -> float | None:
-    """FLOP/s of the matmuls a prefill's routed experts are made of: the mean copies per expert (tokens x k / E
-    rows) times one expert's gate and up projections, over enough experts to leave the caches (256 MB, at most
-    all of them). Small row counts run far below the square matmul rate, and a prefill cannot beat this on its
-    experts' share of the work. None for a config without MoE layers."""
-    if config.n_dense_layers >= config.n_layers:
-        return None
-    rng = np.random.default_rng(0)
-    rows = max(1, tokens * config.n_activated_experts // config.n_routed_experts)
-    x = rng.standard_normal((rows, config.dim), np.float32)
-    shape = (2 * config.moe_inter_dim, config.dim)
-    count = min(config.n_routed_experts, -(-(256 << 20) // (4 * shape[0] * shape[1])))
-    experts = [rng.standard_normal(shape, np.float32) for _ in range(count)]
-    return 2 * rows * config.dim * 2 * config.moe_inter_dim * len(experts) / _fastest(
-        lambda: [x @ w.T for w in experts], repeats)
+class Gemm(NamedTuple):
+    """`copies` products x [rows, inner] @ w [inner, outer] of a prefill that together do `flops` (fewer than the
+    shape's where only the causal half of a square is needed); `cold`: each w is a weight read from memory once
+    (not an activation already in the caches)."""
+    rows: int
+    inner: int
+    outer: int
+    copies: int
+    flops: float
+    cold: bool = True
+
+
+def prefill_gemms(config: ModelConfig, length: int, trimmed: bool = False) -> list[Gemm]:
+    """The matrix products of a prefill at batch 1 for the last position's logits, as prefill_flops counts them
+    (the FLOPs of the two agree but for the norms' weights: tests/harness/test_bench.py): per block the query,
+    kv and output projections, the causal attention's scores and values per head, and the dense FFN or the MoE's
+    gate, shared experts and routed experts (length x k / E rows each, the mean); the head at the last position.
+    `trimmed`: the last block at the last position only, its kv projection still at every position."""
+    heads, qk = config.n_heads, config.qk_nope_head_dim + config.qk_rope_head_dim
+    causal = length * (length + 1) / 2
+
+    def gemm(rows, inner, outer, copies=1, cold=True):
+        return Gemm(rows, inner, outer, copies, 2.0 * rows * inner * outer * copies, cold)
+
+    def block(index: int, rows: int) -> list[Gemm]:
+        pairs = causal if rows == length else length  # (query, key) pairs: every query's, or the last one's
+        query = ([gemm(rows, config.dim, config.q_lora_rank), gemm(rows, config.q_lora_rank, heads * qk)]
+                 if config.q_lora_rank else [gemm(rows, config.dim, heads * qk)])
+        attention = query + [
+            gemm(length, config.dim, config.kv_lora_rank + config.qk_rope_head_dim),
+            gemm(rows, config.kv_lora_rank, heads * (config.qk_nope_head_dim + config.v_head_dim)),
+            Gemm(rows, qk, length, heads, 2.0 * heads * qk * pairs, cold=False),
+            Gemm(rows, length, config.v_head_dim, heads, 2.0 * heads * config.v_head_dim * pairs, cold=False),
+            gemm(rows, heads * config.v_head_dim, config.dim)]
+        if index < config.n_dense_layers:
+            return attention + [gemm(rows, config.dim, config.inter_dim, 2), gemm(rows, config.inter_dim, config.dim)]
+        shared = config.n_shared_experts * config.moe_inter_dim
+        routed = rows * config.n_activated_experts  # (token, expert) pairs
+        per_expert, experts = ((routed // config.n_routed_experts, config.n_routed_experts)
+                               if routed >= config.n_routed_experts else (1, routed))
+        flops = 2.0 * routed * config.dim * config.moe_inter_dim
+        return attention + [
+            gemm(rows, config.dim, config.n_routed_experts), gemm(rows, config.dim, shared, 2),
+            gemm(rows, shared, config.dim),
+            Gemm(per_expert, config.dim, config.moe_inter_dim, 2 * experts, 2 * flops),
+            Gemm(per_expert, config.moe_inter_dim, config.dim, experts, flops)]
+
+    gemms = [g for index in range(config.n_layers)
+             for g in block(index, 1 if trimmed and index == config.n_layers - 1 else length)]
+    return gemms + [gemm(1, config.dim, config.vocab_size)]
+
+
+# No product's measurement does more than GEMM_FLOPS of work: its cold weights are as many matrices as fill the read
+# matrix (read_matrix: larger than the caches), unless fewer reach GEMM_FLOPS, for shapes bound by compute, where a
+# matrix read from the caches runs as fast.
+GEMM_FLOPS = 4e9
+
+
+def gemm_rate(gemm: Gemm, pool: np.ndarray, repeats: int = 2) -> float:
+    """FLOP/s of NumPy's float32 products at `gemm`'s shape, x [rows, inner] @ w [count, inner, outer], the fastest of
+    `repeats` after one untimed call; w is a view of `pool` (read_matrix), count matrices of it for cold weights
+    (read from memory: the pool is larger than the caches) or one for an activation (hot)."""
+    one = 2.0 * gemm.rows * gemm.inner * gemm.outer
+    count = pool.size // (gemm.inner * gemm.outer) if gemm.cold else 1
+    count = max(1, min(count, int(GEMM_FLOPS // one)))
+    w = pool.reshape(-1)[: count * gemm.inner * gemm.outer].reshape(count, gemm.inner, gemm.outer)
+    x = np.ones((gemm.rows, gemm.inner), np.float32)
+    np.matmul(x, w)
+    return count * one / min(_time(lambda: np.matmul(x, w), settle_s=0.0) for _ in range(repeats))
+
+
+def prefill_gemm_floor(config: ModelConfig, length: int, pool: np.ndarray, trimmed: bool = False) -> float:
+    """Seconds a prefill's products take at NumPy's rate for each one's own shape (gemm_rate), summed over
+    prefill_gemms: the prefill floor. The cores idle SETTLE_S first; a shape is measured once however often it
+    occurs."""
+    gemms = prefill_gemms(config, length, trimmed)
+    time.sleep(SETTLE_S)
+    rates = {}
+    for g in gemms:
+        key = (g.rows, g.inner, g.outer, g.cold)
+        if key not in rates:
+            rates[key] = gemm_rate(g, pool)
+    return sum(g.flops / rates[(g.rows, g.inner, g.outer, g.cold)] for g in gemms)
 
 
 def read_matrix(megabytes: int = 400) -> np.ndarray:
-    """The matrix read_bandwidth reads: too large for any cache. A run allocates it once, before the warm-up, so
-    that it shows in no implementation's peak memory."""
-    return np.ones((megabytes * (1 << 20) // 4096, 1024), np.float32)
+    """The matrix read_bandwidth reads, and whose memory gemm_rate's cold weights view: `megabytes`, at least twice
+    the last-level cache, too large for any cache. A run allocates it once, before the warm-up, so that it shows in
+    no implementation's peak memory."""
+    size = max(megabytes << 20, 2 * _last_level_cache_bytes())
+    return np.ones((size // 4096, 1024), np.float32)
 
 
 def read_bandwidth(matrix: np.ndarray, repeats: int = 3) -> float:
@@ -251,6 +324,12 @@ def machine() -> dict:
             "avx512": None if flags is None else "avx512f" in flags}
 
 
+def _last_level_cache_bytes() -> int:
+    """The last-level cache's size as Linux states it ("32768K"), 0 where it does not."""
+    size = machine()["last_level_cache"] or "0"
+    return int(size.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(size[-1], 0)
+
+
 def cpu_times(stat: Path = Path("/proc/stat")) -> tuple[int, int] | None:
     """(steal, total) clock ticks of all CPUs so far, from the first line of /proc/stat (user nice system idle
     iowait irq softirq steal ...; guest time is counted in user already), None where Linux does not state them.
@@ -299,10 +378,10 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
         before = _resident_gib()
         built[name] = make_peer(name, config, weights, official, trimmed)
         memory[name] = _resident_gib() - before  # what the implementation holds (weights, caches), measured
-    probes = {"matmul_flops_per_s": matmul_rate,
-              "expert_matmul_flops_per_s": lambda: expert_matmul_rate(config, spec["prompt"])}
-    probed = {key: [] for key in probes}
     matrix = read_matrix()
+    probes = {"matmul_flops_per_s": matmul_rate,
+              "prefill_floor_s": lambda: prefill_gemm_floor(config, spec["prompt"], matrix, trimmed)}
+    probed = {key: [] for key in probes}
 
     def prefill(peer):
         return {"prefill_s": _time(lambda: peer.prefill(prompt))}
@@ -314,11 +393,13 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
         return {"decode_ms": seconds, "read_bytes_per_s": max(before, read_bandwidth(matrix))}
 
     def decode_batch(peer):
-        peer.prefill(batch_prompt)
-        return {"decode_batch_ms": _time(lambda: [peer.decode(following[:, t]) for t in range(4)]) / 4}
+        prefill_s = _time(lambda: peer.prefill(batch_prompt))
+        return {"prefill_batch_s": prefill_s,
+                "decode_batch_ms": _time(lambda: [peer.decode(following[:, t]) for t in range(4)]) / 4}
 
     measures = (prefill, decode, decode_batch)
-    samples = {name: {key: [] for key in ("prefill_s", "decode_ms", "read_bytes_per_s", "decode_batch_ms")}
+    samples = {name: {key: [] for key in ("prefill_s", "decode_ms", "read_bytes_per_s", "prefill_batch_s",
+                                          "decode_batch_ms")}
                for name in peers}
     peak = {}
     for name in peers:  # warm-up: compilation and first-call costs, and the peak memory of the calls
@@ -349,6 +430,7 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
         batch_s = statistics.median(s["decode_batch_ms"])
         at_floor = floor_fractions(needed, s["read_bytes_per_s"], s["decode_ms"])
         results[name] = {"prefill_s": prefill_s, "decode_ms": decode_s * 1e3, "decode_batch8_ms": batch_s * 1e3,
+                         "prefill_batch8_s": statistics.median(s["prefill_batch_s"]),
                          "prefill_spread_s": [min(s["prefill_s"]), max(s["prefill_s"])],
                          "decode_spread_ms": [1e3 * min(s["decode_ms"]), 1e3 * max(s["decode_ms"])],
                          "prefill_tokens_per_s": spec["prompt"] / prefill_s, "decode_tokens_per_s": 1 / decode_s,
@@ -357,8 +439,7 @@ def run(workload: str, peers: list[str], official: Path | None = None, rounds: i
                          "decode_floor_fraction_per_round": at_floor,
                          "read_bytes_per_s_per_round": s["read_bytes_per_s"],
                          "memory_gib": memory[name], "peak_memory_gib": peak[name]}
-    floors.update(prefill_flops=flops, prefill_floor_s=flops / floors["matmul_flops_per_s"], decode_bytes=needed,
-                  decode_floor_ms=1e3 * needed / floors["read_bytes_per_s"])
+    floors.update(prefill_flops=flops, decode_bytes=needed, decode_floor_ms=1e3 * needed / floors["read_bytes_per_s"])
     return {"workload": workload, "config": config.name, "machine": machine(),
             "date": datetime.now(timezone.utc).date().isoformat(), "steal_per_round": steal,
             "prompt": spec["prompt"], "decode_steps": spec["decode"], "rounds": rounds, "results": results,
@@ -382,10 +463,13 @@ def ratios(results: dict, floors: dict) -> dict:
         if name != "tf":
             out[f"prefill_vs_{name}"] = other["prefill_s"] / tf["prefill_s"]
             out[f"decode_vs_{name}"] = other["decode_ms"] / tf["decode_ms"]
-    peers = [results[n]["prefill_s"] for n in ("official", "hf") if n in results]
+            out[f"prefill_batch8_vs_{name}"] = other["prefill_batch8_s"] / tf["prefill_batch8_s"]
+            out[f"decode_batch8_vs_{name}"] = other["decode_batch8_ms"] / tf["decode_batch8_ms"]
+    peers = [results[n]["prefill_s"] for n in ("official", "hf", "llamacpp") if n in results]
     if peers:
         out["prefill_vs_best_peer"] = min(peers) / tf["prefill_s"]
-    out["prefill_matmul_fraction"] = tf["prefill_flops_per_s"] / floors["matmul_flops_per_s"]
+    out["prefill_floor_fraction"] = floors["prefill_floor_s"] / tf["prefill_s"]
+    out["prefill_matmul_fraction"] = tf["prefill_flops_per_s"] / floors["matmul_flops_per_s"]  # not gated
     out["decode_floor_fraction"] = tf["decode_floor_fraction"]
     # as runs before the pairing took it (not gated): the median floor over the median step
     out["decode_floor_fraction_of_medians"] = floors["decode_floor_ms"] / tf["decode_ms"]
@@ -407,7 +491,8 @@ def table(result: dict) -> str:
 
     rows = [{"implementation": name, "prefill (s)": f"{r['prefill_s']:.3f}",
              "prefill spread": "{:.3f}-{:.3f}".format(*r["prefill_spread_s"]),
-             "decode b=1 (ms/token)": f"{r['decode_ms']:.1f}", "decode b=8 (ms/step)": f"{r['decode_batch8_ms']:.1f}",
+             "decode b=1 (ms/token)": f"{r['decode_ms']:.1f}", "prefill b=8 (s)": f"{r['prefill_batch8_s']:.3f}",
+             "decode b=8 (ms/step)": f"{r['decode_batch8_ms']:.1f}",
              "prefill GFLOP/s": f"{r['prefill_flops_per_s'] / 1e9:.1f}", "decode GB/s": f"{r['decode_bytes_per_s'] / 1e9:.1f}",
              "decode at floor": f"{r['decode_floor_fraction']:.2f}",
              "held (GiB)": f"{r['memory_gib']:.2f}", "peak (GiB)": f"{r['peak_memory_gib']:.2f}"}
@@ -420,11 +505,10 @@ def table(result: dict) -> str:
                  if steal else "")
     return (f"machine: {m['cpu']}, {m['cores']} cores{recorded}{contended}\n"
             + tabulate(rows, headers="keys", disable_numparse=True) +
-            f"\nfloors: matmul {f['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s -> prefill >= {f['prefill_floor_s']:.3f} s; "
-            f"read {f['read_bytes_per_s'] / 1e9:.1f} GB/s (beside each decode: {f['read_bytes_per_s_spread'][0] / 1e9:.1f}-"
-            f"{f['read_bytes_per_s_spread'][1] / 1e9:.1f}) -> decode >= {f['decode_floor_ms']:.1f} ms"
-            + (f"; matmul at the experts' shape {f['expert_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s"
-               if f.get("expert_matmul_flops_per_s") else "") + "\n"
+            f"\nfloors: each product at its own shape -> prefill >= {f['prefill_floor_s']:.3f} s (matmul 2048^3 "
+            f"{f['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s); read {f['read_bytes_per_s'] / 1e9:.1f} GB/s (beside each "
+            f"decode: {f['read_bytes_per_s_spread'][0] / 1e9:.1f}-{f['read_bytes_per_s_spread'][1] / 1e9:.1f}) -> "
+            f"decode >= {f['decode_floor_ms']:.1f} ms\n"
             + "".join(f"left out: {name} ({why})\n" for name, why in result.get("left_out", {}).items())
             + "ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items()))
 
@@ -451,13 +535,10 @@ def _bench(args: argparse.Namespace) -> int:
             raise BadInput(f"--peers: unknown implementation {unknown[0]!r} (expected some of {', '.join(PEERS)})")
         if "official" in peers and not args.official_repo:
             raise BadInput("--peers: official needs --official-repo PATH (a DeepSeek-V3 checkout)")
-    missing = []
-    if "hf" in peers:
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            missing.append("hf")
-    peers = [p for p in peers if p not in missing]
+    import importlib.util
+
+    modules = {"hf": "transformers", "llamacpp": "llama_cpp"}  # a peer whose package is absent is left out
+    peers = [p for p in peers if p not in modules or importlib.util.find_spec(modules[p]) is not None]
     result = run(args.workload, peers, Path(args.official_repo) if args.official_repo else None, args.rounds)
     gates = check_gates(result) if args.gate else []
     print(table(result))
@@ -505,7 +586,7 @@ def report_section(golden_dir, backends: list[str], out: Path):
         for (left, right), result in zip(axes, results):
             names = list(result["results"])
             left.bar(names, [result["results"][n]["prefill_s"] for n in names])
-            left.axhline(result["floors"]["prefill_floor_s"], color="black", linestyle="--", label="matmul floor")
+            left.axhline(result["floors"]["prefill_floor_s"], color="black", linestyle="--", label="prefill floor")
             right.bar(names, [result["results"][n]["decode_ms"] for n in names])
             right.axhline(result["floors"]["decode_floor_ms"], color="black", linestyle="--", label="bandwidth floor")
             left.set(title=f"{result['workload']}: prefill {result['prompt']} tokens (s)")

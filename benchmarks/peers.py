@@ -6,6 +6,10 @@
   naive form (fewer FLOPs over a long prompt), its decode in the absorbed form;
 - reference: the NumPy reference in float32;
 - hf: transformers' DeepseekV3ForCausalLM, float32 on the CPU with sdpa attention, `logits_to_keep=1`;
+- llamacpp: llama.cpp through llama-cpp-python's C API on an F32 GGUF file of the same weights (written by the
+  llamacpp adapter), as its users run it (default KV-cache type and attention path), on as many threads as TF
+  gets (every core); one context holds a batch's sequences in one KV cache, so a decode step at batch 8 is one
+  llama_decode call, and a prefill asks for the last position's logits only, as generation does;
 - official: the official `inference/model.py` from a checkout the caller gives (its forward returns the
   last logits), float32 on the CPU, its Triton `kernel` module replaced by CPU stand-ins at import time
   (conformance/producers/official.py; the dequantized path never calls them). Nothing of it is copied here.
@@ -13,6 +17,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +27,7 @@ import numpy as np
 from dsv3_conformance.format.config import ModelConfig
 from dsv3_conformance.format.weights import ModelWeights
 
-PEERS = ("tf", "reference", "hf", "official")
+PEERS = ("tf", "reference", "hf", "official", "llamacpp")
 
 
 class Peer:
@@ -127,6 +134,73 @@ class OfficialPeer(Peer):
         return logits.numpy()
 
 
+class LlamaCppPeer(Peer):
+    name = "llamacpp"
+    SEQUENCES = 8  # the most sequences a call feeds (the workloads' decode batch)
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights):
+        import logging
+
+        import llama_cpp
+
+        from dsv3_conformance.adapters.llamacpp import gguf_file
+        from dsv3_conformance.adapters.llamacpp.runner import stderr_of
+
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's loading log, as verbose=False
+        self.llama, self.vocab = llama_cpp, config.vocab_size
+        self._folder = Path(tempfile.mkdtemp(prefix="dsv3-bench-llamacpp-"))  # created 0700
+        path = gguf_file.write(self._folder / "model-f32.gguf", config, weights, "f32")
+        loaded = []  # llama.cpp notes the file's missing vocabulary even when not verbose: kept off the console
+        stderr_of(lambda: loaded.append(llama_cpp.llama_model_load_from_file(
+            str(path).encode(), llama_cpp.llama_model_default_params())))
+        self.model = loaded[0] if loaded else None
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = params.n_batch = params.n_ubatch = config.max_seq_len
+        params.n_seq_max, params.kv_unified = self.SEQUENCES, True
+        params.n_threads = params.n_threads_batch = os.cpu_count() or 1
+        self.context = llama_cpp.llama_init_from_model(self.model, params)
+        if not self.model or not self.context:
+            raise RuntimeError(f"llama.cpp could not load the bench model {path}")
+        self.batch = llama_cpp.llama_batch_init(config.max_seq_len, 0, self.SEQUENCES)
+        self.positions = np.zeros(0, np.int64)
+
+    def __del__(self):
+        llama = getattr(self, "llama", None)
+        if llama is not None:
+            llama.llama_batch_free(self.batch)
+            llama.llama_free(self.context)
+            llama.llama_model_free(self.model)
+        shutil.rmtree(getattr(self, "_folder", ""), ignore_errors=True)
+
+    def _run(self, tokens: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+        """Feed tokens [B, S] at each sequence's next positions; the logits of the positions `outputs` [B, S] marks."""
+        batch, length = tokens.shape
+        for i, (row, column) in enumerate(np.ndindex(batch, length)):
+            self.batch.token[i] = int(tokens[row, column])
+            self.batch.pos[i] = int(self.positions[row]) + column
+            self.batch.n_seq_id[i], self.batch.seq_id[i][0] = 1, row
+            self.batch.logits[i] = bool(outputs[row, column])
+        self.batch.n_tokens = batch * length
+        if self.llama.llama_decode(self.context, self.batch) != 0:
+            raise RuntimeError("llama.cpp's llama_decode failed")
+        self.positions = self.positions + length
+        marked = np.flatnonzero(outputs.reshape(-1))
+        return np.stack([np.ctypeslib.as_array(self.llama.llama_get_logits_ith(self.context, int(i)), (self.vocab,))
+                         for i in marked]).copy()
+
+    def prefill(self, tokens):
+        tokens = np.asarray(tokens)
+        self.llama.llama_memory_clear(self.llama.llama_get_memory(self.context), True)
+        self.positions = np.zeros(tokens.shape[0], np.int64)
+        last = np.zeros(tokens.shape, bool)
+        last[:, -1] = True
+        return self._run(tokens, last)
+
+    def decode(self, tokens):
+        tokens = np.asarray(tokens).reshape(-1, 1)
+        return self._run(tokens, np.ones(tokens.shape, bool))
+
+
 def _torch(array: np.ndarray):
     """The array as a torch tensor sharing its memory (e4m3 arrays through their bytes)."""
     import torch
@@ -145,4 +219,4 @@ def make_peer(name: str, config: ModelConfig, weights: ModelWeights, official: P
         return OfficialPeer(config, weights, official)
     if name == "tf":
         return TFPeer(config, weights, trim_last_block)
-    return {"reference": ReferencePeer, "hf": HFPeer}[name](config, weights)
+    return {"reference": ReferencePeer, "hf": HFPeer, "llamacpp": LlamaCppPeer}[name](config, weights)

@@ -60,11 +60,11 @@ class LlamaCppRunner(Runner):
                        n_ubatch=max(capacity, 8), logits_all=True, n_threads=os.cpu_count() or 1, seed=0,
                        **({"type_k": _F32, "type_v": _F32} if self.settings == "exact" else {}))
         made = []
-        _stderr_of(lambda: made.append(self._llama(verbose=False, **options)))  # llama.cpp warns even when not verbose
+        stderr_of(lambda: made.append(self._llama(verbose=False, **options)))  # llama.cpp warns even when not verbose
         if made:
             return made[0]
         # llama-cpp-python's "Failed to load model from file": load again for llama.cpp's reason
-        log = _stderr_of(lambda: self._llama(verbose=True, **options))
+        log = stderr_of(lambda: self._llama(verbose=True, **options))
         reasons = [line.strip() for line in log.splitlines() if "error" in line.lower()]
         raise RuntimeError(f"llama.cpp refused the GGUF file of this model: {'; '.join(reasons)[-500:]}")
 
@@ -101,7 +101,7 @@ def quantize(source: Path, kind: str) -> Path:
     params.nthread = os.cpu_count() or 1
     target = source.with_name(f"model-{kind}.gguf")
     status = []
-    log = _stderr_of(lambda: status.append(llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(),
+    log = stderr_of(lambda: status.append(llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(),
                                                                           ctypes.byref(params))))
     if status != [0]:
         raise RuntimeError(f"llama.cpp's quantizer failed on {kind}: {log.strip()[-500:]}")
@@ -109,7 +109,7 @@ def quantize(source: Path, kind: str) -> Path:
     return target
 
 
-def _stderr_of(call) -> str:
+def stderr_of(call) -> str:
     """What `call` logged (llama.cpp logs through llama-cpp-python's callback to sys.stderr, or to descriptor 2),
     whatever it raised."""
     text = io.StringIO()

@@ -154,22 +154,27 @@ class LlamaCppPeer(Peer):
         stderr_of(lambda: loaded.append(llama_cpp.llama_model_load_from_file(
             str(path).encode(), llama_cpp.llama_model_default_params())))
         self.model = loaded[0] if loaded else None
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load the bench model {path}")
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = params.n_batch = params.n_ubatch = config.max_seq_len
         params.n_seq_max, params.kv_unified = self.SEQUENCES, True
         params.n_threads = params.n_threads_batch = os.cpu_count() or 1
         self.context = llama_cpp.llama_init_from_model(self.model, params)
-        if not self.model or not self.context:
-            raise RuntimeError(f"llama.cpp could not load the bench model {path}")
+        if not self.context:
+            raise RuntimeError(f"llama.cpp could not make a context for the bench model {path}")
         self.batch = llama_cpp.llama_batch_init(config.max_seq_len, 0, self.SEQUENCES)
         self.positions = np.zeros(0, np.int64)
 
     def __del__(self):
         llama = getattr(self, "llama", None)
-        if llama is not None:
-            llama.llama_batch_free(self.batch)
-            llama.llama_free(self.context)
-            llama.llama_model_free(self.model)
+        if llama is not None:  # what the constructor made before any failure, freed in reverse order
+            if getattr(self, "batch", None) is not None:
+                llama.llama_batch_free(self.batch)
+            if getattr(self, "context", None):
+                llama.llama_free(self.context)
+            if getattr(self, "model", None):
+                llama.llama_model_free(self.model)
         shutil.rmtree(getattr(self, "_folder", ""), ignore_errors=True)
 
     def _run(self, tokens: np.ndarray, outputs: np.ndarray) -> np.ndarray:

@@ -12,8 +12,10 @@ was not compared is a `Missing`: what, the part it belongs to (the name an allow
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -31,6 +33,24 @@ class CheckFailed(AssertionError):
         super().__init__(detail)
         self.detail = detail
         self.comparison = comparison
+
+
+_FIRST_FAILURE_ENDS = contextvars.ContextVar("first_failure_ends", default=False)
+
+
+@contextlib.contextmanager
+def first_failure_ends_checks() -> Iterator[None]:
+    """Inside, a check that compares in parts may stop at the part where a comparison first failed: its verdict is
+    FAILED either way. The mutation runner wants only that verdict (a kill), not every failing tensor."""
+    token = _FIRST_FAILURE_ENDS.set(True)
+    try:
+        yield
+    finally:
+        _FIRST_FAILURE_ENDS.reset(token)
+
+
+def first_failure_ends() -> bool:
+    return _FIRST_FAILURE_ENDS.get()
 
 
 def record(comparison: Comparison, policy_key: str) -> Comparison:

@@ -39,7 +39,7 @@ from dsv3_conformance.metrics import Comparison
 from dsv3_conformance.backends import NonFiniteOutput, greedy
 from dsv3_conformance.backends import speculative_generate
 from dsv3_conformance.tolerances import Tolerance, tolerance
-from dsv3_conformance.verdict import PASSED, Missing, outcome, summary_line
+from dsv3_conformance.verdict import PASSED, Missing, first_failure_ends, outcome, summary_line
 
 EXPECTED = "expected.safetensors"
 _EXTRA = re.compile(r"^expected-(?P<label>[A-Za-z0-9_.-]+)\.safetensors$")
@@ -374,12 +374,19 @@ def _greedy_tokens(file: ExpectedFile, runner: Runner, prompt: np.ndarray, capac
     result.results.append(Comparison.of(name, tokens, expected, tolerance("tokens.exact").value))
 
 
+def _ended(result: CaseResult) -> bool:
+    """Whether the check stops here: a comparison failed where the first failure ends checks (verdict.py)."""
+    return first_failure_ends() and bool(result.failures)
+
+
 def _compare_file(case: "GoldenCase", file: ExpectedFile, backend: Backend, weights: ModelWeights,
                   dtype: str | None, compare, result: CaseResult) -> None:
     prompt, decoded = case.tokens(file, "tokens.prompt"), case.tokens(file, "tokens.decoded")
     capacity = prompt.shape[1] + (decoded.shape[1] if decoded is not None else 0)
     runner = backend.make_runner(case.config, weights, case.numerics(file), dtype)
     _prefill_checks(runner, file, prompt, capacity, compare, result)
+    if _ended(result):
+        return
     if decoded is not None:
         _decode_checks(runner, file, decoded, compare)
     if "tokens.decoded" in file.tensors and case.compares_greedy_tokens(file, case.tolerance_for(
@@ -513,7 +520,7 @@ def check_case(case: GoldenCase, backend: Backend | str, dtype: str | None = Non
                            for name in expected.pop("unknown")]
         result.by_policy += [file.result_name(name) for name in expected.pop("by policy")]
         for part, names in expected.items():
-            if not names:
+            if not names or _ended(result):
                 continue
             try:
                 PART_CHECKS[part](case, file, backend, weights, dtype, record, result)
@@ -525,4 +532,6 @@ def check_case(case: GoldenCase, backend: Backend | str, dtype: str | None = Non
             result.results.append(_pooled_distributions(file, pooled, case.config.vocab_size, entry))
         result.policy.update({c.name: "tokens.exact" if c.name.endswith("tokens.decoded") else entry.key
                               for c in result.results[first:]})
+        if _ended(result):
+            break
     return result

@@ -24,8 +24,9 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
+from dsv3_conformance import cores
 from dsv3_conformance.backends import BUILTIN, Backend, Unsupported, resolve_backend
-from dsv3_conformance.verdict import CheckFailed
+from dsv3_conformance.verdict import CheckFailed, first_failure_ends_checks
 from dsv3_conformance.mutation.catalogue import CATALOGUE, MUTANTS, ROLES, Mutant
 from dsv3_conformance.mutation.planting import NotApplicable, import_backend, planted
 
@@ -96,7 +97,7 @@ def plant_and_run(mutant: Mutant, backend: Backend, unmutated: dict | None, firs
     start = time.perf_counter()
     try:
         import_backend(backend)
-        with planted(backend, mutant):
+        with planted(backend, mutant), first_failure_ends_checks() if first_kill else contextlib.nullcontext():
             for key in mutant.checks:
                 run.checks.append(run_check(key, backend))
                 if first_kill and run.checks[-1].outcome == "failed":
@@ -235,8 +236,7 @@ def plant_in_turn(backend_spec: str, keys: list[str] | None = None) -> list[str]
 
 def _worker_init(profile: str, threads: int) -> None:
     os.environ["HYPOTHESIS_PROFILE"] = profile
-    # The workers share the machine's cores: each runs TensorFlow on its share.
-    os.environ["TF_NUM_INTRAOP_THREADS"] = os.environ["TF_NUM_INTEROP_THREADS"] = str(threads)
+    cores.give_tensorflow(threads)  # the workers share the cores this process was given
     from dsv3_conformance import profiles
 
     profiles.load(profile)
@@ -265,7 +265,7 @@ def _pool(jobs: int, profile: str, backend_specs: list[str]):
     can never leak into another task, and XLA compilations never pile up in one process (bounded memory)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(_preload(backend_specs))
-    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    threads = cores.share(jobs)
     # multiprocessing.Pool, not ProcessPoolExecutor: its one-task workers (maxtasksperchild) are reliable on 3.11.
     return context.Pool(max(jobs, 1), initializer=_worker_init, initargs=(profile, threads), maxtasksperchild=1)
 

@@ -17,6 +17,7 @@ from dsv3_conformance.benchmarks.peers import make_peer
 from dsv3_conformance.paths import ROOT
 
 
+@pytest.mark.long
 def test_the_ci_workload_runs_gated_and_writes_the_contract(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, "-m", "dsv3_conformance.cli", "bench", "--workload", "tiny", "--gate",

@@ -17,6 +17,7 @@ def test_the_corpus_is_the_standard_library_as_bytes():
     assert len(held_out) > 0 and bytes(train[:64].astype(np.uint8)).isascii()
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("name", experiments.EXPERIMENTS)
 def test_each_experiment_runs_shortened(name, tmp_path):
     result = experiments.run(name, steps=3, out=tmp_path)

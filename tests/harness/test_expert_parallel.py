@@ -133,6 +133,7 @@ print(json.dumps(rows))
 """
 
 
+@pytest.mark.long
 def test_the_model_with_expert_parallel_moe_passes_the_golden_cases():
     """The tf backend with every MoE block expert-parallel over 4 logical devices (backend tf-ep)."""
     done = subprocess.run([sys.executable, "-c", _GOLDEN], cwd=ROOT, capture_output=True, text=True, timeout=1200,

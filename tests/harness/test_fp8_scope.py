@@ -76,6 +76,7 @@ def test_row_comparison_judges_every_row():
     assert not Comparison.of_rows("t", two * 1.3, two, policy).passed
 
 
+@pytest.mark.long
 def test_flip_measurement_shortened():
     """benchmarks.fp8_flips on one prompt: the row policy passes every tensor of correct evaluations."""
     rows = measure(prompts=1, length=16)

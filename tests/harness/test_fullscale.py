@@ -197,6 +197,7 @@ def test_published_numbers_stand_beside_the_released_config_only():
     assert "4 blocks" in tiny_rows[0]["note"]
 
 
+@pytest.mark.long
 def test_streaming_many_layers_keeps_memory_flat(tmp_path):
     """Each layer's one-block models compile programs of their own (the resident experts differ); the backend
     releases them between layers, so the peak does not rise with depth (it rose ~12 MiB a layer at these widths,

@@ -91,6 +91,29 @@ def test_controls_must_survive_unchanged():
     assert not classify(_CONTROL, _run(CheckRun("a", "passed"), changed="logits"), _PASSED).ok
 
 
+def test_where_the_first_failure_ends_checks_a_golden_case_stops_at_its_first_failing_part():
+    """The runner's `first_kill` stops a golden check after the part (prefill, decode steps, MTP, speculative
+    decoding) where a comparison first failed: still FAILED, with the same comparisons up to there, and nothing of
+    the later parts; a case that passes still compares everything."""
+    from broken_backends import FAITHFUL, GARBAGE
+
+    from dsv3_conformance.golden.cases import GoldenCase, check_case
+    from dsv3_conformance.paths import GOLDEN_DIR
+    from dsv3_conformance.verdict import first_failure_ends_checks
+
+    case = GoldenCase.load(GOLDEN_DIR / "official" / "v3-tiny-mtp")
+    whole, passing = check_case(case, GARBAGE), check_case(case, FAITHFUL)
+    with first_failure_ends_checks():
+        cut, still_passing = check_case(case, GARBAGE), check_case(case, FAITHFUL)
+    assert whole.failures and cut.failures and whole.verdict == cut.verdict == "FAILED"
+    names = [c.name for c in cut.results]
+    assert names == [c.name for c in whole.results][:len(names)] and len(names) < len(whole.results)
+    assert any("mtp." in c.name for c in whole.results) and not any("mtp." in name or "decode." in name
+                                                                    for name in names)
+    assert still_passing.verdict == passing.verdict == "PASSED"
+    assert [c.name for c in still_passing.results] == [c.name for c in passing.results]
+
+
 def test_a_missing_target_is_not_applicable():
     mutant = Mutant("ghost", "targets nothing", HISTORICAL, (Patch("moe:no_such_function", lambda o, c: o),), ())
     run = plant_and_run(mutant, REFERENCE, {}, first_kill=True)
@@ -136,6 +159,7 @@ _PASSED_BY_THE_SUITE = {(key, backend): CheckRun(key, "passed", "asserted by the
                         for key in CHECKS for backend in ("reference", "tf")}
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("backend, keys", _groups(), ids=["reference", "tf-semantics", "tf-fp8-mtp", "tf-other"])
 def test_every_mutant_is_killed_by_an_assertion_and_every_control_survives(backend, keys):
     """Planted in a fresh process, probed for a change, killed only by a check that passed unmutated; controls

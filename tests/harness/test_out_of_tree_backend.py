@@ -56,6 +56,7 @@ def test_check_golden_runs_it_by_module_path(environment, tmp_path):
     assert [m["tensor"] for m in result["not_compared"]] == ["prefill.logits_last.naive"]
 
 
+@pytest.mark.long
 def test_the_suite_and_the_report_run_it_by_entry_point_name(environment, tmp_path):
     """The report runs the suite as `pytest conformance/ --backend hf-transformers` (conformance.report.runs.run_suite)
     and records every test's outcome and message: one run shows both taking the backend by its entry-point name."""

@@ -23,6 +23,7 @@ def full(tmp_path_factory):
     return build_report(ROOT / "golden", ["reference"], folder), folder
 
 
+@pytest.mark.long
 @pytest.mark.xdist_group("report")  # one worker builds the report once for both
 def test_report_files_hold_tables_and_figures(full):
     report, tmp_path = full

@@ -213,6 +213,7 @@ def test_fp8_training_runs_close_to_bfloat16():
     assert np.isfinite(fp8["grad_norm"]) and abs(fp8["grad_norm"] / plain["grad_norm"] - 1) < 0.2
 
 
+@pytest.mark.long
 def test_a_restarted_trainer_runs_as_a_fresh_one():
     """restart(weights) (a new seed reusing the compiled step): zero moments, step 0, every variable, MTP and gate
     biases included, from the new weights."""

@@ -180,7 +180,8 @@ def fp8(steps: int, seed: int = 0) -> dict:
             "curves": {n: r["history"] for n, r in runs.items()}}
 
 
-def mtp(steps: int, seed: int = 0) -> dict:
+def mtp(steps: int, seed: int = 0, continuation: int = 48) -> dict:
+    """`continuation`: tokens each held-out prompt is continued by, speculatively and greedily."""
     from dsv3_conformance.impl.training import export
 
     from dsv3_conformance.backends import TF
@@ -202,8 +203,8 @@ def mtp(steps: int, seed: int = 0) -> dict:
         # accepts, which would measure the batch, not the modules.
         accepted, drafted, steps_taken, generated = np.zeros(depth), 0, 0, 0
         for prompt in prompts:
-            tokens, stats = speculative_generate(TF.make_runner(config, weights), prompt[None], 48, depth)
-            exact &= bool(np.array_equal(tokens, greedy(TF.make_runner(config, weights), prompt[None], 48)))
+            tokens, stats = speculative_generate(TF.make_runner(config, weights), prompt[None], continuation, depth)
+            exact &= bool(np.array_equal(tokens, greedy(TF.make_runner(config, weights), prompt[None], continuation)))
             accepted += np.array(stats.accepted_by_depth)
             drafted += stats.drafted // depth
             steps_taken, generated = steps_taken + stats.main_steps, generated + stats.generated
@@ -244,7 +245,7 @@ def _machine() -> dict:
 
 
 def run(name: str, steps: int | None, out: Path, seed: int = 0, **knobs) -> dict:
-    """One experiment; `knobs`: alpha and gamma for balance."""
+    """One experiment; `knobs`: alpha and gamma for balance, continuation for mtp."""
     steps = steps or DEFAULT_STEPS[name]
     result = {"balance": balance, "fp8": fp8, "mtp": mtp}[name](steps, seed, **knobs)
     result.update(experiment=name, steps=steps, batch=BATCH, length=LENGTH, seed=seed,

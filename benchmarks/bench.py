@@ -9,8 +9,8 @@ floors are measured too, and their medians reported: at the start of the round, 
 product of the prefill timed in NumPy at its own shape, its weights read from memory, the times summed: a prefill
 made of products cannot run faster, and it weighs each shape by its FLOPs, where one square matmul rate holds
 small-row products such as a prefill's experts to a rate they cannot reach) and the fp32 matmul rate (NumPy,
-2048^3, shown for comparison); the read bandwidth (a BLAS matrix-vector product over 400 MB) beside every decode measurement,
-just before and just after its steps, the faster of the two kept (the stricter floor). This shared machine's
+2048^3, shown for comparison); the read bandwidth (a BLAS matrix-vector product over 400 MB) beside every decode
+measurement, just before and just after its steps, the faster of the two kept (the stricter floor). This shared machine's
 bandwidth swings by half from one second to the next (docs/performance-log.md), so a decode is held against the
 floor of its own moment: an implementation's decode_floor_fraction is the median over rounds of (floor of the
 round / its decode of the round), not a ratio of medians taken seconds apart. Each
@@ -27,8 +27,8 @@ benchmarks/gates.json and fails the command when one is missed.
 
 Workloads:
 - bench-small: 8 layers, hidden 1024, 64 experts (top-6), vocabulary 32000; prefill of 512 tokens at batch 1,
-  32 decode steps, and at batch 8 a prefill of 16 tokens and decode steps; TF's prefill computes the last block at the last position only
-  (trim_last_block of impl.model.Transformer: the prefill of generation, which needs the last logits and the
+  32 decode steps, and at batch 8 a prefill of 16 tokens and decode steps; TF's prefill computes the last block at
+  the last position only (trim_last_block of impl.model.Transformer: the prefill of generation, which needs the last logits and the
   caches); so does tiny's. The single-layer workloads measure a layer over every position, untrimmed;
 - tiny: the CI workload, 2 layers, hidden 256, 16 experts; prefill 128 tokens, 16 decode steps;
 - layer-dense: one full-width dense layer of the 671B config (hidden 7168, 128 heads, FFN 18432), float32;

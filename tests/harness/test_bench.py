@@ -21,7 +21,8 @@ from dsv3_conformance.paths import ROOT
 def test_the_ci_workload_runs_gated_and_writes_the_contract(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, "-m", "dsv3_conformance.cli", "bench", "--workload", "tiny", "--gate",
-                           "--peers", "tf,reference,hf", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+                           "--peers", "tf,reference,hf", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, check=False)
     result = json.loads(out.read_text())
     assert {"workload", "results", "floors", "ratios", "steal_per_round"} <= set(result)
     assert len(result["steal_per_round"]) == result["rounds"]
